@@ -1,0 +1,143 @@
+"""The one typed settings object of lastkd.
+
+Read once at the edge (CLI start-up, service start-up) from environment variables prefixed
+``LASTKD_`` and an optional ``.env`` file, validated, then passed down as a plain object. Nothing
+below the edge reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+class SettingsError(ValueError):
+    """Raised when the environment holds settings that do not validate."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the stack, with defaults that run on one laptop with no servers."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LASTKD_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # --- locations -------------------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="Root of everything the stack writes.")
+    store_path: Path | None = Field(None, description="LMDB feature store; default <data_dir>/features.lmdb")
+    store_map_size: int = Field(64 * GiB, ge=16 * MiB, le=1 << 44, description="LMDB map size in bytes.")
+    registry_dir: Path | None = Field(None, description="Published students; default <data_dir>/registry")
+    jobs_dir: Path | None = Field(None, description="Job records and job checkpoints; default <data_dir>/jobs")
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders that training configs may read from (default: [<data_dir>/datasets]).",
+    )
+
+    # --- broker ------------------------------------------------------------------------------
+    broker_url: str | None = Field(None, description="Celery broker; default SQLite under data_dir (no server).")
+    result_backend: str | None = Field(None, description="Celery result backend; default SQLite under data_dir.")
+
+    # --- HTTP --------------------------------------------------------------------------------
+    api_token: SecretStr | None = Field(None, description="Bearer token for mutating endpoints.")
+    teacher_host: str = "127.0.0.1"
+    teacher_port: int = Field(8100, ge=1, le=65535)
+    trainer_host: str = "127.0.0.1"
+    trainer_port: int = Field(8200, ge=1, le=65535)
+
+    # --- teacher -------------------------------------------------------------------------------
+    teacher_model: str = Field("videomae_v2_vit_b", description="Registry name of the teacher model.")
+    teacher_weights: Path | None = Field(None, description="Official checkpoint (.pth or .safetensors).")
+    teacher_random_init: bool = Field(False, description="Run without weights (tests, demo). Labelled random-init.")
+    teacher_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    teacher_batch_size: int = Field(8, ge=1, le=1024)
+    teacher_max_wait_ms: int = Field(20, ge=0, le=10_000)
+    teacher_queue_size: int = Field(64, ge=1, le=100_000)
+    decode_workers: int = Field(0, ge=0, le=256, description="0 = one per core")
+
+    # --- limits --------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(512 * MiB, ge=1, le=1 << 40)
+    max_clip_seconds: float = Field(600.0, gt=0, le=86_400)
+    max_clip_pixels: int = Field(4096 * 2160, ge=1, le=1 << 30)
+    max_clips_per_request: int = Field(64, ge=1, le=10_000)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("teacher_device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @model_validator(mode="after")
+    def _token_for_public_bind(self) -> "Settings":
+        for name in ("teacher_host", "trainer_host"):
+            host = getattr(self, name)
+            if not is_loopback(host) and self.api_token is None:
+                raise ValueError(
+                    f"{name}={host!r} is not a loopback address: set LASTKD_API_TOKEN before "
+                    "listening on a public interface"
+                )
+        return self
+
+    # --- derived paths ------------------------------------------------------------------------
+    @cached_property
+    def resolved_store_path(self) -> Path:
+        return self.store_path or self.data_dir / "features.lmdb"
+
+    @cached_property
+    def resolved_registry_dir(self) -> Path:
+        return self.registry_dir or self.data_dir / "registry"
+
+    @cached_property
+    def resolved_jobs_dir(self) -> Path:
+        return self.jobs_dir or self.data_dir / "jobs"
+
+    @cached_property
+    def resolved_data_roots(self) -> list[Path]:
+        roots = self.data_roots or [self.data_dir / "datasets"]
+        return [root.resolve() for root in roots]
+
+    @cached_property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @cached_property
+    def resolved_result_backend(self) -> str:
+        return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite').resolve()}"
+
+    def token(self) -> str | None:
+        """The API token as plain text, or None when auth is off."""
+        return self.api_token.get_secret_value() if self.api_token else None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses, which may be bound without a token."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings from the environment (and overrides), turning validation errors into one
+    readable message that names each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(part) for part in err["loc"]) or "settings"
+            var = f"LASTKD_{loc.upper()}" if err["loc"] else "settings"
+            lines.append(f"  {var}: {err['msg']}")
+        raise SettingsError("invalid lastkd settings:\n" + "\n".join(lines)) from None
