@@ -8,12 +8,14 @@ below the edge reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError as _SourceError
 
 GiB = 1024**3
 MiB = 1024**2
@@ -141,3 +143,8 @@ def load_settings(**overrides: object) -> Settings:
             var = f"LASTKD_{loc.upper()}" if err["loc"] else "settings"
             lines.append(f"  {var}: {err['msg']}")
         raise SettingsError("invalid lastkd settings:\n" + "\n".join(lines)) from None
+    except _SourceError as exc:
+        # Raised before validation, e.g. a list/JSON variable that is not valid JSON.
+        match = re.search(r'field "(\w+)"', str(exc))
+        var = f"LASTKD_{match.group(1).upper()}" if match else "settings"
+        raise SettingsError(f"invalid lastkd settings:\n  {var}: {exc} (expected JSON, e.g. '[\"/data\"]')") from None
