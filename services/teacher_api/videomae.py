@@ -1,0 +1,704 @@
+"""VideoMAE V2 video ViT (the frozen teacher), built from timm blocks.
+
+One model family in one file, timm style: the model class, a small registry of sizes, a
+``checkpoint_filter_fn`` that maps official / foreign checkpoints onto our parameter names, a
+strict loader, and an exporter back to the official layout.
+
+Semantics follow ``shared/specs/videomae_v2.md``: Conv3d tubelet embedding, a fixed 1-D
+sinusoidal position table over the flat (t, i, j) token index, pre-norm blocks, no CLS token,
+feature = ``fc_norm(mean of patch tokens)``.
+
+Naming difference from the official checkpoints: timm's ``Attention`` holds one fused
+``attn.qkv.bias`` of length 3D; official files hold ``attn.q_bias`` and ``attn.v_bias`` (the key
+bias is implicitly zero). ``checkpoint_filter_fn`` fuses them as concat(q, 0, v) and
+``export_official_state_dict`` splits them back out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+
+__all__ = [
+    "CheckpointError",
+    "VideoMAEv2",
+    "MODEL_CONFIGS",
+    "create_videomae",
+    "list_models",
+    "checkpoint_filter_fn",
+    "load_checkpoint",
+    "export_official_state_dict",
+    "save_official",
+    "sha256_file",
+    "sinusoid_position_table",
+    "resolve_device",
+    "inference_context",
+]
+
+_logger = logging.getLogger(__name__)
+
+HeadMode = Literal["auto", "keep", "drop", "replace"]
+_HEAD_MODES = ("auto", "keep", "drop", "replace")
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+# Prefixes left by wrappers around the encoder; stripped once each, in this order.
+_COMPILE_PREFIX = "_orig_mod."
+_MODULE_PREFIXES = ("backbone.", "encoder.")
+# How many key names an error message lists before summarising the rest as a count.
+_MAX_NAMES_IN_ERROR = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or state dict that cannot be loaded into the model as asked."""
+
+
+# ----------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------
+
+
+def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
+    """Fixed 1-D sinusoid table (1, num_positions, dim), float32.
+
+    Computed in float64 with the power form 10000^(2*floor(c/2)/dim) and only then cast, which
+    reproduces the official table bit for bit (a float32 computation is off by up to 1.2e-4).
+    """
+    if num_positions <= 0 or dim <= 0:
+        raise ValueError(f"position table needs positive sizes, got num_positions={num_positions}, dim={dim}")
+    pos = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    exponent = (2 * (torch.arange(dim, dtype=torch.int64) // 2)).to(torch.float64) / dim
+    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent).unsqueeze(0)
+    table = torch.empty(num_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle[:, 0::2])
+    table[:, 1::2] = torch.cos(angle[:, 1::2])
+    return table.to(torch.float32).unsqueeze(0)
+
+
+class TubeletEmbed(nn.Module):
+    """Conv3d tubelet embedding: (B, C, T, H, W) -> tokens (B, N, D), time slowest, columns fastest."""
+
+    def __init__(self, img_size: int, patch_size: int, tubelet_size: int, num_frames: int, in_chans: int,
+                 embed_dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.tubelet_size = tubelet_size
+        self.num_frames = num_frames
+        self.in_chans = in_chans
+        self.grid_size = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet_size, patch_size, patch_size),
+                              stride=(tubelet_size, patch_size, patch_size))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless x is (B, in_chans, num_frames, img_size, img_size)."""
+        expected = f"(B, {self.in_chans}, {self.num_frames}, {self.img_size}, {self.img_size})"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected a tensor of shape {expected}, got {type(x).__name__}")
+        if x.ndim != 5:
+            raise ValueError(f"expected a 5-D input (B, C, T, H, W) = {expected}, got shape {tuple(x.shape)}")
+        _, c, t, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} channels (RGB, layout B,C,T,H,W) = {expected}, "
+                             f"got shape {tuple(x.shape)}; (B, T, C, H, W) inputs must be permuted first")
+        if t != self.num_frames:
+            raise ValueError(f"model was built for {self.num_frames} frames, got {t} (input shape {tuple(x.shape)}); "
+                             f"build it with num_frames={t} instead (must be a multiple of {self.tubelet_size})")
+        if h != self.img_size or w != self.img_size:
+            raise ValueError(f"expected spatial size {self.img_size}x{self.img_size}, got {h}x{w}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected a floating-point input, got dtype {x.dtype}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VideoMAEv2(nn.Module):
+    """VideoMAE V2 fine-tune ViT: tubelet embed + fixed sinusoid table + timm Blocks + mean pool + fc_norm.
+
+    ``forward_features`` returns the teacher feature (B, embed_dim); ``forward`` adds the linear head
+    (absent when ``num_classes == 0``, in which case ``forward`` returns the features).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_frames: int = 16,
+        tubelet_size: int = 2,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 710,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        head_drop_rate: float = 0.0,
+        init_scale: float = 0.001,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        ints = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_frames=num_frames,
+                    tubelet_size=tubelet_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        for key, value in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if num_frames % tubelet_size:
+            raise ValueError(f"num_frames {num_frames} is not a multiple of tubelet_size {tubelet_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        for key, value in dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                               drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate).items():
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+
+        self.config: dict[str, Any] = dict(ints, mlp_ratio=float(mlp_ratio), num_classes=num_classes)
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.num_frames = num_frames
+        self.img_size = img_size
+
+        self.patch_embed = TubeletEmbed(img_size, patch_size, tubelet_size, num_frames, in_chans, embed_dim)
+        self.num_patches = self.patch_embed.num_patches
+        # Not persistent: official checkpoints have no pos_embed and the table is a pure function
+        # of (num_patches, embed_dim), so it is rebuilt for whatever frame count the model has.
+        self.register_buffer("pos_embed", sinusoid_position_table(self.num_patches, embed_dim), persistent=False)
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
+                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                  act_layer=nn.GELU)
+            for i in range(depth)
+        ])
+        self.fc_norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(head_drop_rate)
+        self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        self.apply(self._init_weights)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(init_scale)
+                self.head.bias.mul_(init_scale)
+        self._init_scale = init_scale
+        self.set_fused_attn(fused_attn)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # Same scheme as the official model; only matters for random-init (labelled) teachers.
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def set_fused_attn(self, enabled: bool) -> None:
+        """Switch every block between fused SDPA and the explicit softmax(q k^T) v path."""
+        for blk in self.blocks:
+            blk.attn.fused_attn = bool(enabled)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head with a freshly initialised one (0 removes it)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        ref = self.fc_norm.weight
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        if num_classes == 0:
+            self.head = nn.Identity()
+            return
+        head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+        self._init_weights(head)
+        with torch.no_grad():
+            head.weight.mul_(self._init_scale)
+            head.bias.mul_(self._init_scale)
+        self.head = head
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-block patch tokens (B, N, D), no pooling."""
+        x = self.patch_embed(x)
+        x = x + self.pos_embed.to(device=x.device, dtype=x.dtype)
+        x = self.pos_drop(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Teacher feature: fc_norm(mean over all patch tokens), shape (B, embed_dim)."""
+        return self.fc_norm(self.forward_tokens(x).mean(dim=1))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Classification logits from features (identity when the model has no head)."""
+        return self.head(self.head_drop(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ----------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------
+
+MODEL_CONFIGS: dict[str, dict[str, Any]] = {
+    "videomae_v2_vit_s": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0),
+    "videomae_v2_vit_b": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "videomae_v2_vit_l": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0),
+    "videomae_v2_vit_h": dict(patch_size=16, embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0),
+    "videomae_v2_vit_g": dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),
+    # The golden-fixture configuration (shared/reference/videomae_v2_tiny_golden.pt).
+    "videomae_v2_tiny": dict(patch_size=16, embed_dim=96, depth=2, num_heads=4, mlp_ratio=4.0, num_classes=10),
+}
+# Common to every size unless overridden; 710 = the Kinetics-710 head of the released checkpoints.
+_BASE_CONFIG: dict[str, Any] = dict(img_size=224, in_chans=3, num_frames=16, tubelet_size=2, num_classes=710)
+# The size-defining keys a caller may not override (it would silently be a different model).
+_ARCH_KEYS = frozenset({"patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio"})
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(MODEL_CONFIGS)
+
+
+def create_videomae(name: str, **overrides: Any) -> VideoMAEv2:
+    """Build a registered VideoMAE V2 size, e.g. ``create_videomae("videomae_v2_vit_b", num_classes=0)``.
+
+    Overrides may change the input geometry (num_frames, img_size, tubelet_size, in_chans), the head
+    (num_classes; 0 = no head), drop rates, init_scale and fused_attn, but not the architecture size.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown VideoMAE V2 model {name!r}; known: {', '.join(list_models())}")
+    arch = sorted(_ARCH_KEYS & overrides.keys())
+    if arch:
+        raise ValueError(f"{', '.join(arch)} define the size of {name!r} and cannot be overridden; "
+                         f"pick another registered size")
+    allowed = set(VideoMAEv2.__init__.__kwdefaults__ or {})
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise TypeError(f"unknown option(s) for {name!r}: {', '.join(unknown)}; "
+                        f"allowed: {', '.join(sorted(allowed - _ARCH_KEYS))}")
+    kwargs = {**_BASE_CONFIG, **MODEL_CONFIGS[name], **overrides}
+    model = VideoMAEv2(**kwargs)
+    model.config["name"] = name
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint conversion
+# ----------------------------------------------------------------------------------------
+
+
+def _names(keys: Any) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:_MAX_NAMES_IN_ERROR])
+    if len(keys) > _MAX_NAMES_IN_ERROR:
+        shown += f", ... ({len(keys) - _MAX_NAMES_IN_ERROR} more)"
+    return shown
+
+
+def _unwrap(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside an official wrapper: first of ``model`` / ``module``, else the object itself."""
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"checkpoint is a {type(checkpoint).__name__}, not a dict of tensors")
+    for key in ("model", "module"):
+        if key in checkpoint:
+            checkpoint = checkpoint[key]
+            if not isinstance(checkpoint, Mapping):
+                raise CheckpointError(f"checkpoint[{key!r}] is a {type(checkpoint).__name__}, not a state dict")
+            break
+    if not checkpoint:
+        raise CheckpointError("checkpoint holds an empty state dict")
+    bad = [k for k, v in checkpoint.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint is not a state dict: entries {_names(map(repr, bad))} are not tensors "
+            f"(a training save? weights are expected at the top level or under 'model' / 'module')")
+    return dict(checkpoint)
+
+
+def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.startswith(_COMPILE_PREFIX):
+            key = key[len(_COMPILE_PREFIX):]
+        for prefix in _MODULE_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        if key in out:
+            raise CheckpointError(f"checkpoint key {key!r} appears twice after stripping wrapper prefixes")
+        out[key] = value
+    return out
+
+
+def _reject_pretrain(keys: list[str]) -> None:
+    has_fc_norm = any(k.endswith("fc_norm.weight") for k in keys)
+    decoder = [k for k in keys if k.startswith("decoder.") or ".decoder." in k]
+    enc_norm = [k for k in keys if k.split("_orig_mod.")[-1].startswith("encoder.norm.")]
+    if decoder or (enc_norm and not has_fc_norm):
+        found = decoder[:3] + enc_norm[:2]
+        raise CheckpointError(
+            f"this is a VideoMAE V2 pre-training checkpoint (found {', '.join(found)}"
+            f"{'' if has_fc_norm else ' and no fc_norm'}), not a fine-tuned/distilled classification "
+            "checkpoint; the teacher needs a fine-tuned one such as vit_b_k710_dl_from_giant.pth")
+
+
+def _fuse_qv_bias(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace official ``attn.q_bias`` / ``attn.v_bias`` by timm's ``attn.qkv.bias`` = [q, 0, v]."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.v_bias"):
+            prefix = key[: -len("v_bias")]
+            if prefix + "q_bias" not in state_dict:
+                raise CheckpointError(f"checkpoint has {key} but no {prefix}q_bias")
+            continue
+        if not key.endswith("attn.q_bias"):
+            out[key] = value
+            continue
+        prefix = key[: -len("q_bias")]
+        v = state_dict.get(prefix + "v_bias")
+        if v is None:
+            raise CheckpointError(f"checkpoint has {key} but no {prefix}v_bias")
+        if value.ndim != 1 or v.shape != value.shape:
+            raise CheckpointError(f"{key} {tuple(value.shape)} and {prefix}v_bias {tuple(v.shape)} must be "
+                                  "1-D vectors of the same length")
+        if prefix + "qkv.bias" in state_dict:
+            raise CheckpointError(f"checkpoint has both {key} and {prefix}qkv.bias; cannot tell which is meant")
+        out[prefix + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v.to(value.dtype)])
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "auto") -> OrderedDict[str, torch.Tensor]:
+    """Convert an official / foreign VideoMAE V2 checkpoint object into this model's state dict.
+
+    * unwraps ``model`` / ``module`` (first present) or takes a bare state dict;
+    * strips ``_orig_mod.`` then a leading ``backbone.`` / ``encoder.``;
+    * rejects pre-training checkpoints (decoder, or encoder.norm without fc_norm);
+    * fuses ``q_bias`` / ``v_bias`` into ``qkv.bias`` = [q, 0, v];
+    * drops any stored ``pos_embed`` (the model's own fixed table is used; a different length,
+      e.g. from another frame count, is noted in the log);
+    * head: ``keep`` (shapes must match), ``drop`` (model must have no head; checkpoint head
+      discarded), ``replace`` (keep the checkpoint head when it fits, otherwise keep the model's
+      fresh head, with a log note), ``auto`` (``drop`` for a head-less model, else ``keep``);
+    * casts floating tensors (e.g. fp16 storage) to the model's dtype.
+
+    Keys come back in the model's state-dict order, followed by any the model does not know
+    (the loader reports those as unexpected).
+    """
+    if head not in _HEAD_MODES:
+        raise ValueError(f"head must be one of {', '.join(_HEAD_MODES)}, got {head!r}")
+    raw = _unwrap(state_dict)
+    _reject_pretrain(list(raw))
+    sd = _fuse_qv_bias(_strip_prefixes(raw))
+
+    stored_pos = sd.pop("pos_embed", None)
+    if stored_pos is not None:
+        if tuple(stored_pos.shape) == tuple(model.pos_embed.shape):
+            _logger.info("checkpoint pos_embed %s ignored: the model uses its fixed sinusoid table",
+                         tuple(stored_pos.shape))
+        else:
+            _logger.warning("checkpoint pos_embed %s does not match the model table %s (other frame count or a "
+                            "learnable table); ignored, the model's fixed sinusoid table is used",
+                            tuple(stored_pos.shape), tuple(model.pos_embed.shape))
+
+    own = model.state_dict()
+    model_has_head = model.num_classes > 0
+    ckpt_head = {k: sd[k] for k in ("head.weight", "head.bias") if k in sd}
+    if head == "auto":
+        head = "keep" if model_has_head else "drop"
+    if head == "keep":
+        if ckpt_head and not model_has_head:
+            raise CheckpointError(f"checkpoint has a classification head ({', '.join(ckpt_head)}) but the model "
+                                  "was built with num_classes=0; use head='drop' to discard it")
+        mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in ckpt_head.items()
+                      if k in own and v.shape != own[k].shape]
+        if mismatched:
+            raise CheckpointError(f"classification head does not match: {'; '.join(mismatched)}; build the model "
+                                  "with the checkpoint's num_classes, or use head='replace' (re-initialise) or "
+                                  "head='drop' (num_classes=0)")
+    elif head == "drop":
+        if model_has_head:
+            raise CheckpointError(f"head='drop' needs a model built with num_classes=0, this one has "
+                                  f"{model.num_classes} classes; use head='replace' to re-initialise its head")
+        for k in ckpt_head:
+            del sd[k]
+        if ckpt_head:
+            _logger.info("checkpoint head (%s) dropped: the model has no head", ", ".join(ckpt_head))
+    else:  # replace
+        if not model_has_head:
+            for k in ckpt_head:
+                del sd[k]
+            if ckpt_head:
+                _logger.info("checkpoint head dropped (model has no head)")
+        else:
+            fits = (set(ckpt_head) == {"head.weight", "head.bias"}
+                    and all(ckpt_head[k].shape == own[k].shape for k in ckpt_head))
+            if not fits:
+                shape = tuple(ckpt_head["head.weight"].shape) if "head.weight" in ckpt_head else None
+                _logger.warning("checkpoint head %s does not fit the model head %s: the head is re-initialised",
+                                shape, tuple(own["head.weight"].shape))
+                for k in ckpt_head:
+                    del sd[k]
+                sd["head.weight"] = own["head.weight"].detach().clone()
+                sd["head.bias"] = own["head.bias"].detach().clone()
+
+    dtype = model.fc_norm.weight.dtype
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        converted[key] = value
+    ordered: OrderedDict[str, torch.Tensor] = OrderedDict((k, converted.pop(k)) for k in own if k in converted)
+    ordered.update(converted)
+    return ordered
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint files
+# ----------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_checkpoint_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file")
+    if path.suffix.lower() not in _CHECKPOINT_SUFFIXES:
+        raise CheckpointError(f"checkpoint {path} has suffix {path.suffix!r}; expected one of "
+                              f"{', '.join(_CHECKPOINT_SUFFIXES)}")
+    data = path.read_bytes()
+    if not data:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    return data
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "documentation" not in line]
+    return lines[-1] if lines else text
+
+
+def _load_torch_bytes(data: bytes, path: Path) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe: list[str] = []
+        with contextlib.suppress(Exception):  # zip-format files only; just improves the message
+            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
+        unsafe += [g for g in _UNSUPPORTED_GLOBAL.findall(str(exc)) if g not in unsafe]
+        if not unsafe:
+            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (corrupt pickle data: "
+                                  f"{_last_line(str(exc))})") from exc
+        raise CheckpointError(
+            f"checkpoint {path} pickles objects that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
+            "Unsafe loading is never used. Fix: re-save only the weights, e.g. in a trusted Python session "
+            "`ck = torch.load(PATH, weights_only=False); torch.save({'model': ck['model']}, NEW_PATH)` "
+            "(or save them as .safetensors), then load NEW_PATH") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError,
+            AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load_safetensors_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, RuntimeError, ValueError, OSError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
+    """Read a .pth/.pt (weights_only) or .safetensors file; returns (object, sha256 of the bytes read)."""
+    path = Path(path)
+    data = _read_checkpoint_bytes(path)
+    digest = hashlib.sha256(data).hexdigest()
+    if path.suffix.lower() == ".safetensors":
+        return _load_safetensors_bytes(data, path), digest
+    return _load_torch_bytes(data, path), digest
+
+
+def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool,
+                            source: str) -> dict[str, torch.Tensor]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointError(f"{source}: tensors with NaN/inf values: {_names(non_finite)}")
+    if strict and (missing or unexpected or wrong_shape):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
+        if wrong_shape:
+            parts.append(f"wrong shapes ({len(wrong_shape)}): {_names(wrong_shape)}")
+        raise CheckpointError(f"{source} does not match the model ({model.config.get('name', type(model).__name__)} "
+                              f"{model.config.get('embed_dim', '')}-d, depth {model.config.get('depth', '')}): "
+                              + "; ".join(parts))
+    if missing or unexpected or wrong_shape:
+        _logger.warning("non-strict load of %s: missing %s; unexpected %s; skipped for shape %s", source,
+                        _names(missing) or "-", _names(unexpected) or "-", _names(wrong_shape) or "-")
+    return {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
+
+
+def load_checkpoint(model: VideoMAEv2, path: str | os.PathLike[str], strict: bool = True,
+                    head: HeadMode = "auto") -> str:
+    """Load an official (or our own) checkpoint file into ``model``; returns the file's sha256.
+
+    Accepts ``.pth``/``.pt`` (read with ``torch.load(weights_only=True)``; files that pickle other
+    objects are refused with the fix spelled out) and ``.safetensors``. Keys go through
+    ``checkpoint_filter_fn`` (see there for ``head``). Strict by default: missing / unexpected keys
+    and wrong shapes raise ``CheckpointError`` naming them. The model is left untouched on any error.
+    """
+    path = Path(path)
+    obj, digest = read_checkpoint(path)
+    sd = checkpoint_filter_fn(obj, model, head=head)
+    usable = _validate_against_model(sd, model, strict, f"checkpoint {path}")
+    result = model.load_state_dict(usable, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        _logger.debug("load_state_dict report: %s", result)
+    _logger.info("loaded %s (sha256 %s) into %s", path, digest, model.config.get("name", "VideoMAEv2"))
+    return digest
+
+
+def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tensor]:
+    """State dict in the official key names and order (``q_bias``/``v_bias`` before ``qkv.weight``).
+
+    Raises ValueError when a block's key-bias slice is non-zero: the official layout has no k bias.
+    """
+    own = model.state_dict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in own.items():
+        if key.endswith("attn.qkv.bias"):
+            continue
+        if key.endswith("attn.qkv.weight"):
+            prefix = key[: -len("qkv.weight")]
+            bias = own[prefix + "qkv.bias"]
+            dim = bias.shape[0] // 3
+            if torch.count_nonzero(bias[dim: 2 * dim]) != 0:
+                raise ValueError(f"{prefix}qkv.bias has a non-zero key slice; the official layout cannot hold "
+                                 "a key bias (it has no effect on outputs: zero it before exporting)")
+            out[prefix + "q_bias"] = bias[:dim].detach().clone()
+            out[prefix + "v_bias"] = bias[2 * dim:].detach().clone()
+        out[key] = value.detach()
+    return out
+
+
+def save_official(model: VideoMAEv2, path: str | os.PathLike[str]) -> str:
+    """Write the official-layout weights to ``.pth``/``.pt`` (``{'model': sd}``) or ``.safetensors``.
+
+    Written to a temporary file and renamed, so a failure leaves no partial file. Returns the sha256.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(f"cannot save to {path}: suffix must be one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    sd = OrderedDict((k, v.detach().to("cpu").contiguous()) for k, v in export_official_state_dict(model).items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(dict(sd), tmp_name, metadata={"format": "pt", "layout": "videomae_v2_official"})
+        else:
+            torch.save({"model": sd}, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return sha256_file(path)
+
+
+# ----------------------------------------------------------------------------------------
+# runtime helpers
+# ----------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device."""
+    if not isinstance(spec, str):
+        raise ValueError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'cuda:0', got {spec!r}")
+    text = spec.strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        index_text = text[5:]
+        if index_text and not index_text.isdigit():
+            raise ValueError(f"bad CUDA device {spec!r}; expected 'cuda' or 'cuda:N'")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
+        index = int(index_text) if index_text else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+@contextlib.contextmanager
+def inference_context(device: torch.device | str, dtype: str = "bf16") -> Iterator[None]:
+    """``torch.inference_mode()`` plus CUDA autocast in ``bf16``/``fp16``; plain fp32 on CPU or with ``fp32``."""
+    if dtype not in _AUTOCAST_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_AUTOCAST_DTYPES)}, got {dtype!r}")
+    device = torch.device(device)
+    amp_dtype = _AUTOCAST_DTYPES[dtype]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if device.type == "cuda" and amp_dtype is not None:
+            stack.enter_context(torch.autocast(device_type="cuda", dtype=amp_dtype))
+        yield
