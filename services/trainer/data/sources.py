@@ -1,0 +1,148 @@
+"""One entry point from a :class:`DataConfig` to the (train, val) skeleton collections.
+
+Picks the reader for ``cfg.format``, applies the split (raw folders: from sample names; the other
+formats carry their split), drops samples on the missing-skeleton list and caps each side at
+``cfg.max_samples``. Paths are checked against the operator's data roots when a check is given;
+pickle formats are refused without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from services.trainer.data.cache import load_ntu_folder
+from services.trainer.data.collection import SkeletonCollection
+from services.trainer.data.config import DataConfig
+from services.trainer.data.ntu import parse_sample_name, read_missing_list
+from services.trainer.data.readers import (
+    DataSourceError,
+    RootCheck,
+    check_path_inside,
+    read_ctrgcn_npz,
+    read_last_npy,
+    read_pyskl,
+)
+from services.trainer.data.splits import is_train
+
+DataRootCheck = Callable[[Path], Path] | Sequence[Path] | None
+MAX_PARSE_WORKERS = 8
+
+
+def _root_check(check: DataRootCheck) -> RootCheck | None:
+    if check is None or callable(check):
+        return check
+    roots = [Path(r) for r in check]
+    if not roots:
+        raise DataSourceError("no data roots configured: set LASTKD_DATA_ROOTS")
+    return lambda path: check_path_inside(path, roots)
+
+
+def _rows(coll: SkeletonCollection, start: int, stop: int) -> SkeletonCollection:
+    """Rows start..stop as views (no copy of a memory-mapped array)."""
+    return SkeletonCollection(
+        names=coll.names[start:stop],
+        labels=coll.labels[start:stop],
+        data=None if coll.data is None else coll.data[start:stop],
+        lengths=coll.lengths[start:stop],
+        source_hash=coll.source_hash,
+        streams=None if coll.streams is None else {k: v[start:stop] for k, v in coll.streams.items()},
+        excluded_missing=coll.excluded_missing,
+        malformed=list(coll.malformed),
+    )
+
+
+def cap_samples(coll: SkeletonCollection, limit: int | None) -> SkeletonCollection:
+    """At most ``limit`` samples, taken round-robin over classes (so small caps keep every class),
+    in their original order."""
+    if limit is None or len(coll) <= limit:
+        return coll
+    labels = coll.labels
+    rank = np.zeros(len(labels), dtype=np.int64)  # position of each sample within its class
+    seen: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        rank[i] = seen.get(label, 0)
+        seen[label] = rank[i] + 1
+    chosen = np.sort(np.lexsort((np.arange(len(labels)), rank))[:limit])
+    if chosen[-1] == len(chosen) - 1:  # a leading block: keep views
+        return _rows(coll, 0, len(chosen))
+    return coll.subset(chosen)
+
+
+def _files_hash(paths: Sequence[Path], options: dict) -> str:
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for path in paths:
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _split_raw(full: SkeletonCollection, split: str, where: Path) -> tuple[SkeletonCollection, SkeletonCollection]:
+    flags = [is_train(parse_sample_name(n), split) for n in full.names]
+    n_train = sum(flags)
+    if flags != [True] * n_train + [False] * (len(flags) - n_train):
+        raise DataSourceError(f"{where}: parse cache rows are not ordered by split; delete the cache folder")
+    return _rows(full, 0, n_train), _rows(full, n_train, len(full))
+
+
+def load_splits(
+    cfg: DataConfig, data_root_check: DataRootCheck = None, *, workers: int | None = None
+) -> tuple[SkeletonCollection, SkeletonCollection]:
+    """(train, val) collections for ``cfg``, whatever the source format.
+
+    ``data_root_check`` is either a callable that resolves a path and raises when it lies outside
+    the configured data roots, or the list of those roots. When given, every source path is
+    checked; pickle sources (PYSKL, LAST labels) are refused without it. ``workers`` parse raw
+    folders in parallel (default: up to 8 processes, used only for big folders).
+
+    Raw folders: both sides are slices of one memory-mapped parse cache, and both carry the
+    folder-wide ``malformed`` list and ``excluded_missing`` count. The npz and PYSKL/LAST formats
+    define the split themselves (``cfg.split`` picks the PYSKL split key / LAST sub-folder).
+    """
+    check = _root_check(data_root_check)
+    path = check(cfg.path) if check else cfg.path
+    label_dir = cfg.label_path
+    if label_dir is not None and check:
+        label_dir = check(label_dir)
+    missing = read_missing_list(cfg.missing_skeletons) if cfg.missing_skeletons else frozenset()
+    options = {"format": cfg.format, "dataset": cfg.dataset, "split": cfg.split, "missing": sorted(missing)}
+    if cfg.format == "ntu_raw":
+        full = load_ntu_folder(
+            Path(path),
+            body_assignment="reference" if cfg.streams_mode == "reference" else "tracked",
+            dataset=cfg.dataset,
+            missing_path=cfg.missing_skeletons,
+            cache_dir=cfg.cache_dir,
+            workers=workers if workers is not None else min(MAX_PARSE_WORKERS, os.cpu_count() or 1),
+            split=cfg.split,
+        )
+        train, val = _split_raw(full, cfg.split, Path(path))
+    elif cfg.format == "ctrgcn_npz":
+        train, val = read_ctrgcn_npz(Path(path), dataset=cfg.dataset, source_hash=_files_hash([Path(path)], options))
+    elif cfg.format == "pyskl":
+        if check is None:
+            raise DataSourceError(
+                f"{path}: refusing to load a PYSKL pickle without configured data roots (pickles run code when loaded)"
+            )
+        train, val = read_pyskl(
+            Path(path), split=cfg.split, dataset=cfg.dataset, missing=missing, root_check=check,
+            source_hash=_files_hash([Path(path)], options),
+        )
+    elif cfg.format == "last_npy":
+        root = Path(path)
+        files = sorted(p for pattern in ("*.npy", "*.pkl", "*/*.npy", "*/*.pkl") for p in root.glob(pattern))
+        train, val = read_last_npy(
+            root, split_type=cfg.split, dataset=cfg.dataset, label_dir=label_dir, missing=missing,
+            root_check=check, source_hash=_files_hash(files, options),
+        )
+    else:  # unreachable through a validated DataConfig
+        raise DataSourceError(f"unknown data format {cfg.format!r}")
+    for side, coll in (("training", train), ("validation", val)):
+        if len(coll) == 0:
+            raise DataSourceError(f"{path}: split {cfg.split!r} leaves no {side} samples")
+    return cap_samples(train, cfg.max_samples), cap_samples(val, cfg.max_samples)
