@@ -166,34 +166,123 @@ def test_ntu_bone_parents_form_the_graph_tree() -> None:
     assert len({frozenset((v, p)) for v, p in enumerate(parents) if v != 20}) == len(edges)
 
 
-def _two_body_clip(parsed_tracked: np.ndarray, late_start: int = 10) -> np.ndarray:
-    """Body 0 = the real sample; body 1 = a yawed, shifted copy present only from ``late_start``."""
-    coords = parsed_tracked.copy()
-    a = np.radians(40.0)
+def _expected_shared_norm(coords: np.ndarray, body: int) -> np.ndarray:
+    """Independent float64 version of the standard normalisation: every body centred on ``body``'s
+    spine base at its first present frame, yawed so that its shoulders lie along +X there, divided
+    by its mean neck-spine length over its present frames; absent frames zero."""
+    x = coords.astype(np.float64)
+    present = np.abs(x).sum(axis=(0, 2)) > 0  # (L, M)
+    f = int(np.flatnonzero(present[:, body])[0])
+    origin = x[:, f, st.SPINE_BASE, body]
+    d = x[:, f, st.RIGHT_SHOULDER, body] - x[:, f, st.LEFT_SHOULDER, body]
+    theta = np.arctan2(d[2], d[0])
+    # rotation about Y by -theta in the x-z plane: (cos t, sin t) -> (1, 0)
+    rot = np.array([[np.cos(theta), 0, np.sin(theta)], [0, 1, 0], [-np.sin(theta), 0, np.cos(theta)]])
+    valid = present[:, body]
+    scale = np.linalg.norm(x[:, valid, st.NECK, body] - x[:, valid, st.SPINE_BASE, body], axis=0).mean()
+    out = np.einsum("ij,jtvm->itvm", rot, x - origin[:, None, None, None]) / scale
+    return out * present[None, :, None, :]
+
+
+def _rot_y(phi: float) -> np.ndarray:
+    return np.array([[np.cos(phi), 0, np.sin(phi)], [0, 1, 0], [-np.sin(phi), 0, np.cos(phi)]])
+
+
+def _forward(x: np.ndarray, frame: int, body: int) -> np.ndarray:
+    """Unit facing direction in the ground plane: up x (left -> right shoulder)."""
+    d = x[:, frame, st.RIGHT_SHOULDER, body] - x[:, frame, st.LEFT_SHOULDER, body]
+    f = np.cross([0.0, 1.0, 0.0], [d[0], 0.0, d[2]])
+    return f / np.linalg.norm(f)
+
+
+def _facing_pair(parsed_tracked: np.ndarray) -> np.ndarray:
+    """Body 0 = the real sample; body 1 = a rigid copy standing 1 m to body 0's right (along its
+    frame-0 left -> right shoulder line, same height) and turned to face body 0."""
+    coords = parsed_tracked.astype(np.float64)
     body = coords[..., 0]
-    other = np.stack([body[0] * np.cos(a) - body[2] * np.sin(a) + 1.5, body[1] + 0.1, body[0] * np.sin(a) + body[2] * np.cos(a)])
-    coords[..., 1] = other
-    coords[:, :late_start, :, 1] = 0
-    return coords
+    d = body[:, 0, st.RIGHT_SHOULDER] - body[:, 0, st.LEFT_SHOULDER]
+    right = np.array([d[0], 0.0, d[2]]) / np.hypot(d[0], d[2])
+    fwd = _forward(coords, 0, 0)
+    # the quarter turn that makes the copy's forward point back at body 0 (-right)
+    phi = min((np.pi / 2, -np.pi / 2), key=lambda p: np.linalg.norm(_rot_y(p) @ fwd + right))
+    centre = body[:, 0, st.SPINE_BASE]
+    other = np.einsum("ij,jtv->itv", _rot_y(phi), body - centre[:, None, None]) + (centre + right)[:, None, None]
+    coords[..., 1] = other * (np.abs(body).sum(axis=0) > 0)  # present exactly when body 0 is
+    return coords.astype(np.float32)
 
 
-def test_standard_alignment_centring_and_scale(parsed_tracked: np.ndarray) -> None:
-    coords = _two_body_clip(parsed_tracked, late_start=10)
+def test_standard_keeps_where_the_second_person_stands(parsed_tracked: np.ndarray) -> None:
+    coords = _facing_pair(parsed_tracked)
+    raw = coords.astype(np.float64)
+    assert np.linalg.norm(raw[:, 0, st.SPINE_BASE, 1] - raw[:, 0, st.SPINE_BASE, 0]) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(_forward(raw, 0, 1) @ (raw[:, 0, st.SPINE_BASE, 0] - raw[:, 0, st.SPINE_BASE, 1]), 1.0, atol=1e-5)
     params = st.standard_norm_params(coords)
+    assert params.body == 0
     joint = st.apply_norm(coords, params.present, params)
-    for body, first in ((0, 0), (1, 10)):
-        # centring: spine base at the body's first valid frame is the origin
-        np.testing.assert_allclose(joint[:, first, st.SPINE_BASE, body], 0, atol=1e-6)
-        # rotation: shoulder line parallel to +X at that frame
-        d = joint[:, first, st.RIGHT_SHOULDER, body] - joint[:, first, st.LEFT_SHOULDER, body]
-        assert abs(d[2]) < 1e-5 and d[0] > 0.1
-        # scale: mean neck-spine length over the valid frames is 1
-        valid = params.present[:, body]
-        lengths = np.linalg.norm(joint[:, valid, st.NECK, body] - joint[:, valid, st.SPINE_BASE, body], axis=0)
-        assert lengths.mean() == pytest.approx(1.0, abs=1e-5)
-    # frames before the second body appears stay exactly zero (no constant pose)
-    assert not joint[:, :10, :, 1].any()
-    # the reference, by contrast, doubles the yaw and fills absent frames with a constant pose
+    np.testing.assert_allclose(joint, _expected_shared_norm(coords, 0), atol=1e-5)
+    scale = np.linalg.norm(raw[:, :, st.NECK, 0] - raw[:, :, st.SPINE_BASE, 0], axis=0).mean()
+    # body 0: centred at frame 0, shoulder line parallel to +X
+    np.testing.assert_allclose(joint[:, 0, st.SPINE_BASE, 0], 0, atol=1e-6)
+    d = joint[:, 0, st.RIGHT_SHOULDER, 0] - joint[:, 0, st.LEFT_SHOULDER, 0]
+    assert abs(d[2]) < 1e-5 and d[0] > 0.1
+    # spine-base distance of the two people, every frame, preserved up to the common scale
+    dist_raw = np.linalg.norm(raw[:, :, st.SPINE_BASE, 1] - raw[:, :, st.SPINE_BASE, 0], axis=0)
+    dist = np.linalg.norm(joint[:, :, st.SPINE_BASE, 1] - joint[:, :, st.SPINE_BASE, 0], axis=0)
+    np.testing.assert_allclose(dist, dist_raw / scale, rtol=1e-5)
+    assert dist.min() > 0.5
+    # at frame 0 body 1 stands on body 0's right (+X), 1 m / scale away, facing body 0 (-X)
+    np.testing.assert_allclose(joint[:, 0, st.SPINE_BASE, 1], [1.0 / scale, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(_forward(joint, 0, 1), [-1.0, 0, 0], atol=1e-5)
+    # the whole standard pipeline (validation sampling starts at raw frame 0) keeps it too
+    out, present, _ = st.standard_joint(coords, 64, rng=None)
+    assert present.all()
+    np.testing.assert_allclose(out[:, 0, st.SPINE_BASE, 1] - out[:, 0, st.SPINE_BASE, 0], [1.0 / scale, 0, 0], atol=1e-5)
+
+
+def test_standard_main_body_absent_early_normalises_from_its_first_valid_frame(parsed_tracked: np.ndarray) -> None:
+    coords = _facing_pair(parsed_tracked)
+    coords[:, :12, :, 0] = 0  # body 0 appears at frame 12, body 1 is there from frame 0
+    params = st.standard_norm_params(coords)
+    assert params.body == 0 and (params.first, params.last) == (0, coords.shape[1] - 1)
+    joint = st.apply_norm(coords, params.present, params)
+    np.testing.assert_allclose(joint, _expected_shared_norm(coords, 0), atol=1e-5)
+    np.testing.assert_allclose(joint[:, 12, st.SPINE_BASE, 0], 0, atol=1e-6)
+    d = joint[:, 12, st.RIGHT_SHOULDER, 0] - joint[:, 12, st.LEFT_SHOULDER, 0]
+    assert abs(d[2]) < 1e-5 and d[0] > 0.1
+    valid = params.present[:, 0]
+    lengths = np.linalg.norm(joint[:, valid, st.NECK, 0] - joint[:, valid, st.SPINE_BASE, 0], axis=0)
+    assert lengths.mean() == pytest.approx(1.0, abs=1e-5)
+    assert not joint[:, :12, :, 0].any()  # absent frames stay exactly zero
+    assert params.present[:12, 1].all() and joint[:, :12, :, 1].any()  # body 1 is there meanwhile
+    # body 1 is not re-centred on itself: at frame 0 its spine base is away from the origin
+    assert np.linalg.norm(joint[:, 0, st.SPINE_BASE, 1]) > 0.5
+
+
+def test_standard_uses_the_first_present_slot_when_slot_0_is_empty(parsed_tracked: np.ndarray) -> None:
+    coords = _facing_pair(parsed_tracked)
+    coords[..., 0] = 0
+    coords[:, :5, :, 1] = 0
+    params = st.standard_norm_params(coords)
+    assert params.body == 1
+    joint = st.apply_norm(coords, params.present, params)
+    np.testing.assert_allclose(joint, _expected_shared_norm(coords, 1), atol=1e-5)
+    np.testing.assert_allclose(joint[:, 5, st.SPINE_BASE, 1], 0, atol=1e-6)
+    assert not joint[..., 0].any() and not joint[:, :5].any()
+
+
+def test_standard_one_body_sample_is_normalised_on_its_own(parsed_tracked: np.ndarray) -> None:
+    assert parsed_tracked[..., 0].any() and not parsed_tracked[..., 1].any()
+    params = st.standard_norm_params(parsed_tracked)
+    joint = st.apply_norm(parsed_tracked, params.present, params)
+    # the same per-body normalisation as before the shared transform: centred at its first frame,
+    # shoulders on +X there, unit mean neck-spine length; the empty slot stays zero
+    np.testing.assert_allclose(joint, _expected_shared_norm(parsed_tracked, 0), atol=1e-5)
+    np.testing.assert_allclose(joint[:, 0, st.SPINE_BASE, 0], 0, atol=1e-6)
+    assert abs(_shoulder_yaw_deg(joint, 0)) < 1e-3
+    lengths = np.linalg.norm(joint[:, :, st.NECK, 0] - joint[:, :, st.SPINE_BASE, 0], axis=0)
+    assert lengths.mean() == pytest.approx(1.0, abs=1e-5)
+    assert not joint[..., 1].any()
+    # the reference, by contrast, doubles the yaw
     ref = st.reference_streams(parsed_tracked)["joint"]
     assert abs(_shoulder_yaw_deg(ref, 0)) > 50
 

@@ -6,8 +6,9 @@ Two pipelines, selected by ``DataConfig.streams_mode``:
   ``last_v2.md`` 7.1-7.3 and 7.5), oddities included: first-frame centring that turns absent
   frames into constant poses, the yaw rotation that doubles the shoulder angle, a scale averaged
   over padding, repeat padding to 300 frames and a centre crop that sees only padding for short clips.
-* ``standard`` computes the same three streams with those oddities fixed: normalisation from the
-  frames where each body is present, a rotation that really aligns the shoulders with X, temporal
+* ``standard`` computes the same three streams with those oddities fixed: one normalisation per
+  sample, taken from the main body's present frames and shared by both bodies (so their relative
+  position and facing survive), a rotation that really aligns the shoulders with X, temporal
   resampling of the valid frames (so short clips are not frozen poses) and velocity per raw frame.
 
 All arrays are (C=3, T, V=25, M=2) float32. ``docs/data.md`` lists every difference and its reason.
@@ -227,17 +228,21 @@ def reference_window(
 
 @dataclass(frozen=True)
 class NormParams:
-    """Per-body normalisation of one sample, estimated from the frames where the body is present.
+    """One normalisation shared by all bodies of a sample, estimated from its main body.
 
-    ``origin`` (3, M) first-valid-frame spine base; ``cos``/``sin`` (M,) of the shoulder yaw at that
-    frame; ``scale`` (M,) mean neck-spine length over present frames; ``present`` (L, M);
+    The main body (``body``) is slot 0, or the first slot with any present frame when slot 0 is
+    never present (-1: no body at all). ``origin`` (3,) is its spine base at its first present
+    frame; ``cos``/``sin`` the shoulder yaw at that frame; ``scale`` its mean neck-spine length over
+    its present frames. Applying the same transform to every body keeps where the other person
+    stands and faces relative to the main one (NTU interaction classes). ``present`` (L, M);
     ``first``/``last`` the span of frames in which any body is present (``first`` = -1: none).
     """
 
     origin: np.ndarray
-    cos: np.ndarray
-    sin: np.ndarray
-    scale: np.ndarray
+    cos: float
+    sin: float
+    scale: float
+    body: int
     present: np.ndarray
     first: int
     last: int
@@ -246,24 +251,22 @@ class NormParams:
 def standard_norm_params(coords: np.ndarray) -> NormParams:
     """Normalisation parameters of unpadded raw coordinates (3, L, 25, 2) (bodies tracked by id)."""
     pres = presence(coords)
-    bodies = np.arange(coords.shape[3])
-    has = pres.any(axis=0)
-    f0 = pres.argmax(axis=0)  # first present frame of each body (0 when absent: masked below)
-    first_frame = coords[:, f0, :, bodies]  # (M, 3, 25)
-    origin = np.where(has, first_frame[:, :, SPINE_BASE].T, 0).astype(np.float32)
-    d = first_frame[:, :, RIGHT_SHOULDER] - first_frame[:, :, LEFT_SHOULDER]  # (M, 3)
-    norm_xz = np.hypot(d[:, 0], d[:, 2])
-    ok = has & (norm_xz > 1e-9)  # degenerate shoulders: leave the yaw alone
-    safe = np.where(ok, norm_xz, 1.0)
-    cos = np.where(ok, d[:, 0] / safe, 1.0).astype(np.float32)
-    sin = np.where(ok, d[:, 2] / safe, 0.0).astype(np.float32)
-    spine = np.sqrt(np.square(coords[:, :, NECK] - coords[:, :, SPINE_BASE]).sum(axis=0))  # (L, M)
-    counts = pres.sum(axis=0)
-    mean_len = (spine * pres).sum(axis=0) / np.maximum(counts, 1)
-    scale = np.where(has, np.maximum(mean_len, 1e-6), 1.0).astype(np.float32)
     any_frames = np.flatnonzero(pres.any(axis=1))
-    first, last = (int(any_frames[0]), int(any_frames[-1])) if any_frames.size else (-1, -1)
-    return NormParams(origin, cos, sin, scale, pres, first, last)
+    if not any_frames.size:
+        return NormParams(np.zeros(3, np.float32), 1.0, 0.0, 1.0, -1, pres, -1, -1)
+    first, last = int(any_frames[0]), int(any_frames[-1])
+    body = int(np.flatnonzero(pres.any(axis=0))[0])
+    valid = pres[:, body]
+    frame = coords[:, int(valid.argmax()), :, body]  # (3, 25) first present frame of the main body
+    origin = frame[:, SPINE_BASE].astype(np.float32)
+    dx = float(frame[0, RIGHT_SHOULDER] - frame[0, LEFT_SHOULDER])
+    dz = float(frame[2, RIGHT_SHOULDER] - frame[2, LEFT_SHOULDER])
+    norm_xz = float(np.hypot(dx, dz))
+    # degenerate shoulders: leave the yaw alone
+    cos, sin = (dx / norm_xz, dz / norm_xz) if norm_xz > 1e-9 else (1.0, 0.0)
+    spine = coords[:, :, NECK, body][:, valid] - coords[:, :, SPINE_BASE, body][:, valid]  # (3, n)
+    scale = max(float(np.sqrt(np.square(spine).sum(axis=0)).mean()), 1e-6)
+    return NormParams(origin, cos, sin, scale, body, pres, first, last)
 
 
 def standard_positions(
@@ -314,18 +317,19 @@ def _frame_mask(present: np.ndarray, num_joints: int = NUM_JOINTS) -> np.ndarray
 
 
 def apply_norm(x: np.ndarray, present: np.ndarray, params: NormParams) -> np.ndarray:
-    """Centre, rotate the shoulder line onto +X and scale each body; absent frames are zero."""
+    """Centre, rotate (main body's shoulder line onto +X) and scale all bodies with the one shared
+    transform of ``params``; absent frames are zero."""
     out = np.zeros_like(x)
-    for m in range(x.shape[3]):
-        if not present[:, m].any():
-            continue
-        xm = x[..., m] - params.origin[:, m, None, None]
-        # rotation by -yaw about Y, (dx, dz) = r(cos, sin) -> (r, 0), with the scale folded in
-        k = np.float32(1.0 / params.scale[m])
-        c, s = params.cos[m] * k, params.sin[m] * k
-        out[0, ..., m] = xm[0] * c + xm[2] * s
-        out[1, ..., m] = xm[1] * k
-        out[2, ..., m] = xm[2] * c - xm[0] * s
+    if not present.any():
+        return out
+    # rotation by -yaw about Y, (dx, dz) = r(cos, sin) -> (r, 0), with the scale folded in; the
+    # transform is the same for every body, so it is applied to the whole array at once
+    k = 1.0 / params.scale
+    c, s = np.float32(params.cos * k), np.float32(params.sin * k)
+    xc = x - params.origin[:, None, None, None]
+    out[0] = xc[0] * c + xc[2] * s
+    out[1] = xc[1] * np.float32(k)
+    out[2] = xc[2] * c - xc[0] * s
     if not present.all():
         out *= _frame_mask(present)
     return out
