@@ -1,0 +1,40 @@
+"""lastkd feature store: teacher features in LMDB, shared by one writer and many readers.
+
+Knows nothing of models or services. See ``docs/architecture.md`` for the contract::
+
+    from featurestore import FeatureStore, FeatureSetMeta, feature_set_id
+    from featurestore import FeatureStoreError, StoreFullError, InvalidFeatureError
+"""
+
+from featurestore.errors import (
+    CorruptStoreError,
+    FeatureSetConflictError,
+    FeatureStoreError,
+    InvalidFeatureError,
+    NotAStoreError,
+    ReadOnlyStoreError,
+    SnapshotError,
+    StoreFullError,
+    UnknownFeatureSetError,
+)
+from featurestore.metadata import FeatureSetMeta, canonical_json, feature_set_id
+from featurestore.snapshot import SnapshotReport, verify_snapshot
+from featurestore.store import FeatureStore
+
+__all__ = [
+    "CorruptStoreError",
+    "FeatureSetConflictError",
+    "FeatureSetMeta",
+    "FeatureStore",
+    "FeatureStoreError",
+    "InvalidFeatureError",
+    "NotAStoreError",
+    "ReadOnlyStoreError",
+    "SnapshotError",
+    "SnapshotReport",
+    "StoreFullError",
+    "UnknownFeatureSetError",
+    "canonical_json",
+    "feature_set_id",
+    "verify_snapshot",
+]
