@@ -1,0 +1,183 @@
+"""The Celery application of the trainer, built from settings by one factory.
+
+Two broker modes, both with real out-of-process workers:
+
+* embedded (default, no server): kombu's SQLAlchemy transport over a SQLite file and a SQLite
+  result backend under ``data_dir``;
+* Redis (``redis://...``): docker compose and workers on several hosts.
+
+The options are those of long GPU jobs: late acks and requeue when the worker process is lost
+(the job database caps the redeliveries), prefetch 1, a visibility timeout longer than any job,
+and a fresh prefork child per job (``worker_max_tasks_per_child=1``) so GPU memory is returned to
+the driver after every job. This module imports neither torch nor the engine: the worker parent
+forks its children from a process that has never touched CUDA.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import transport as kombu_transport
+from kombu.transport import sqlalchemy as kombu_sqla
+
+from services.settings import Settings
+
+DEFAULT_QUEUE = "lastkd.train"
+TASK_NAME = "lastkd.train"
+# Longer than the longest job: Redis re-delivers an unacknowledged message after this long.
+VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
+DEFAULT_MAX_ATTEMPTS = 3
+_SQLA_ALIAS = "lastkd-sqla"
+
+
+class SQLiteTransport(kombu_sqla.Transport):
+    """kombu's SQLAlchemy transport, tuned for a SQLite file shared by several processes.
+
+    Upstream passes every transport option to ``create_engine`` (so ``polling_interval`` would
+    break it) and opens SQLite with a 5 s lock timeout; here the engine gets a long busy timeout
+    and the Celery-level options are kept away from SQLAlchemy.
+    """
+
+    class Channel(kombu_sqla.Channel):
+        def _engine_from_config(self):  # type: ignore[no-untyped-def]
+            from sqlalchemy import create_engine
+
+            hostname = self.connection.client.hostname
+            return create_engine(hostname, connect_args={"timeout": 30})
+
+    polling_interval = 0.25
+
+
+kombu_transport.TRANSPORT_ALIASES[_SQLA_ALIAS] = f"{__name__}:SQLiteTransport"
+
+
+@dataclass(frozen=True)
+class TrainerRuntime:
+    """What the task needs from settings, attached to the app (the worker child inherits it)."""
+
+    jobs_dir: Path
+    registry_dir: Path
+    store_path: Path
+    data_roots: list[Path] = field(default_factory=list)
+    queue: str = DEFAULT_QUEUE
+
+
+def broker_kind(url: str) -> str:
+    """'sqlite' for the embedded broker, 'redis' for Redis, else the URL scheme."""
+    scheme = url.split("://", 1)[0]
+    if scheme.startswith("sqla+"):
+        return "sqlite"
+    if scheme in ("redis", "rediss"):
+        return "redis"
+    return scheme
+
+
+def _prepare_sqlite(url: str) -> str:
+    """Switch a ``sqla+sqlite:///`` broker file to WAL (a property of the file, set once) and
+    route it through :class:`SQLiteTransport`."""
+    target = url.split("+", 1)[1]
+    path = target[len("sqlite:///"):] if target.startswith("sqlite:///") else ""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+    return f"{_SQLA_ALIAS}+{target}"
+
+
+def _prepare_result_backend(url: str) -> str:
+    if url.startswith("db+sqlite:///"):
+        path = url[len("db+sqlite:///"):]
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=30)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+            finally:
+                conn.close()
+    return url
+
+
+def celery_config(broker_url: str, result_backend: str, queue: str = DEFAULT_QUEUE) -> dict[str, Any]:
+    """The Celery configuration of the trainer for these URLs (pure; no I/O)."""
+    kind = broker_kind(broker_url)
+    transport_options: dict[str, Any] = {}
+    if kind == "redis":
+        transport_options = {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+        }
+    return {
+        "broker_url": broker_url,
+        "result_backend": result_backend,
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S} if kind == "redis" else {},
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        # producer side: fail fast so the API can answer 503 instead of hanging
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3},
+        "task_default_queue": queue,
+        "task_routes": {TASK_NAME: {"queue": queue}},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "task_time_limit": None,
+        "result_extended": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "worker_concurrency": 1,
+        "worker_pool": "prefork",
+        "worker_send_task_events": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
+
+
+def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Celery:
+    """The trainer's Celery app for ``settings`` (broker and result backend from there).
+
+    The training task is registered on it and :class:`TrainerRuntime` is attached as
+    ``app.lastkd`` for the task to read.
+    """
+    broker = settings.resolved_broker_url
+    backend = settings.resolved_result_backend
+    if broker_kind(broker) == "sqlite":
+        broker = _prepare_sqlite(broker)
+    backend = _prepare_result_backend(backend)
+    app = Celery("lastkd", set_as_current=False)
+    app.conf.update(celery_config(broker, backend, queue))
+    app.lastkd = TrainerRuntime(  # type: ignore[attr-defined]
+        jobs_dir=settings.resolved_jobs_dir.resolve(),
+        registry_dir=settings.resolved_registry_dir.resolve(),
+        store_path=settings.resolved_store_path.resolve(),
+        data_roots=list(settings.resolved_data_roots),
+        queue=queue,
+    )
+    from services.trainer import tasks  # registers on this app; light: no torch at import time
+
+    tasks.register(app)
+    return app
+
+
+def broker_reachable(app: Celery, timeout: float = 2.0) -> str | None:
+    """None when the broker answers, else a one-line reason (readiness check)."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0, timeout=timeout)
+            if broker_kind(app.conf.broker_url) == "sqlite":
+                # the SQLAlchemy transport connects lazily: touch the queue table for real
+                with conn.channel() as channel:
+                    channel._size(app.lastkd.queue)  # type: ignore[attr-defined]
+        return None
+    except Exception as exc:  # any transport error means "not reachable"; say which
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
