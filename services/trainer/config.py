@@ -1,0 +1,239 @@
+"""TrainConfig: the typed description of one training job, validated at the edge.
+
+A job arrives as YAML (``lastkd train CONFIG.yaml``) or JSON (``POST /train``); both go through
+:class:`TrainConfig`, which rejects unknown keys and out-of-range values with messages that name
+the field. Everything below (engine, evaluation, publishing) receives the validated object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.trainer.data.config import DataConfig
+from services.trainer.distill import DistillConfig
+
+# Registry names become directory names: keep them short, portable and free of path syntax.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_CONFIG_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be read or does not validate; the message names each field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    """Optimiser choice; momentum/nesterov apply to SGD only."""
+
+    name: Literal["adamw", "sgd"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=10)
+    weight_decay: float = Field(4e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+
+    @model_validator(mode="after")
+    def _nesterov(self) -> "OptimizerConfig":
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """Learning-rate schedule, stepped every optimiser step (warmup is linear from ~0)."""
+
+    kind: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0, le=1000)
+    min_lr: float = Field(0.0, ge=0, le=10)
+    milestones: tuple[int, ...] = Field((), description="step schedule: epochs at which lr *= gamma")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(m < 1 for m in value) or list(value) != sorted(set(value)):
+            raise ValueError("milestones must be increasing positive epoch numbers")
+        return value
+
+
+class EvalConfig(_Strict):
+    """What the final evaluation reports beyond top-1/top-5."""
+
+    label_map: Path | None = Field(None, description="Text file, one class name per line (NTU label map).")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Default: the training batch size.")
+    jitter_stds: tuple[float, ...] = Field((0.02, 0.05), description="Gaussian joint jitter, normalised units.")
+    joint_drop_probs: tuple[float, ...] = Field((0.1, 0.3), description="Probability a joint is missing.")
+    frame_drop_probs: tuple[float, ...] = Field((0.1, 0.3), description="Probability a frame is lost.")
+    noise_seed: int = Field(1234, ge=0, le=2**31 - 1)
+
+    @field_validator("jitter_stds")
+    @classmethod
+    def _stds(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) > 16 or any(not 0 <= v <= 10 for v in value):
+            raise ValueError("at most 16 levels, each in [0, 10]")
+        return value
+
+    @field_validator("joint_drop_probs", "frame_drop_probs")
+    @classmethod
+    def _probs(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if len(value) > 16 or any(not 0 <= v < 1 for v in value):
+            raise ValueError("at most 16 levels, each a probability in [0, 1)")
+        return value
+
+
+class TrainConfig(_Strict):
+    """One training job: data, student variant, optimisation, distillation, evaluation."""
+
+    name: str = Field(..., description="Registry name of the published student.")
+    data: DataConfig
+    variant: Literal["small", "base", "large"] = "small"
+    epochs: int = Field(..., ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=4096, description="Global batch (split across DDP ranks).")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    distill: DistillConfig = DistillConfig()
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank.")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype; CUDA only.")
+    grad_clip: float | None = Field(None, gt=0, le=1e6, description="Max global grad norm.")
+    eval: EvalConfig = EvalConfig()
+    max_steps_per_epoch: int | None = Field(None, ge=1, le=10_000_000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not NAME_RE.match(value) or ".." in value:
+            raise ValueError(
+                "must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.amp != "none" and self.device == "cpu":
+            raise ValueError("amp needs CUDA: set amp to 'none' or device to 'cuda'/'auto'")
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ValueError(f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) exceeds epochs ({self.epochs})")
+        if any(m > self.epochs for m in self.schedule.milestones):
+            raise ValueError("schedule.milestones must not exceed epochs")
+        return self
+
+    # --- identity -----------------------------------------------------------------------------
+    def training_dict(self) -> dict[str, Any]:
+        """The fields that determine the training trajectory (JSON-safe).
+
+        Worker count, device choice and evaluation settings are left out: a job may resume on
+        another host or with another loader width without being a different training run.
+        """
+        return self.model_dump(mode="json", exclude={"workers", "device", "eval"})
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of :meth:`training_dict` (resume compatibility check)."""
+        text = json.dumps(self.training_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    # --- paths ----------------------------------------------------------------------------------
+    def path_fields(self) -> dict[str, Path]:
+        """Every filesystem path the job reads, keyed by its dotted field name (None omitted)."""
+        found = {
+            "data.path": self.data.path,
+            "data.label_path": self.data.label_path,
+            "data.missing_skeletons": self.data.missing_skeletons,
+            "data.cache_dir": self.data.cache_dir,
+            "eval.label_map": self.eval.label_map,
+        }
+        return {k: v for k, v in found.items() if v is not None}
+
+    def with_paths_resolved(self, base: Path) -> "TrainConfig":
+        """A copy in which every relative path is taken relative to ``base`` (absolute, normalised)."""
+
+        def fix(p: Path | None) -> Path | None:
+            if p is None:
+                return None
+            p = Path(p).expanduser()
+            return (p if p.is_absolute() else Path(base) / p).resolve()
+
+        data = self.data.model_copy(
+            update={
+                "path": fix(self.data.path),
+                "label_path": fix(self.data.label_path),
+                "missing_skeletons": fix(self.data.missing_skeletons),
+                "cache_dir": fix(self.data.cache_dir),
+            }
+        )
+        ev = self.eval.model_copy(update={"label_map": fix(self.eval.label_map)})
+        return self.model_copy(update={"data": data, "eval": ev})
+
+    def paths_outside(self, roots: list[Path]) -> list[str]:
+        """Dotted names of path fields that do not lie inside one of ``roots`` (after resolving)."""
+        bad = []
+        resolved_roots = [Path(r).resolve() for r in roots]
+        for key, path in self.path_fields().items():
+            real = Path(path).resolve()
+            if not any(real == r or r in real.parents for r in resolved_roots):
+                bad.append(key)
+        return bad
+
+    # --- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> "TrainConfig":
+        """Validate a plain mapping; raises :class:`ConfigError` naming every bad field."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> "TrainConfig":
+        """Read and validate a YAML (or JSON) config file."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        size = path.stat().st_size
+        if size == 0:
+            raise ConfigError(f"{path}: config file is empty")
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: config file is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: config file is not UTF-8 text") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (round-trips through :meth:`from_yaml`)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = [f"{source}: invalid training config:"]
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "config"
+        got = ""
+        if err.get("type") not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
+            got = f" (got {err['input']!r:.80})"
+        lines.append(f"  {loc}: {err['msg']}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,825 @@
+"""The training loop of the LAST v2 student: plain Python, CPU or CUDA, DDP via torchrun, resumable.
+
+``train(config, run_dir)`` builds the data, the student and (when distilling) the projector,
+trains for ``config.epochs`` epochs and evaluates. After every epoch the complete training
+state goes to ``run_dir/last.pt`` (written atomically); calling ``train`` again on the same
+``run_dir`` resumes from it, and the result of a finished run is kept in ``run_dir/result.pt``.
+
+Determinism. The shuffle order of an epoch and the DataLoader worker seeds are functions of
+(seed, epoch) alone and augmentation is a function of (seed, epoch, index) (see the Dataset), and
+the torch/numpy/python RNG states are checkpointed at the epoch boundary, so on CPU a run that is
+interrupted and resumed ends with the same weights, bit for bit, as one that was not.
+
+DDP. Run ``torchrun --nproc_per_node N -m services.trainer.engine --config C --run-dir D``.
+``batch_size`` is the global batch: each of the N ranks takes its 1/N slice of the *same* global
+batch a single process would draw (:class:`GlobalBatchSampler`), and DDP averages the gradients,
+so a DDP run follows the single-process run up to BatchNorm statistics (per rank, over B/N
+samples, not synchronised) and floating-point reduction order. The projector is kept out of DDP:
+it is not used on steps where alpha is 0 or on batches without teacher features, which DDP's
+reducer cannot express, so its gradients are averaged by an explicit all-reduce. Rank 0 alone
+writes checkpoints, metrics and results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import enum
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from services.trainer import distill as kd
+from services.trainer import evaluate as ev
+from services.trainer.config import TrainConfig
+from services.trainer.data import streams as data_streams
+from services.trainer.data.dataset import DataInfo, build_datasets
+from services.trainer.data.sources import load_splits
+from services.trainer.last_v2 import LASTv2, create_last_v2
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+RESULT_NAME = "result.pt"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue (bad device, unusable data, diverged loss)."""
+
+
+class ResumeError(TrainError):
+    """``run_dir`` holds a checkpoint that cannot be resumed with this config."""
+
+
+class RunState(str, enum.Enum):
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+
+@dataclass
+class Progress:
+    """A snapshot for progress reporting; ``phase`` is train, eval (epoch end), final_eval or done."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    losses: dict[str, float]
+    alpha: float
+    samples_per_s: float
+    eta_s: float
+    phase: str
+    lr: float = 0.0
+    val: dict[str, float] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainHooks:
+    """Callbacks from the loop: progress every step and at each epoch end; cancellation every step."""
+
+    on_progress: Callable[[Progress], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``model_state`` is the student only (no projector), on CPU."""
+
+    state: RunState
+    model_state: dict[str, Tensor]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    config: TrainConfig
+    data_info: DataInfo
+    run_dir: Path
+    epochs_completed: int
+    class_names: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# distributed context, device, seeding
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank/world of an initialised process group, or the single-process default."""
+    if dist.is_available() and dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))  # set by torchrun; edge knowledge
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return DistInfo()
+
+
+def resolve_device(spec: str, di: DistInfo = DistInfo()) -> torch.device:
+    """``auto`` -> CUDA when present (the rank's local GPU under DDP), else CPU; clear error for a
+    CUDA device that does not exist."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    has_cuda = torch.cuda.is_available()
+    if spec == "auto":
+        return torch.device("cuda", di.local_rank) if has_cuda else torch.device("cpu")
+    if not has_cuda:
+        raise TrainError(f"device {spec!r} requested but CUDA is not available on this host")
+    index = di.local_rank if spec == "cuda" else int(spec.split(":", 1)[1])
+    if index >= torch.cuda.device_count():
+        raise TrainError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # numpy/python states as tensors and plain values so the checkpoint loads with weights_only
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs, unlike hash())."""
+    seq = np.random.SeedSequence([int(p) % 2**32 for p in parts])
+    return int(seq.generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch already seeded the worker with base_seed + worker_id (base_seed from the loader's
+    # generator, which we reseed every epoch); derive numpy/python from it for any global use.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+class GlobalBatchSampler(Sampler[int]):
+    """Shuffled indices, grouped into global batches of ``global_batch``; this rank gets its
+    contiguous ``1/world`` slice of every global batch. The order is a function of (seed, epoch);
+    the trailing partial global batch is dropped so every rank has equal, full batches."""
+
+    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, max_batches: int | None = None) -> None:
+        if global_batch % world:
+            raise TrainError(f"batch_size {global_batch} is not divisible by the {world} DDP ranks")
+        if size < global_batch:
+            raise TrainError(f"the training split has {size} samples, fewer than batch_size {global_batch}")
+        self.size, self.global_batch, self.seed = size, global_batch, seed
+        self.rank, self.world = rank, world
+        self.local_batch = global_batch // world
+        self.num_batches = size // global_batch
+        if max_batches is not None:
+            self.num_batches = min(self.num_batches, max_batches)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches * self.local_batch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
+        perm = torch.randperm(self.size, generator=g).tolist()
+        lo = self.rank * self.local_batch
+        for b in range(self.num_batches):
+            start = b * self.global_batch + lo
+            yield from perm[start : start + self.local_batch]
+
+
+# --------------------------------------------------------------------------------------------
+# model pieces
+# --------------------------------------------------------------------------------------------
+class _WithFeatures(nn.Module):
+    """Routes ``forward`` to ``forward_with_features`` so DDP sees one forward per step."""
+
+    def __init__(self, model: LASTv2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, streams: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return self.model.forward_with_features(streams)
+
+
+def lr_factor_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Per-step multiplier of the base learning rate: linear warmup, then cosine/step/constant."""
+    sch, base = config.schedule, config.optimizer.lr
+    total = config.epochs * steps_per_epoch
+    warm = int(round(sch.warmup_epochs * steps_per_epoch))
+    floor = min(sch.min_lr / base, 1.0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if sch.kind == "constant":
+            return 1.0
+        if sch.kind == "cosine":
+            p = min((step - warm) / max(1, total - warm), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+        epoch = step / steps_per_epoch
+        return max(sch.gamma ** sum(1 for m in sch.milestones if epoch >= m), floor)
+
+    return factor
+
+
+def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    o = config.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then os.replace (never a partial file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by this module (weights_only), or raise ResumeError saying why."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, corrupt or foreign file: say which and why
+        raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise ResumeError(f"{path}: not a lastkd training checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__})")
+    return obj
+
+
+def _check_hash(obj: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    want = config.config_hash()
+    if obj.get("config_hash") != want:
+        raise ResumeError(
+            f"{path} was written by a different training config (hash {str(obj.get('config_hash'))[:12]} != "
+            f"{want[:12]}); use a new run directory, or delete the file to start over"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# DDP helpers
+# --------------------------------------------------------------------------------------------
+def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad.div_(world)
+
+
+def _any_rank(flag: bool, di: DistInfo, device: torch.device) -> bool:
+    if not di.active:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _gather(obj: Any, di: DistInfo) -> list[Any]:
+    if not di.active:
+        return [obj]
+    out: list[Any] = [None] * di.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast_module(module: nn.Module, di: DistInfo) -> None:
+    if di.active:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+class TrainingRun:
+    """State of one call to :func:`train` (kept in one object so the loop reads linearly).
+
+    :func:`train` is the entry point; the object is public so that benchmarks can time the very
+    same step (``build()`` then ``train_step(batch, global_step)`` on batches of ``train_loader``).
+    """
+
+    def __init__(
+        self, config: TrainConfig, run_dir: Path, store_path: Path | None, hooks: TrainHooks, data_roots: list[Path] | None
+    ) -> None:
+        self.config, self.run_dir, self.hooks = config, Path(run_dir), hooks
+        self.data_roots = data_roots
+        self.di = dist_info()
+        self.device = resolve_device(config.device, self.di)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
+        if config.amp != "none" and self.amp_dtype is None:
+            log.warning("amp=%s ignored: training on %s (autocast is CUDA only)", config.amp, self.device)
+        self.distilling = bool(config.distill.enabled)
+        if self.distilling and store_path is None:
+            raise TrainError(
+                f"distillation with feature set {config.distill.feature_set!r} needs a feature store path"
+            )
+        self.store_path = store_path if self.distilling else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    # -- setup -------------------------------------------------------------------------------
+    def build(self) -> None:
+        cfg, di = self.config, self.di
+        seed_everything(cfg.seed)
+        # Rank 0 first: it may build the parse cache the others then reuse.
+        if di.active and not di.is_main:
+            dist.barrier()
+        train_col, val_col = load_splits(cfg.data, self.data_roots)
+        self.train_ds, self.val_ds, self.info = build_datasets(
+            cfg.data,
+            train_col,
+            val_col,
+            teacher_store_path=self.store_path,
+            feature_set=cfg.distill.feature_set if self.distilling else None,
+            seed=cfg.seed,
+        )
+        if di.active and di.is_main:
+            dist.barrier()
+        if self.distilling and self.info.coverage_train == 0.0:
+            raise TrainError(
+                f"feature set {cfg.distill.feature_set!r} covers none of the {self.info.train_size} training samples"
+            )
+        self.names = ev.class_names(self.info.num_classes, cfg.eval.label_map)
+
+        self.model = create_last_v2(cfg.variant, num_classes=self.info.num_classes).to(self.device)
+        self.projector: nn.Module | None = None
+        self.stats = None
+        if self.distilling:
+            self.projector = kd.Projector(self.model.feature_dim, self.info.feature_dim, cfg.distill.projector_hidden).to(self.device)
+            mean, std = self.train_ds.teacher.stats()
+            self.stats = kd.FeatureStats(torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device))
+        _broadcast_module(self.model, di)
+        if self.projector is not None:
+            _broadcast_module(self.projector, di)
+        # distinct dropout draws per rank; rank 0 keeps the single-process stream
+        torch.manual_seed(_mix_seed(cfg.seed, di.rank, 0xD0) if di.rank else cfg.seed)
+
+        self.sampler = GlobalBatchSampler(
+            len(self.train_ds), cfg.batch_size, cfg.seed, di.rank, di.world, cfg.max_steps_per_epoch
+        )
+        self.steps_per_epoch = self.sampler.num_batches
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.loader_gen = torch.Generator()
+        pin = self.device.type == "cuda"
+        self.train_loader = DataLoader(
+            self.train_ds,
+            batch_size=self.sampler.local_batch,
+            sampler=self.sampler,
+            num_workers=cfg.workers,
+            worker_init_fn=_seed_worker,
+            generator=self.loader_gen,
+            pin_memory=pin,
+            drop_last=True,
+            persistent_workers=False,
+        )
+        eval_bs = cfg.eval.batch_size or max(1, cfg.batch_size // di.world)
+        val_idx = list(range(di.rank, len(self.val_ds), di.world))
+        self.val_loader = DataLoader(
+            torch.utils.data.Subset(self.val_ds, val_idx),
+            batch_size=eval_bs,
+            shuffle=False,
+            num_workers=cfg.workers,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            pin_memory=pin,
+        )
+
+        params = list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
+        self.params = params
+        self.optimizer = _build_optimizer(cfg, params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor_fn(cfg, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if di.active:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = nn.parallel.DistributedDataParallel(_WithFeatures(self.model), device_ids=ids)
+        else:
+            self.forward = _WithFeatures(self.model)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    def resume(self) -> None:
+        path = self.run_dir / CHECKPOINT_NAME
+        if not path.exists():
+            return
+        ck = load_checkpoint_file(path)
+        _check_hash(ck, self.config, path)
+        try:
+            self.model.load_state_dict(ck["model"])
+            if self.projector is not None:
+                self.projector.load_state_dict(ck["projector"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+            self.scaler.load_state_dict(ck["scaler"])
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise ResumeError(f"{path}: checkpoint does not fit this run ({str(exc)[:300]})") from None
+        self.history = list(ck["history"])
+        self.start_epoch = int(ck["epoch"])
+        rng = ck.get("rng") or []
+        if len(rng) == self.di.world:
+            _set_rng_state(rng[self.di.rank])
+        else:
+            log.warning("resuming %d-rank checkpoint on %d ranks: RNG streams restart", len(rng), self.di.world)
+        log.info("resumed %s at epoch %d/%d", path, self.start_epoch, self.config.epochs)
+
+    def save_checkpoint(self, epoch_done: int) -> None:
+        rng = _gather(_rng_state(), self.di)
+        if not self.di.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config_hash": self.config.config_hash(),
+                "config": self.config.model_dump(mode="json"),
+                "epoch": epoch_done,
+                "step": epoch_done * self.steps_per_epoch,
+                "model": self.model.state_dict(),
+                "projector": self.projector.state_dict() if self.projector is not None else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "history": self.history,
+            },
+            self.run_dir / CHECKPOINT_NAME,
+        )
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _emit(self, progress: Progress) -> None:
+        if self.hooks.on_progress is not None and self.di.is_main:
+            self.hooks.on_progress(progress)
+
+    def _cancel_requested(self) -> bool:
+        local = bool(self.hooks.should_cancel()) if self.hooks.should_cancel is not None else False
+        return _any_rank(local, self.di, self.device)
+
+    def train_step(self, batch: dict[str, Any], global_step: int) -> tuple[dict[str, float], float]:
+        cfg = self.config
+        dev = self.device
+        streams = {s: batch[s].to(dev, non_blocking=True) for s in cfg.data.streams}
+        target = batch["label"].to(dev, non_blocking=True)
+        alpha = float(kd.alpha_at(cfg.distill, global_step / self.total_steps)) if self.projector is not None else 0.0
+        teacher = mask = None
+        if alpha > 0:
+            teacher = batch["teacher"].to(dev, non_blocking=True)
+            mask = batch["has_teacher"].to(dev, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            logprob, feat = self.forward(streams)
+        loss, parts = kd.total_loss(
+            logprob.float(),
+            target,
+            cfg.label_smoothing,
+            feat.float(),
+            teacher,
+            mask,
+            alpha,
+            self.projector if alpha > 0 else None,
+            cfg.distill,
+            self.stats,
+        )
+        self.scaler.scale(loss).backward()
+        if self.di.active and self.projector is not None:
+            _allreduce_mean_grads(list(self.projector.parameters()), self.di.world)
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        values = {k: float(v) for k, v in parts.items()}
+        values["total"] = float(loss.detach())
+        if self.di.active:  # report the global batch's loss, not this rank's slice
+            keys = sorted(values)
+            t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            values = dict(zip(keys, (t / self.di.world).tolist()))
+        if not math.isfinite(values["total"]):
+            raise TrainError(f"loss is {values['total']} at step {global_step}: training diverged (lower the lr or set grad_clip)")
+        return values, alpha
+
+    def run_epoch(self, epoch: int) -> bool:
+        """Train one epoch; False when cancelled (mid-epoch, nothing of the epoch is saved)."""
+        cfg = self.config
+        self.train_ds.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.loader_gen.manual_seed(_mix_seed(cfg.seed, epoch, self.di.rank, 0x10AD))
+        self.model.train()
+        if self.projector is not None:
+            self.projector.train()
+        sums: dict[str, float] = {}
+        data_s = compute_s = 0.0
+        t_epoch = time.perf_counter()
+        t0 = time.perf_counter()
+        n_steps = 0
+        alpha = 0.0
+        for step, batch in enumerate(self.train_loader):
+            t1 = time.perf_counter()
+            data_s += t1 - t0
+            if self._cancel_requested():
+                return False
+            global_step = epoch * self.steps_per_epoch + step
+            losses, alpha = self.train_step(batch, global_step)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            compute_s += t0 - t1
+            n_steps += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            elapsed = t0 - t_epoch
+            rate = n_steps * cfg.batch_size / max(elapsed, 1e-9)
+            done = global_step + 1
+            per_step = elapsed / n_steps
+            self._emit(
+                Progress(
+                    epoch=epoch, epochs=cfg.epochs, step=step + 1, steps_per_epoch=self.steps_per_epoch,
+                    losses=losses, alpha=alpha, samples_per_s=rate,
+                    eta_s=per_step * (self.total_steps - done), phase="train",
+                    lr=float(self.optimizer.param_groups[0]["lr"]),
+                )
+            )
+        if n_steps == 0:
+            raise TrainError("the training loader produced no batches")
+        if self._cancel_requested():
+            return False
+        val = self.validate()
+        wall = time.perf_counter() - t_epoch
+        entry = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / n_steps for k, v in sums.items()},
+            "alpha_end": alpha,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "samples_per_s": n_steps * cfg.batch_size / max(compute_s + data_s, 1e-9),
+            "data_s_per_step": data_s / n_steps,
+            "compute_s_per_step": compute_s / n_steps,
+            "epoch_s": wall,
+            **{f"val_{k}": v for k, v in (val or {}).items()},
+        }
+        self.history.append(entry)
+        self._emit(
+            Progress(
+                epoch=epoch, epochs=cfg.epochs, step=self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch,
+                losses={k: v / n_steps for k, v in sums.items()}, alpha=alpha, samples_per_s=entry["samples_per_s"],
+                eta_s=wall * (cfg.epochs - epoch - 1), phase="eval", lr=entry["lr"], val=val,
+            )
+        )
+        return True
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _predict_all(self, corruption: ev.Corruption | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Predictions over the whole val split, gathered on rank 0 (None on other ranks)."""
+        _broadcast_module(self.model, self.di)  # everyone evaluates rank 0's BN statistics
+        parents = data_streams.REFERENCE_BONE_PARENTS if self.config.data.streams_mode == "reference" else data_streams.NTU_BONE_PARENTS
+        lp, lb, idx = ev.predict(
+            self.model, self.val_loader, self.device, self.config.data.streams,
+            corruption=corruption, noise_seed=self.config.eval.noise_seed, bone_parents=parents, autocast=self.autocast,
+        )
+        parts = _gather((lp, lb, idx), self.di)
+        if not self.di.is_main:
+            return None
+        parts = [p for p in parts if p[0].size]
+        lp = np.concatenate([p[0] for p in parts])
+        lb = np.concatenate([p[1] for p in parts])
+        order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
+        return lp[order], lb[order]
+
+    def validate(self) -> dict[str, float] | None:
+        got = self._predict_all()
+        if got is None:
+            return None
+        lp, lb = got
+        return {"top1": ev.topk_accuracy(lp, lb, 1), "top5": ev.topk_accuracy(lp, lb, 5), "nll": float(-lp[np.arange(len(lb)), lb].mean())}
+
+    def final_metrics(self) -> dict[str, Any]:
+        ecfg = self.config.eval
+        got = self._predict_all()
+        noisy: dict[str, float] = {}
+        for corr in ev.corruptions_from(ecfg.jitter_stds, ecfg.joint_drop_probs, ecfg.frame_drop_probs):
+            res = self._predict_all(corr)
+            if res is not None:
+                noisy[corr.key] = ev.topk_accuracy(res[0], res[1], 1)
+        if got is None:
+            return {}
+        metrics = ev.compute_metrics(got[0], got[1], self.names)
+        metrics["robustness"] = ev.robustness_summary(metrics["top1"], noisy)
+        return metrics
+
+    # -- whole run -----------------------------------------------------------------------------
+    def result(self, state: RunState, metrics: dict[str, Any], epochs_done: int) -> TrainResult:
+        return TrainResult(
+            state=state,
+            model_state={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            metrics=metrics,
+            history=list(self.history),
+            config=self.config,
+            data_info=self.info,
+            run_dir=self.run_dir,
+            epochs_completed=epochs_done,
+            class_names=list(self.names),
+        )
+
+    def run(self) -> TrainResult:
+        self.build()
+        self.resume()
+        cfg = self.config
+        for epoch in range(self.start_epoch, cfg.epochs):
+            if not self.run_epoch(epoch):
+                log.info("cancelled during epoch %d; %s keeps epoch %d", epoch + 1, CHECKPOINT_NAME, epoch)
+                last = self.history[-1] if self.history else {}
+                metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+                return self.result(RunState.CANCELLED, metrics, epoch)
+            self.save_checkpoint(epoch + 1)
+        self._emit(
+            Progress(cfg.epochs - 1, cfg.epochs, self.steps_per_epoch, self.steps_per_epoch, {}, 0.0, 0.0, 0.0, "final_eval")
+        )
+        metrics = self.final_metrics()
+        metrics["coverage_train"] = self.info.coverage_train
+        metrics["coverage_val"] = self.info.coverage_val
+        result = self.result(RunState.COMPLETED, metrics, cfg.epochs)
+        if self.di.is_main:
+            save_result(result)
+        self._emit(
+            Progress(cfg.epochs - 1, cfg.epochs, self.steps_per_epoch, self.steps_per_epoch, {}, 0.0, 0.0, 0.0, "done",
+                     val={"top1": metrics.get("top1", 0.0), "top5": metrics.get("top5", 0.0)})
+        )
+        return result
+
+
+def train(
+    config: TrainConfig,
+    run_dir: Path,
+    *,
+    store_path: Path | None = None,
+    hooks: TrainHooks | None = None,
+    data_roots: list[Path] | None = None,
+) -> TrainResult:
+    """Train (or resume, or return the finished result of) the run in ``run_dir``.
+
+    ``store_path`` is the feature store (needed when distilling); ``data_roots``, when given,
+    confines every data path to those folders (and is required for pickle sources).
+
+    Raises :class:`TrainError` (and :class:`ResumeError`) with a message naming the problem.
+    Inside an initialised process group (torchrun) this is the per-rank body of a DDP run.
+    """
+    run_dir = Path(run_dir)
+    done = run_dir / RESULT_NAME
+    if done.exists():
+        result = load_result(run_dir)
+        if result.config.config_hash() != config.config_hash():
+            raise ResumeError(f"{done} belongs to a different training config; use a new run directory")
+        return result
+    store = Path(store_path) if store_path is not None else None
+    roots = [Path(r) for r in data_roots] if data_roots is not None else None
+    return TrainingRun(config, run_dir, store, hooks or TrainHooks(), roots).run()
+
+
+def save_result(result: TrainResult) -> Path:
+    """Write ``run_dir/result.pt`` (student weights, metrics, history, config, data info) atomically."""
+    path = result.run_dir / RESULT_NAME
+    atomic_torch_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "state": result.state.value,
+            "model": result.model_state,
+            "metrics": result.metrics,
+            "history": result.history,
+            "config": result.config.model_dump(mode="json"),
+            "data_info": asdict(result.data_info),
+            "epochs_completed": result.epochs_completed,
+            "class_names": result.class_names,
+        },
+        path,
+    )
+    return path
+
+
+def load_result(run_dir: Path) -> TrainResult:
+    """The :class:`TrainResult` a finished run left in ``run_dir/result.pt``."""
+    run_dir = Path(run_dir)
+    path = run_dir / RESULT_NAME
+    if not path.exists():
+        raise TrainError(f"{path}: no finished result in this run directory")
+    obj = load_checkpoint_file(path)
+    try:
+        return TrainResult(
+            state=RunState(obj["state"]),
+            model_state=obj["model"],
+            metrics=obj["metrics"],
+            history=obj["history"],
+            config=TrainConfig.model_validate(obj["config"]),
+            data_info=DataInfo(**obj["data_info"]),
+            run_dir=run_dir,
+            epochs_completed=int(obj["epochs_completed"]),
+            class_names=list(obj["class_names"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ResumeError(f"{path}: malformed result file ({str(exc)[:200]})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun entry point
+# --------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``[torchrun ...] python -m services.trainer.engine --config C --run-dir D [--store S]``.
+
+    Exit status 0 when completed, 3 when cancelled, 2 for bad input.
+    """
+    parser = argparse.ArgumentParser(prog="python -m services.trainer.engine", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--store", type=Path, default=None, help="feature store (needed when distilling)")
+    parser.add_argument("--data-root", type=Path, action="append", default=None, help="allowed data folder (repeatable)")
+    args = parser.parse_args(argv)
+    from services.trainer.config import ConfigError
+
+    try:
+        config = TrainConfig.from_yaml(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+        started = True
+    try:
+        result = train(config, args.run_dir, store_path=args.store, data_roots=args.data_root)
+    except (TrainError, ValueError, OSError) as exc:  # bad data/store/run dir: a message, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0 if result.state is RunState.COMPLETED else 3
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())

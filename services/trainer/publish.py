@@ -1,0 +1,492 @@
+"""The checkpoint registry: versioned, atomically published students.
+
+Layout: ``<registry>/<name>/v<N>/`` holding
+
+* ``model.safetensors``   the student's state dict (no projector); loads strict into ``LASTv2``
+* ``student.json``        how to rebuild it (variant, classes, input streams/frames), params, FLOPs
+* ``config.yaml``         the full training config
+* ``metrics.json``        final metrics incl. per-class accuracy, confusion, robustness; history
+* ``lineage.json``        job id, feature set, split, data hash, seed, code version, extras
+* ``MODEL_CARD.md``       human summary with warnings (synthetic data, random-init teacher)
+* ``plots/*.png``         loss and accuracy curves, per-class accuracy, confusion matrix
+
+A version is built completely in ``<registry>/.tmp/`` and then renamed into place, so readers
+never see a partial version. Version numbers are allocated under an exclusive lock on
+``<registry>/<name>/.lock``, which also makes publishing idempotent per job id: a second publish
+of the same job returns the version the first one created.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from services.trainer.config import NAME_RE
+from services.trainer.engine import RunState, TrainResult
+from services.trainer.last_v2 import LASTv2, num_parameters
+
+VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+STUDENT_FORMAT = "lastkd-student/1"
+SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (services.trainer.synth)
+
+
+class PublishError(ValueError):
+    """A result that cannot be published, or a registry entry that cannot be read."""
+
+
+@dataclass(frozen=True)
+class PublishedStudent:
+    """One version in the registry."""
+
+    name: str
+    version: int
+    path: Path
+    job_id: str | None = None
+    created: str | None = None
+    top1: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# facts about the model and the code
+# --------------------------------------------------------------------------------------------
+def estimate_flops(model: LASTv2, num_frames: int, streams: tuple[str, ...], bodies: int = 2) -> int:
+    """FLOPs (2 x multiply-accumulates, as counted by torch's FlopCounterMode) of one clip's
+    eval-mode forward with all ``streams``, ``bodies`` bodies and ``num_frames`` frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = {s: torch.zeros(1, 3, num_frames, 25, bodies) for s in streams}
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def code_version() -> str:
+    """Package version plus ``git describe`` of the source tree when it is a git checkout."""
+    try:
+        version = importlib.metadata.version("lastkd")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty", "--tags"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return f"{version}+git.{out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def _is_synthetic(data_path: Path) -> bool:
+    """True when the data folder or its parent carries the marker ``lastkd synth`` writes."""
+    base = Path(data_path)
+    folder = base if base.is_dir() else base.parent
+    for candidate in (folder, folder.parent):
+        marker = candidate / SYNTHETIC_MARKER
+        if marker.is_file():
+            try:
+                return bool(json.loads(marker.read_text(encoding="utf-8")).get("synthetic", True))
+            except (OSError, ValueError, AttributeError):
+                return True
+    return False
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
+    """Loss/accuracy curves, per-class accuracy and confusion matrix as PNGs (matplotlib Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    hist = result.history
+    epochs = [h["epoch"] for h in hist]
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        written.append(name)
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for key, label in (("train_total", "train loss"), ("train_ce", "train CE"), ("train_distill", "train distill"), ("val_nll", "val NLL")):
+        ys = [h.get(key) for h in hist]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if ax.get_lines():
+        ax.legend()
+    ax.set_title(f"{result.config.name}: losses")
+    save(fig, "loss.png")
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for key, label in (("val_top1", "val top-1"), ("val_top5", "val top-5")):
+        ys = [h.get(key) for h in hist]
+        if any(y is not None for y in ys):
+            ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    if ax.get_lines():
+        ax.legend()
+    ax.set_title(f"{result.config.name}: validation accuracy")
+    save(fig, "accuracy.png")
+
+    per_class = result.metrics.get("per_class") or []
+    if per_class:
+        fig = Figure(figsize=(max(6, len(per_class) * 0.15), 4))
+        ax = fig.add_subplot()
+        acc = [np.nan if p["accuracy"] is None else p["accuracy"] for p in per_class]
+        objects = set(result.metrics.get("object_classes", {}).get("classes", []))
+        colors = ["tab:orange" if p["index"] in objects else "tab:blue" for p in per_class]
+        ax.bar([p["index"] + 1 for p in per_class], acc, color=colors)
+        ax.set_xlabel("class (A###; orange = object interaction)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title("per-class validation accuracy")
+        save(fig, "per_class.png")
+
+    confusion = result.metrics.get("confusion")
+    if confusion:
+        cm = np.asarray(confusion, dtype=np.float64)
+        rows = cm.sum(axis=1, keepdims=True)
+        norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+        fig = Figure(figsize=(6, 5))
+        ax = fig.add_subplot()
+        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
+        fig.colorbar(im, ax=ax)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title("confusion matrix (row-normalised)")
+        save(fig, "confusion.png")
+    return written
+
+
+# --------------------------------------------------------------------------------------------
+# model card
+# --------------------------------------------------------------------------------------------
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * float(x):.2f}%"
+
+
+def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, Any], warnings: list[str]) -> str:
+    """Markdown summary of one published student."""
+    cfg, m, info = result.config, result.metrics, result.data_info
+    lines = [f"# {cfg.name} v{lineage['version']}", ""]
+    for w in warnings:
+        lines.append(f"> **Warning:** {w}")
+    if warnings:
+        lines.append("")
+    lines += [
+        "## Model",
+        f"- LAST v2, variant `{cfg.variant}`, {student['num_classes']} classes",
+        f"- parameters: {student['params']:,}",
+        f"- FLOPs per clip: {student['flops'] / 1e9:.3f} GFLOPs "
+        f"({len(student['streams'])} streams x 2 bodies x {student['num_frames']} frames, eval mode)",
+        "- the distillation projector is training-only and is not part of this checkpoint",
+        "",
+        "## Data",
+        f"- dataset `{cfg.data.dataset}`, split `{cfg.data.split}`, format `{cfg.data.format}`, streams mode "
+        f"`{cfg.data.streams_mode}`",
+        f"- train {info.train_size} / val {info.val_size} samples; data hash `{info.data_hash}`",
+        f"- teacher feature set: `{cfg.distill.feature_set or 'none (plain cross-entropy baseline)'}`"
+        + (f"; coverage train {_pct(info.coverage_train)}, val {_pct(info.coverage_val)}" if cfg.distill.enabled else ""),
+        "",
+        "## Training",
+        f"- {result.epochs_completed} epochs, batch {cfg.batch_size}, {cfg.optimizer.name} lr {cfg.optimizer.lr}, "
+        f"schedule {cfg.schedule.kind}, label smoothing {cfg.label_smoothing}, seed {cfg.seed}",
+    ]
+    if cfg.distill.enabled:
+        d = cfg.distill
+        lines.append(
+            f"- distillation: alpha {d.alpha_start} -> {d.alpha_end} ({d.schedule}), loss {d.loss}, "
+            f"teacher norm {d.teacher_norm}, projector hidden {d.projector_hidden}"
+        )
+    lines += [
+        "",
+        "## Metrics (validation)",
+        "| metric | value |",
+        "|---|---|",
+        f"| top-1 | {_pct(m.get('top1'))} |",
+        f"| top-5 | {_pct(m.get('top5'))} |",
+        f"| mean class accuracy | {_pct(m.get('mean_class_accuracy'))} |",
+        f"| object-interaction classes top-1 | {_pct(m.get('object_classes', {}).get('top1'))} |",
+        f"| other classes top-1 | {_pct(m.get('non_object_classes', {}).get('top1'))} |",
+    ]
+    for key, val in (m.get("robustness") or {}).items():
+        lines.append(f"| top-1 under {key} | {_pct(val.get('top1'))} (drop {_pct(val.get('drop'))}) |")
+    lines += [
+        "",
+        "Per-class accuracy and the confusion matrix are in `metrics.json` and `plots/`.",
+        "",
+        "## Lineage",
+    ]
+    for key in ("job_id", "feature_set", "dataset", "split", "data_hash", "seed", "code_version", "config_hash", "created"):
+        lines.append(f"- {key}: `{lineage.get(key)}`")
+    for key, val in (lineage.get("extra") or {}).items():
+        lines.append(f"- {key}: `{val}`")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _versions(name_dir: Path) -> list[int]:
+    if not name_dir.is_dir():
+        return []
+    out = []
+    for entry in name_dir.iterdir():
+        match = VERSION_RE.match(entry.name)
+        if match and entry.is_dir():
+            out.append(int(match.group(1)))
+    return sorted(out)
+
+
+def _read_lineage(version_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((version_dir / "lineage.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise PublishError(f"invalid registry name {name!r}")
+    return name
+
+
+def publish(
+    result: TrainResult,
+    registry_dir: Path,
+    *,
+    job_id: str | None = None,
+    extra_lineage: Mapping[str, Any] | None = None,
+) -> PublishedStudent:
+    """Publish a completed run as the next version of ``result.config.name``.
+
+    Idempotent per ``job_id``: if a version of this name already records the job id, that version
+    is returned and nothing is written. ``extra_lineage`` (JSON-able) is recorded in lineage.json.
+    """
+    if result.state is not RunState.COMPLETED:
+        raise PublishError(f"only completed runs are published; this run is {result.state.value}")
+    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.match(job_id)):
+        raise PublishError(f"invalid job id {job_id!r}")
+    cfg = result.config
+    name = _check_name(cfg.name)
+    registry_dir = Path(registry_dir)
+    name_dir = registry_dir / name
+    lock = name_dir / ".lock"
+
+    if job_id is not None:
+        existing = _find_job(name_dir, job_id)
+        if existing is not None:
+            return existing
+
+    # Build the model first: a state dict that does not fit LAST v2 must fail before anything is written.
+    model = LASTv2(num_classes=result.data_info.num_classes, variant=cfg.variant)
+    try:
+        model.load_state_dict(result.model_state, strict=True)
+    except RuntimeError as exc:
+        raise PublishError(f"result weights do not fit LAST v2 {cfg.variant}: {str(exc)[:300]}") from None
+
+    tmp_root = registry_dir / ".tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_root / f"{name}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        student = {
+            "format": STUDENT_FORMAT,
+            "variant": cfg.variant,
+            "num_classes": result.data_info.num_classes,
+            "feature_dim": model.feature_dim,
+            "streams": list(cfg.data.streams),
+            "streams_mode": cfg.data.streams_mode,
+            "num_frames": cfg.data.num_frames,
+            "params": num_parameters(model),
+            "flops": estimate_flops(model, cfg.data.num_frames, tuple(cfg.data.streams)),
+            "class_names": result.class_names,
+        }
+        # Clone: safetensors refuses tensors that share storage, and the file must be self-contained.
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": STUDENT_FORMAT, "variant": cfg.variant})
+        _write_json(tmp / "student.json", student)
+        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        _write_json(tmp / "metrics.json", {"final": result.metrics, "history": result.history})
+
+        feature_set = cfg.distill.feature_set if cfg.distill.enabled else None
+        warnings = []
+        if _is_synthetic(cfg.data.path):
+            warnings.append("trained and evaluated on SYNTHETIC skeletons; the metrics say nothing about NTU RGB+D.")
+        if feature_set and "random-init" in feature_set:
+            warnings.append("distilled from a RANDOM-INIT teacher (no official weights); the teacher signal is noise.")
+        lineage = {
+            "name": name,
+            "job_id": job_id,
+            "feature_set": feature_set,
+            "teacher_random_init": bool(feature_set and "random-init" in feature_set),
+            "synthetic_data": _is_synthetic(cfg.data.path),
+            "dataset": cfg.data.dataset,
+            "split": cfg.data.split,
+            "data_path": str(cfg.data.path),
+            "data_hash": result.data_info.data_hash,
+            "seed": cfg.seed,
+            "config_hash": cfg.config_hash(),
+            "code_version": code_version(),
+            "run_dir": str(result.run_dir),
+            "created": created,
+            "extra": dict(extra_lineage or {}),
+        }
+        write_plots(result, tmp / "plots")
+
+        with _locked(lock):
+            if job_id is not None:
+                existing = _find_job(name_dir, job_id)
+                if existing is not None:
+                    return existing
+            version = (_versions(name_dir) or [0])[-1] + 1
+            lineage["version"] = version
+            _write_json(tmp / "lineage.json", lineage)
+            (tmp / "MODEL_CARD.md").write_text(model_card(result, student, lineage, warnings), encoding="utf-8")
+            while True:
+                dest = name_dir / f"v{version}"
+                try:
+                    # rename(2) refuses a non-empty destination, so a version is never overwritten
+                    os.rename(tmp, dest)
+                    break
+                except OSError:
+                    if not dest.exists():
+                        raise
+                    version += 1
+                    lineage["version"] = version
+                    _write_json(tmp / "lineage.json", lineage)
+                    (tmp / "MODEL_CARD.md").write_text(model_card(result, student, lineage, warnings), encoding="utf-8")
+        return PublishedStudent(name, version, dest, job_id, created, result.metrics.get("top1"))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _entry(name: str, version: int, path: Path) -> PublishedStudent:
+    lineage = _read_lineage(path)
+    top1 = None
+    try:
+        top1 = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["final"].get("top1")
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return PublishedStudent(name, version, path, lineage.get("job_id"), lineage.get("created"), top1)
+
+
+def _find_job(name_dir: Path, job_id: str) -> PublishedStudent | None:
+    for version in _versions(name_dir):
+        path = name_dir / f"v{version}"
+        if _read_lineage(path).get("job_id") == job_id:
+            return _entry(name_dir.name, version, path)
+    return None
+
+
+def list_published(registry_dir: Path) -> list[PublishedStudent]:
+    """Every published version, sorted by name then version (temporary and foreign entries skipped)."""
+    registry_dir = Path(registry_dir)
+    if not registry_dir.is_dir():
+        return []
+    out = []
+    for name_dir in sorted(registry_dir.iterdir()):
+        if not name_dir.is_dir() or not NAME_RE.match(name_dir.name) or name_dir.name.startswith("."):
+            continue
+        for version in _versions(name_dir):
+            out.append(_entry(name_dir.name, version, name_dir / f"v{version}"))
+    return out
+
+
+def load_student(path: Path) -> LASTv2:
+    """Rebuild a published student (eval mode) from its version folder (or its model.safetensors)."""
+    path = Path(path)
+    folder = path.parent if path.name == "model.safetensors" else path
+    weights, meta_path = folder / "model.safetensors", folder / "student.json"
+    if not weights.is_file() or not meta_path.is_file():
+        raise PublishError(f"{folder}: not a published student (model.safetensors and student.json expected)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PublishError(f"{meta_path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STUDENT_FORMAT:
+        raise PublishError(f"{meta_path}: not a lastkd student description")
+    try:
+        model = LASTv2(num_classes=meta["num_classes"], variant=meta["variant"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PublishError(f"{meta_path}: bad variant/num_classes ({exc})") from None
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PublishError(f"{weights}: unreadable weights ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PublishError(f"{weights}: weights do not fit LAST v2 {meta['variant']} ({str(exc)[:300]})") from None
+    return model.eval()
