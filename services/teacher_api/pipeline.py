@@ -1,0 +1,663 @@
+"""The teacher throughput engine: decode worker processes -> micro-batched inference -> store.
+
+One :class:`Embedder` owns the model, its device, the preprocessing settings and the feature
+set they define. Clips enter through :meth:`Embedder.submit`, which returns a
+:class:`concurrent.futures.Future`; the HTTP service awaits those futures, the bulk CLI keeps a
+bounded window of them in flight. Both paths therefore run the same code and store the same
+vectors for the same clip.
+
+Data flow::
+
+    submit(path) --> ProcessPoolExecutor (spawn/forkserver): sha256 + prepare_clip -> uint8 frames
+                          | done-callback
+                          v
+                     inference queue --> one inference thread: wait for up to batch_size clips
+                          (max_wait_ms after the first), normalise, forward, average views,
+                          one store transaction per batch, resolve the futures
+
+Decoding runs in other processes, so the model thread never waits on it when there are enough
+cores, and a decoder that crashes on a hostile file takes down a worker, not the service (the
+pool is rebuilt). Worker processes are started with ``forkserver``/``spawn``: CUDA state must
+never be inherited through ``fork``. This module imports torch lazily because the workers
+unpickle :func:`_decode_clip` from it and have no use for torch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from services.teacher_api.clip_ids import clip_id_from_filename
+from services.teacher_api.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+    from featurestore import FeatureSetMeta, FeatureStore
+    from services.settings import Settings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ClipFailure",
+    "EmbedResult",
+    "Embedder",
+    "EngineConfig",
+    "EngineError",
+    "default_decode_workers",
+    "limits_from_settings",
+    "planned_set_id",
+    "preprocessing_record",
+    "sha256_file",
+]
+
+RANDOM_INIT = "random-init"
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start: bad model name, missing weights, unusable device, store conflict."""
+
+
+class ClipFailure(Exception):
+    """One clip could not be embedded; ``reason`` is a stable machine-readable code.
+
+    Reasons: the :class:`~services.teacher_api.video.VideoError` reasons (``not_media``,
+    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_large``, ``too_long``, ``resolution``),
+    plus ``decode_failed`` (an unexpected decoder error), ``decode_crashed`` (the decoder process
+    died), ``clip_id_conflict`` and ``shutdown``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(reason, message)
+        self.reason = reason
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Where a clip's feature now lives. ``cached`` means no forward pass was needed."""
+
+    clip_id: str
+    sha256: str
+    feature_set: str
+    dim: int
+    cached: bool
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs (the plain-object form of the teacher_* settings)."""
+
+    model_name: str = "videomae_v2_vit_b"
+    weights: Path | None = None
+    random_init: bool = False
+    device: str = "auto"
+    precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs fp32
+    batch_size: int = 8
+    max_wait_ms: int = 20
+    decode_workers: int = 0  # 0 = default_decode_workers(device)
+    store_dtype: str = "float32"
+    seed: int = 0  # random-init teachers are seeded so that the same set id means the same weights
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
+        """The teacher_* fields of the typed Settings, with optional overrides (CLI flags)."""
+        values: dict[str, Any] = dict(
+            model_name=settings.teacher_model,
+            weights=settings.teacher_weights,
+            random_init=settings.teacher_random_init,
+            device=settings.teacher_device,
+            batch_size=settings.teacher_batch_size,
+            max_wait_ms=settings.teacher_max_wait_ms,
+            decode_workers=settings.decode_workers,
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def limits_from_settings(settings: Settings) -> VideoLimits:
+    """The input limits (bytes, seconds, pixels) of the typed Settings."""
+    return VideoLimits(
+        max_bytes=settings.max_upload_bytes, max_seconds=settings.max_clip_seconds, max_pixels=settings.max_clip_pixels
+    )
+
+
+def default_decode_workers(device_type: str) -> int:
+    """One decoder per core with a GPU; on CPU the model needs cores too, so half of them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores if device_type == "cuda" else cores // 2)
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def preprocessing_record(preprocess: PreprocessConfig) -> dict[str, Any]:
+    """What goes into the feature-set id besides teacher and weights (the model is built with
+    the preprocessing's frame count and size, recorded explicitly)."""
+    return {**preprocess.as_dict(), "model_num_frames": preprocess.num_frames, "model_img_size": preprocess.size}
+
+
+def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
+    """The feature-set id an engine with these settings will write to, without building it
+    (hashes the weights file when there is one)."""
+    from featurestore import FeatureStoreError, feature_set_id
+
+    weights_sha = None
+    if config.weights is not None:
+        try:
+            weights_sha = sha256_file(config.weights)
+        except OSError as exc:
+            raise EngineError(f"cannot read teacher weights {config.weights}: {exc.strerror or exc}") from None
+    try:
+        return feature_set_id(config.model_name, weights_sha, preprocessing_record(preprocess))
+    except FeatureStoreError as exc:
+        raise EngineError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# decode workers (run in other processes)
+# --------------------------------------------------------------------------------------------
+
+
+def _init_worker() -> None:
+    # One decoder per process: several threads each would oversubscribe the cores the pool
+    # already spreads work over (and the inference thread's cores on CPU).
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def _decode_clip(
+    path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool
+) -> tuple[Any, ...]:
+    """Worker body: ("ok", frames uint8 (V,T,S,S,3), sha256|None) or ("error", reason, message).
+
+    Errors are returned, not raised: exception classes with custom constructors do not always
+    survive pickling back to the parent.
+    """
+    try:
+        sha = sha256_file(path) if want_sha else None
+        frames = prepare_clip(Path(path), cfg, limits, threads=threads)
+        return ("ok", np.ascontiguousarray(frames), sha)
+    except VideoError as exc:
+        return ("error", str(exc.reason), str(getattr(exc, "message", exc)))
+    except MemoryError:
+        return ("error", "too_large", "decoding this clip needs more memory than is available")
+    except OSError as exc:
+        return ("error", "decode_failed", f"cannot read the clip: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must become a per-clip error
+        return ("error", "decode_failed", f"{type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------------------------
+# the engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Item:
+    clip_id: str | None
+    sha256: str | None
+    future: cf.Future
+    frames: np.ndarray | None = None
+    source_id: str | None = None  # copy this stored vector instead of computing (same bytes)
+    path: str = ""
+
+
+@dataclass
+class _Counters:
+    computed: int = 0
+    cached: int = 0
+    failed: int = 0
+    batches: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, **deltas: int) -> None:
+        with self.lock:
+            for key, value in deltas.items():
+                setattr(self, key, getattr(self, key) + value)
+
+
+_STOP = object()
+
+
+class Embedder:
+    """Embeds clips with one teacher into one feature set; thread-safe ``submit``.
+
+    ``on_batch(clips, seconds)`` is called after each inference batch (metrics hook).
+    Use as a context manager or call :meth:`start` / :meth:`close`. ``model`` replaces the
+    registry model (random-init only; its feature set is named by ``config.model_name``).
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        preprocess: PreprocessConfig,
+        limits: VideoLimits,
+        store: FeatureStore,
+        on_batch: Callable[[int, float], None] | None = None,
+        model: Any = None,
+    ) -> None:
+        if model is not None and not config.random_init:
+            raise EngineError("a prebuilt model is only accepted for random-init teachers (benchmarks)")
+        if config.batch_size < 1:
+            raise EngineError(f"batch_size must be >= 1, got {config.batch_size}")
+        if config.max_wait_ms < 0:
+            raise EngineError(f"max_wait_ms must be >= 0, got {config.max_wait_ms}")
+        if config.weights is None and not config.random_init:
+            raise EngineError(
+                f"no teacher weights configured for {config.model_name!r}: set LASTKD_TEACHER_WEIGHTS to an "
+                "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
+                "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
+            )
+        if config.weights is not None and config.random_init:
+            raise EngineError("teacher weights and random_init are both set; choose one")
+        self.config = config
+        self.preprocess = preprocess
+        self.limits = limits
+        self.store = store
+        self.on_batch = on_batch
+        self.counters = _Counters()
+
+        self.model: Any = None
+        self._prebuilt = model  # e.g. a shallower ViT-B for quick benchmarks; named by config.model_name
+        self.device: Any = None
+        self.weights_sha256: str | None = None
+        self.set_id: str = ""
+        self.dim: int = 0
+        self.decode_workers = 0
+        self._decode_threads = 1
+        self.ready = False
+
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._closed = False
+        self._s_per_clip = 0.0  # moving average of inference seconds per clip
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> Embedder:
+        """Build the model, load weights, open the feature set, start decoders and the inference thread."""
+        self._build_model()
+        self._open_feature_set()
+        self.decode_workers = self.config.decode_workers or default_decode_workers(self.device.type)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # With a GPU, cores the decoders leave idle go to FFmpeg's own threads; on CPU the model
+        # owns them and extra decoder threads would only preempt its OpenMP threads.
+        self._decode_threads = max(1, cores // self.decode_workers) if self.device.type == "cuda" else 1
+        self._pool = self._new_pool()
+        self._thread = threading.Thread(target=self._inference_loop, name="teacher-inference", daemon=True)
+        self._thread.start()
+        return self
+
+    def warm_up(self) -> None:
+        """One forward pass on a blank clip and one task per decoder process, so the first request
+        pays neither for lazy CUDA/oneDNN initialisation nor for starting processes."""
+        import torch
+
+        from services.teacher_api.videomae import inference_context
+
+        size, frames = self.preprocess.size, self.preprocess.num_frames
+        x = torch.zeros((1, 3, frames, size, size), device=self.device)
+        with inference_context(self.device, self.config.precision):
+            out = self.model.forward_features(x)
+        if tuple(out.shape) != (1, self.dim) or not bool(torch.isfinite(out.float()).all()):
+            raise EngineError(f"warm-up forward produced {tuple(out.shape)} or non-finite values")
+        pool = self._current_pool()
+        cf.wait([pool.submit(_ping) for _ in range(self.decode_workers)], timeout=300)
+        self.ready = True
+
+    def close(self) -> None:
+        """Stop accepting clips, finish the batch in progress, fail what is left, stop the workers."""
+        if self._closed:
+            return
+        self._closed = True
+        self.ready = False
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+        # Anything still queued after the stop marker never reached the model.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Item):
+                self._fail(item, ClipFailure("shutdown", "the teacher engine shut down before this clip was embedded"))
+
+    def __enter__(self) -> Embedder:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        """Clips submitted and not yet resolved (decoding, queued or in a batch)."""
+        return self._pending
+
+    @property
+    def alive(self) -> bool:
+        """True while the inference thread runs and the engine is not closed."""
+        return not self._closed and self._thread is not None and self._thread.is_alive()
+
+    def seconds_per_clip(self) -> float:
+        """Recent inference seconds per clip (0 before the first batch)."""
+        return self._s_per_clip
+
+    def meta(self) -> FeatureSetMeta:
+        """The metadata of this engine's feature set (count included)."""
+        return self.store.get_set(self.set_id)
+
+    # ---- submitting ---------------------------------------------------------------------------
+
+    def lookup_sha256(self, sha256: str) -> str | None:
+        """The clip id already stored for these bytes in this feature set, else None."""
+        return self.store.lookup_sha256(self.set_id, sha256)
+
+    def submit(self, path: str | os.PathLike[str], clip_id: str | None = None, sha256: str | None = None) -> cf.Future:
+        """Embed one clip file; the future resolves to an :class:`EmbedResult` or raises ClipFailure.
+
+        ``clip_id`` defaults to the NTU sample name of the file name, else the content sha256.
+        With ``sha256`` given (the service hashes while receiving), bytes already in the set are
+        answered from the store without decoding. The file must stay in place until the future
+        is done.
+        """
+        if self._closed or self._pool is None:
+            raise EngineError("the engine is not running")
+        future: cf.Future = cf.Future()
+        path = os.fspath(path)
+        if clip_id is None:
+            clip_id = clip_id_from_filename(Path(path).name)
+        item = _Item(clip_id=clip_id, sha256=sha256, future=future, path=path)
+        with self._pending_lock:
+            self._pending += 1
+        future.add_done_callback(self._release)
+
+        if sha256 is not None:
+            known = self.store.lookup_sha256(self.set_id, sha256)
+            if item.clip_id is None:
+                item.clip_id = known or sha256
+            if known is not None:
+                if known == item.clip_id:
+                    self.counters.add(cached=1)
+                    future.set_result(self._result(item, cached=True))
+                elif self.store.contains(self.set_id, item.clip_id):
+                    self._fail(item, self._conflict(item.clip_id))
+                else:
+                    # Same bytes under a new id: copy the stored vector, no decode, no forward.
+                    item.source_id = known
+                    self._queue.put(item)
+                return future
+            if self.store.contains(self.set_id, item.clip_id):
+                self._fail(item, self._conflict(item.clip_id))
+                return future
+        self._submit_decode(item)
+        return future
+
+    @staticmethod
+    def _conflict(clip_id: str) -> ClipFailure:
+        return ClipFailure(
+            "clip_id_conflict",
+            f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
+            "give this clip another id",
+        )
+
+    def _release(self, _: cf.Future) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _result(self, item: _Item, cached: bool) -> EmbedResult:
+        assert item.clip_id is not None and item.sha256 is not None
+        return EmbedResult(item.clip_id, item.sha256, self.set_id, self.dim, cached)
+
+    def _fail(self, item: _Item, failure: BaseException) -> None:
+        self.counters.add(failed=1)
+        if not item.future.done():
+            item.future.set_exception(failure)
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    def _new_pool(self) -> cf.ProcessPoolExecutor:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        return cf.ProcessPoolExecutor(
+            max_workers=self.decode_workers,
+            mp_context=multiprocessing.get_context(method),
+            initializer=_init_worker,
+        )
+
+    def _current_pool(self) -> cf.ProcessPoolExecutor:
+        with self._pool_lock:
+            assert self._pool is not None
+            return self._pool
+
+    def _restart_pool(self, broken: cf.ProcessPoolExecutor) -> None:
+        with self._pool_lock:
+            if self._pool is broken and not self._closed:
+                log.warning("a decoder process died; starting a new decoder pool")
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+
+    def _submit_decode(self, item: _Item) -> None:
+        pool = self._current_pool()
+        try:
+            task = pool.submit(_decode_clip, item.path, self.preprocess, self.limits, self._decode_threads, item.sha256 is None)
+        except BrokenProcessPool:
+            self._restart_pool(pool)
+            pool = self._current_pool()
+            task = pool.submit(_decode_clip, item.path, self.preprocess, self.limits, self._decode_threads, item.sha256 is None)
+        except RuntimeError as exc:  # pool shut down while submitting
+            self._fail(item, ClipFailure("shutdown", f"the teacher engine is shutting down ({exc})"))
+            return
+        task.add_done_callback(lambda done: self._decoded(item, pool, done))
+
+    def _decoded(self, item: _Item, pool: cf.ProcessPoolExecutor, task: cf.Future) -> None:
+        if task.cancelled():
+            self._fail(item, ClipFailure("shutdown", "the teacher engine shut down before this clip was decoded"))
+            return
+        exc = task.exception()
+        if isinstance(exc, BrokenProcessPool):
+            self._restart_pool(pool)
+            self._fail(item, ClipFailure(
+                "decode_crashed", "the decoder process crashed on this clip (or on one decoded beside it)"))
+            return
+        if exc is not None:
+            self._fail(item, ClipFailure("decode_failed", f"{type(exc).__name__}: {exc}"))
+            return
+        outcome = task.result()
+        if outcome[0] == "error":
+            self._fail(item, ClipFailure(outcome[1], outcome[2]))
+            return
+        _, frames, sha = outcome
+        if item.sha256 is None:
+            item.sha256 = sha
+        if item.clip_id is None:
+            item.clip_id = item.sha256
+        item.frames = frames
+        self._queue.put(item)
+
+    # ---- inference ----------------------------------------------------------------------------
+
+    def _inference_loop(self) -> None:
+        wait_s = self.config.max_wait_ms / 1000.0
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch: list[_Item] = [first]
+            deadline = time.monotonic() + wait_s
+            while len(batch) < self.config.batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            try:
+                self._run_batch(batch)
+            except BaseException as exc:  # noqa: BLE001 - the failure belongs to the clips, not the thread
+                log.exception("inference batch of %d clip(s) failed", len(batch))
+                for item in batch:
+                    self._fail(item, exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        # Bytes that reached the set since they were submitted (a twin in the same burst) are copied.
+        for item in batch:
+            if item.source_id is None and item.sha256 is not None:
+                known = self.store.lookup_sha256(self.set_id, item.sha256)
+                if known is not None:
+                    item.source_id = known
+                    item.frames = None
+        compute = [item for item in batch if item.source_id is None]
+        copies = [item for item in batch if item.source_id is not None]
+
+        vectors: dict[int, np.ndarray] = {}
+        if compute:
+            for item, vec in zip(compute, self._forward([item.frames for item in compute]), strict=True):
+                vectors[id(item)] = vec
+        if copies:
+            arr, found = self.store.get_many(self.set_id, [item.source_id for item in copies])
+            for item, row, ok in zip(copies, arr, found, strict=True):
+                if ok:
+                    vectors[id(item)] = np.asarray(row, dtype=np.float32)
+                else:  # the source vanished (set deleted meanwhile): nothing to copy
+                    self._fail(item, ClipFailure("decode_failed", "the cached feature for these bytes disappeared"))
+
+        # Last write wins for an id submitted twice in one batch; both futures get the answer.
+        rows: dict[str, tuple[np.ndarray, str]] = {}
+        for item in batch:
+            if id(item) in vectors:
+                rows[item.clip_id] = (vectors[id(item)], item.sha256)
+        if rows:
+            ids = list(rows)
+            self.store.put_many(
+                self.set_id, ids, np.stack([rows[i][0] for i in ids]), sha256s=[rows[i][1] for i in ids]
+            )
+        for item in batch:
+            if id(item) in vectors and not item.future.done():
+                cached = item.source_id is not None
+                self.counters.add(**({"cached": 1} if cached else {"computed": 1}))
+                item.future.set_result(self._result(item, cached=cached))
+            item.frames = None
+
+        elapsed = time.perf_counter() - start
+        self.counters.add(batches=1)
+        if compute:
+            per_clip = elapsed / len(compute)
+            self._s_per_clip = per_clip if self._s_per_clip == 0 else 0.8 * self._s_per_clip + 0.2 * per_clip
+        if self.on_batch is not None:
+            self.on_batch(len(batch), elapsed)
+
+    def _forward(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """Features (float32, dim) per clip: views flattened into rows, run in chunks of
+        batch_size rows, then averaged back per clip."""
+        import torch
+
+        from services.teacher_api.videomae import inference_context
+
+        views = [c.shape[0] for c in clips]
+        rows = np.concatenate(clips, axis=0) if len(clips) > 1 else clips[0]
+        outputs: list[torch.Tensor] = []
+        step = self.config.batch_size
+        with inference_context(self.device, self.config.precision):
+            for lo in range(0, rows.shape[0], step):
+                x = torch.as_tensor(normalize(rows[lo : lo + step], self.preprocess))
+                x = x.to(self.device, non_blocking=True)
+                outputs.append(self.model.forward_features(x).float().cpu())
+        feats = torch.cat(outputs).numpy()
+        out, lo = [], 0
+        for v in views:
+            out.append(feats[lo : lo + v].mean(axis=0, dtype=np.float64).astype(np.float32) if v > 1 else feats[lo].copy())
+            lo += v
+        return out
+
+    # ---- model and feature set ----------------------------------------------------------------
+
+    def _build_model(self) -> None:
+        import torch
+
+        from services.teacher_api.videomae import create_videomae, load_checkpoint, resolve_device
+
+        cfg = self.config
+        try:
+            self.device = resolve_device(cfg.device)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        if self._prebuilt is not None:
+            self.model = self._prebuilt.eval().requires_grad_(False).to(self.device)
+            self.dim = int(self.model.embed_dim)
+            return
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed)
+                model = create_videomae(
+                    cfg.model_name, num_frames=self.preprocess.num_frames, img_size=self.preprocess.size, num_classes=0
+                )
+        except (ValueError, TypeError) as exc:
+            raise EngineError(f"cannot build teacher {cfg.model_name!r}: {exc}") from None
+        if cfg.weights is not None:
+            weights = Path(cfg.weights)
+            if not weights.is_file():
+                raise EngineError(f"teacher weights not found: {weights}")
+            try:
+                self.weights_sha256 = load_checkpoint(model, weights)
+            except (ValueError, OSError, RuntimeError) as exc:
+                raise EngineError(f"cannot load teacher weights {weights}: {exc}") from None
+        model.eval().requires_grad_(False)
+        self.model = model.to(self.device)
+        self.dim = int(model.embed_dim)
+
+    def _open_feature_set(self) -> None:
+        from featurestore import FeatureStoreError, feature_set_id
+
+        teacher = self.config.model_name
+        prep = preprocessing_record(self.preprocess)
+        try:
+            self.set_id = feature_set_id(teacher, self.weights_sha256, prep)
+            meta = self.store.create_set(
+                teacher=teacher,
+                weights_sha256=self.weights_sha256,
+                preprocessing=prep,
+                dim=self.dim,
+                dtype=self.config.store_dtype,
+            )
+        except FeatureStoreError as exc:
+            raise EngineError(f"cannot open the feature set for {teacher!r}: {exc}") from None
+        if meta.set_id != self.set_id or meta.dim != self.dim:
+            raise EngineError(f"feature set {meta.set_id!r} (dim {meta.dim}) does not match this teacher (dim {self.dim})")

@@ -1,0 +1,146 @@
+"""Live teacher services for the tests: ``lastkd serve-teacher`` in a real subprocess.
+
+Each server gets its own data dir (store, uploads) and a free port, runs the tiny VideoMAE V2
+config with an explicitly random-initialised teacher, and is torn down with SIGTERM (so the
+lifespan shutdown runs). A test talks to it with httpx only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+
+TOKEN = "test-token-0123456789"
+STARTUP_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def teacher_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    """A clean environment for a lastkd process: no inherited LASTKD_*, tiny random-init teacher."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        LASTKD_DATA_DIR=str(data_dir),
+        LASTKD_STORE_MAP_SIZE=str(64 << 20),
+        LASTKD_TEACHER_MODEL="videomae_v2_tiny",
+        LASTKD_TEACHER_RANDOM_INIT="true",
+        LASTKD_TEACHER_DEVICE="cpu",
+        LASTKD_DECODE_WORKERS="2",
+        OMP_NUM_THREADS="2",
+    )
+    env.update(overrides)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``lastkd ARGS`` (as ``python -m services.cli``) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@dataclass
+class LiveTeacher:
+    """A running teacher service."""
+
+    url: str
+    data_dir: Path
+    token: str | None
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def client(self, token: str | None = "default", timeout: float = 120.0) -> httpx.Client:
+        """An httpx client; ``token="default"`` sends the server's token (None sends none)."""
+        token = self.token if token == "default" else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def metrics(self) -> str:
+        """The /metrics text."""
+        return httpx.get(f"{self.url}/metrics", timeout=30).text
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample in /metrics (0.0 when absent)."""
+        pattern = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.eE+-]+)$", re.MULTILINE)
+        match = pattern.search(self.metrics())
+        return float(match.group(1)) if match else 0.0
+
+    def active_set(self) -> dict:
+        """The metadata (with count) of the feature set this server writes."""
+        body = httpx.get(f"{self.url}/feature-sets", timeout=30).json()
+        return next(s for s in body["feature_sets"] if s["set_id"] == body["active"])
+
+    def log(self) -> str:
+        """Everything the server wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+
+def start_teacher(data_dir: Path, **env_overrides: str) -> LiveTeacher:
+    """Start ``lastkd serve-teacher`` and wait until /health/ready answers 200."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = teacher_env(data_dir, LASTKD_TEACHER_PORT=str(port), **env_overrides)
+    log_path = data_dir / "server.log"
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve-teacher"],
+        env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT,
+    )
+    log.close()
+    server = LiveTeacher(f"http://127.0.0.1:{port}", data_dir, env.get("LASTKD_API_TOKEN"), proc, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"teacher exited with {proc.returncode} during start-up:\n{server.log()}")
+        try:
+            if httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_teacher(server)
+    raise RuntimeError(f"teacher not ready after {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+
+
+def stop_teacher(server: LiveTeacher) -> None:
+    """SIGTERM (graceful: lifespan shutdown), then SIGKILL if it hangs."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_teacher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveTeacher]:
+    """The main live server: token required for POST, small upload limit, 4 clips per request."""
+    server = start_teacher(
+        tmp_path_factory.mktemp("teacher"),
+        LASTKD_API_TOKEN=TOKEN,
+        LASTKD_MAX_UPLOAD_BYTES=str(3_000_000),
+        LASTKD_MAX_CLIPS_PER_REQUEST="4",
+    )
+    yield server
+    stop_teacher(server)
