@@ -1,0 +1,836 @@
+"""``lastkd demo``: from nothing to a published student, through the real services.
+
+1. Generate a small SYNTHETIC NTU-format dataset (``lastkd synth``: skeletons + rendered videos)
+   under a data root, plus the real NTU sample next to the project
+   (``../shared/data/ntu_sample``) when that folder exists; the real sample replaces its
+   synthetic namesake.
+2. Start the embedded stack (:class:`services.stack.Stack`: teacher API, trainer API, one worker)
+   in its own data folder (``<data dir>/demo``) with an explicitly RANDOM-INIT teacher, or use a
+   running one (``--teacher-url`` / ``--trainer-url``).
+3. Embed every clip through ``POST /embed`` (several uploads in flight, progress line).
+4. Submit ``POST /train`` with distillation from the feature set the teacher answered with, and
+   follow the job over server-sent events (polling if the stream breaks).
+5. Print where the published checkpoint, its metrics and plots are, and a summary.
+
+Re-running is idempotent where it can be: the dataset is reused when its parameters match, the
+teacher answers already-seen clips from the store (``cached``); each run trains and publishes a
+new version. ``--fresh`` starts from an empty demo folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import httpx
+
+from services.settings import Settings
+
+__all__ = [
+    "DEMO_TEACHERS",
+    "DemoDataset",
+    "DemoError",
+    "EmbedSummary",
+    "add_parser",
+    "build_train_config",
+    "embed_clips",
+    "follow_job",
+    "prepare_dataset",
+    "run",
+    "submit_job",
+]
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_NTU_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ntu_sample"
+# Teachers a CPU demo can afford; ViT-B is the real teacher's size.
+DEMO_TEACHERS = ("videomae_v2_vit_b", "videomae_v2_vit_s", "videomae_v2_tiny")
+NTU60_CLASSES = 60
+SYNTH_FRAMES = 120  # longest synthetic clip (4 s at 30 fps); the teacher samples 16 frames of it
+DATASET_MARKER = "demo.json"
+_NTU_NAME = re.compile(r"^S\d{3}C\d{3}P\d{3}R\d{3}A(\d{3})$")
+_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+
+NOTICE = (
+    "NOTE: this demo's teacher is RANDOM-INIT (no official weights; LASTKD_TEACHER_RANDOM_INIT=true for\n"
+    "its own stack) and its data is SYNTHETIC (rendered stick figures, plus at most one real NTU sample).\n"
+    "The numbers show that the plumbing works, not that distillation helps."
+)
+REAL_USE = (
+    "For real use: set LASTKD_TEACHER_WEIGHTS to the official VideoMAE V2 ViT-B checkpoint\n"
+    "(vit_b_k710_dl_from_giant.pth), put NTU RGB+D under a data root (LASTKD_DATA_ROOTS), run\n"
+    "`lastkd up`, `lastkd embed /path/to/nturgb+d_rgb`, then train with a config like\n"
+    "docs/train_example.yaml (`lastkd train CONFIG.yaml`, or POST /train). See README.md."
+)
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says what failed and where to look."""
+
+
+# --------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------
+class Console:
+    """Plain lines plus one self-overwriting progress line on a terminal (throttled lines
+    elsewhere, so logs of non-interactive runs stay short)."""
+
+    def __init__(self, out: IO[str] | None = None, interval: float = 5.0) -> None:
+        self.out = out or sys.stdout
+        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
+        self.interval = interval
+        self._last = 0.0
+        self._last_text = ""
+        self._open = False
+        self._lock = threading.Lock()
+
+    def line(self, text: str = "") -> None:
+        with self._lock:
+            if self._open:
+                self.out.write("\n")
+                self._open = False
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def progress(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self.tty:
+                self.out.write("\r\033[K" + text)
+                self._open = True
+            elif force or (text != self._last_text and now - self._last >= self.interval):
+                # Off a terminal: no repeats, at most one line per interval.
+                self.out.write(text + "\n")
+                self._last, self._last_text = now, text
+            self.out.flush()
+
+    def finish(self, text: str) -> None:
+        """Close the progress line with its final state."""
+        with self._lock:
+            if self.tty:
+                self.out.write("\r\033[K" + text + "\n")
+            else:
+                self.out.write(text + "\n")
+            self._open = False
+            self.out.flush()
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    return f"{seconds:.0f}s" if seconds < 90 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. data
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DemoDataset:
+    """A prepared demo dataset: NTU-format skeletons, their videos and a 60-line label map."""
+
+    root: Path
+    skeletons: Path
+    videos: Path
+    label_map: Path
+    clips: tuple[Path, ...]
+    real_samples: tuple[str, ...]
+    reused: bool
+
+
+def _real_pairs(sample_dir: Path) -> list[tuple[str, Path, Path]]:
+    """(name, skeleton, video) for every complete NTU sample in ``sample_dir``."""
+    pairs = []
+    for skeleton in sorted(sample_dir.glob("*.skeleton")):
+        video = sample_dir / f"{skeleton.stem}_rgb.avi"
+        if _NTU_NAME.match(skeleton.stem) and video.is_file():
+            pairs.append((skeleton.stem, skeleton, video))
+    return pairs
+
+
+def _dataset_params(classes: int, samples_per_class: int, frames: int, seed: int, real: list[str]) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "classes": classes,
+        "samples_per_class": samples_per_class,
+        "max_frames": frames,
+        "seed": seed,
+        "real_samples": real,
+    }
+
+
+def _label_map_text(classes: int) -> str:
+    from services.trainer.synth import class_description
+
+    # The student is an NTU-60 model (60 outputs); classes without demo samples get a placeholder.
+    names = [class_description(c) for c in range(classes)]
+    names += [f"A{c + 1:03d} (no samples in the demo data)" for c in range(classes, NTU60_CLASSES)]
+    return "\n".join(names) + "\n"
+
+
+def dataset_name(classes: int, samples_per_class: int, frames: int, seed: int, with_real: bool) -> str:
+    """Folder name of a demo dataset; it encodes every parameter, so variants never collide."""
+    return f"demo-c{classes}-k{samples_per_class}-f{frames}-s{seed}" + ("-ntu" if with_real else "")
+
+
+def prepare_dataset(
+    data_root: Path,
+    *,
+    classes: int,
+    samples_per_class: int,
+    frames: int = 120,
+    seed: int = 0,
+    ntu_sample: Path | None = None,
+) -> DemoDataset:
+    """Build (or reuse) the demo dataset in ``data_root/demo-c<classes>-k<k>-f<frames>-s<seed>``.
+
+    The folder is assembled beside its final name and renamed into place, so an interrupted run
+    leaves nothing half-made; a complete folder with the same parameters is reused as it is.
+    Raises :class:`DemoError` (bad parameters, or a foreign folder in the way).
+    """
+    from services.trainer.synth import SynthError, generate
+
+    real = _real_pairs(ntu_sample) if ntu_sample is not None and ntu_sample.is_dir() else []
+    name = dataset_name(classes, samples_per_class, frames, seed, bool(real))
+    final = Path(data_root) / name
+    params = _dataset_params(classes, samples_per_class, frames, seed, [r[0] for r in real])
+    marker = final / DATASET_MARKER
+    if final.exists():
+        try:
+            found = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None
+        if isinstance(found, dict) and found.get("params") == params:
+            return _dataset(final, [r[0] for r in real], reused=True)
+        if found is None and not (final / "synthetic.json").is_file():
+            raise DemoError(f"{final} exists and was not made by `lastkd demo`; move it away or use --out elsewhere")
+        shutil.rmtree(final)  # ours, but stale or incomplete: rebuild it
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / f".{name}.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        try:
+            generate(staging, classes=classes, samples_per_class=samples_per_class, frames=frames, seed=seed)
+        except SynthError as exc:
+            raise DemoError(str(exc)) from None
+        replaced = []
+        for sample, skeleton, video in real:
+            if (staging / "skeletons" / skeleton.name).exists():
+                replaced.append(sample)
+            shutil.copyfile(skeleton, staging / "skeletons" / skeleton.name)
+            shutil.copyfile(video, staging / "videos" / video.name)
+        (staging / "label_map_ntu60.txt").write_text(_label_map_text(classes), encoding="utf-8")
+        manifest = {
+            "synthetic": True,
+            "note": "lastkd demo data: synthetic samples from `lastkd synth` plus the real NTU samples listed.",
+            "params": params,
+            "real_samples_replaced_synthetic": replaced,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (staging / DATASET_MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _dataset(final, [r[0] for r in real], reused=False)
+
+
+def _dataset(root: Path, real: list[str], reused: bool) -> DemoDataset:
+    clips = tuple(sorted((root / "videos").glob("*_rgb.avi")))
+    return DemoDataset(root, root / "skeletons", root / "videos", root / "label_map_ntu60.txt", clips, tuple(real), reused)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. embedding
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EmbedSummary:
+    """What the teacher answered for the demo's clips."""
+
+    feature_set: str | None = None
+    embedded: int = 0
+    cached: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.embedded + self.cached + len(self.failed)
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        err = response.json().get("error") or {}
+        return f"{err.get('code', response.status_code)}: {err.get('message', response.text[:200])}"
+    except (ValueError, AttributeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _post_clips(client: httpx.Client, url: str, clips: list[Path], deadline: float) -> dict[str, Any]:
+    """POST one batch of clips, retrying while the teacher says "busy" (503 + Retry-After)."""
+    transport_errors = 0
+    while True:
+        handles = [open(p, "rb") for p in clips]
+        try:
+            files = [("files", (p.name, h, "video/x-msvideo")) for p, h in zip(clips, handles, strict=True)]
+            response = client.post(f"{url}/embed", files=files)
+        except httpx.TransportError as exc:
+            transport_errors += 1
+            if transport_errors > 3 or time.monotonic() > deadline:
+                raise DemoError(f"the teacher at {url} did not answer ({type(exc).__name__}: {exc})") from None
+            time.sleep(1.0)
+            continue
+        finally:
+            for h in handles:
+                h.close()
+        if response.status_code == 503 and time.monotonic() < deadline:
+            wait = response.headers.get("retry-after", "2")
+            time.sleep(min(10.0, float(wait) if wait.replace(".", "", 1).isdigit() else 2.0))
+            continue
+        if response.status_code in (200, 422) and "results" in response.text:
+            return response.json()
+        raise DemoError(f"POST {url}/embed failed: {_error_text(response)}")
+
+
+def embed_clips(
+    teacher_url: str,
+    clips: list[Path],
+    console: Console,
+    *,
+    token: str | None = None,
+    concurrency: int = 3,
+    per_request: int = 2,
+    timeout: float = 3600.0,
+) -> EmbedSummary:
+    """Upload every clip to ``POST /embed`` with ``concurrency`` requests in flight.
+
+    Per-clip failures are collected (the job then trains those samples on CE only); a request
+    that fails as a whole raises :class:`DemoError`.
+    """
+    summary = EmbedSummary()
+    batches = [clips[i : i + per_request] for i in range(0, len(clips), per_request)]
+    started = time.monotonic()
+    deadline = started + timeout
+    sets: set[str] = set()
+    with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), headers=_headers(token)) as client, \
+            cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool:
+        futures = [pool.submit(_post_clips, client, teacher_url, batch, deadline) for batch in batches]
+        try:
+            for future in cf.as_completed(futures):
+                body = future.result()
+                for item in body.get("results", []):
+                    if "error" in item:
+                        err = item["error"]
+                        summary.failed[item.get("filename", "?")] = f"{err.get('code')}: {err.get('message')}"
+                        continue
+                    sets.add(item["feature_set"])
+                    if item.get("cached"):
+                        summary.cached += 1
+                    else:
+                        summary.embedded += 1
+                elapsed = time.monotonic() - started
+                rate = summary.done / elapsed if elapsed > 0 else 0.0
+                eta = (len(clips) - summary.done) / rate if rate > 0 else 0.0
+                console.progress(
+                    f"  embedding: {summary.done}/{len(clips)} clips ({summary.cached} cached, "
+                    f"{len(summary.failed)} failed), {rate:.2f} clips/s, ETA {_fmt_s(eta)}"
+                )
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    summary.seconds = time.monotonic() - started
+    if len(sets) > 1:
+        raise DemoError(f"the teacher answered with several feature sets ({', '.join(sorted(sets))}); expected one")
+    summary.feature_set = next(iter(sets), None)
+    console.finish(
+        f"  embedded {len(clips)} clips in {_fmt_s(summary.seconds)}: {summary.embedded} computed, "
+        f"{summary.cached} cached, {len(summary.failed)} failed; feature set {summary.feature_set}"
+    )
+    for name, reason in sorted(summary.failed.items()):
+        console.line(f"  ! {name}: {reason}")
+    if summary.feature_set is None:
+        raise DemoError("no clip could be embedded; see the messages above")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# 4. training
+# --------------------------------------------------------------------------------------------
+def xsub_train_count(dataset: DemoDataset) -> int:
+    """How many of the dataset's samples fall on the training side of the NTU-60 xsub split."""
+    from services.trainer.data.splits import XSUB60_TRAIN_PERFORMERS
+
+    names = [p.stem for p in dataset.skeletons.glob("*.skeleton")]
+    return sum(1 for n in names if _NTU_NAME.match(n) and int(n[9:12]) in XSUB60_TRAIN_PERFORMERS)
+
+
+def build_train_config(
+    dataset: DemoDataset,
+    feature_set: str,
+    *,
+    name: str,
+    epochs: int,
+    num_frames: int = 16,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The TrainConfig (as JSON) of the demo job: LAST v2 small on the demo skeletons (xsub),
+    cosine distillation from ``feature_set`` with alpha 0.5 -> 0, a short AdamW run and a light
+    robustness evaluation (one level per corruption kind). The batch shrinks to the training
+    split when that is smaller (the engine refuses a batch larger than the split)."""
+    batch_size = max(1, min(batch_size, xsub_train_count(dataset)))
+    return {
+        "name": name,
+        "data": {
+            "format": "ntu_raw",
+            "path": str(dataset.skeletons.resolve()),
+            "dataset": "ntu60",
+            "split": "xsub",
+            "num_frames": num_frames,
+        },
+        "variant": "small",
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+        "schedule": {"kind": "cosine"},
+        "distill": {"feature_set": feature_set, "alpha_start": 0.5, "alpha_end": 0.0, "schedule": "linear", "loss": "cosine"},
+        "seed": seed,
+        "workers": 0,
+        "eval": {
+            "label_map": str(dataset.label_map.resolve()),
+            "jitter_stds": [0.05],
+            "joint_drop_probs": [0.2],
+            "frame_drop_probs": [],
+        },
+    }
+
+
+def submit_job(trainer_url: str, config: dict[str, Any], *, token: str | None = None, key: str | None = None) -> dict[str, Any]:
+    """``POST /train``; returns the job record. Transport errors are retried with the same
+    Idempotency-Key, so a lost answer never creates a second job."""
+    key = key or f"demo-{uuid.uuid4().hex}"
+    headers = {**_headers(token), "Idempotency-Key": key}
+    for attempt in range(4):
+        try:
+            response = httpx.post(f"{trainer_url}/train", json=config, headers=headers, timeout=60.0)
+        except httpx.TransportError as exc:
+            if attempt == 3:
+                raise DemoError(f"the trainer at {trainer_url} did not answer ({exc})") from None
+            time.sleep(1.0 + attempt)
+            continue
+        if response.status_code == 202:
+            return response.json()
+        if response.status_code == 503 and attempt < 3:
+            time.sleep(float(response.headers.get("retry-after", "2")))
+            continue
+        raise DemoError(f"POST {trainer_url}/train refused the demo job: {_error_text(response)}")
+    raise DemoError(f"POST {trainer_url}/train: the broker stayed unavailable")
+
+
+def _progress_text(job: dict[str, Any]) -> str:
+    state = job.get("state")
+    p = job.get("progress") or {}
+    if state in ("PENDING", "QUEUED"):
+        return "  training: queued, waiting for the worker"
+    if not p:
+        return f"  training: {str(state).lower()}, loading data"
+    phase = p.get("phase")
+    epoch, epochs = int(p.get("epoch", 0)) + 1, p.get("epochs", "?")
+    if phase == "final_eval":
+        return f"  training: epoch {epochs}/{epochs} done; final evaluation (metrics, robustness, plots)"
+    if phase == "done":
+        return "  training: publishing the student"
+    losses = p.get("losses") or {}
+    loss = losses.get("total", losses.get("loss"))
+    parts = [f"  training: epoch {epoch}/{epochs}", f"step {p.get('step', 0)}/{p.get('steps_per_epoch', '?')}"]
+    if loss is not None:
+        parts.append(f"loss {float(loss):.3f}")
+    if "alpha" in p:
+        parts.append(f"alpha {float(p['alpha']):.2f}")
+    if phase == "eval" and p.get("val"):
+        parts.append(f"val top-1 {100 * float(p['val'].get('top1', 0)):.1f}%")
+    if p.get("eta_s"):
+        parts.append(f"ETA {_fmt_s(p['eta_s'])}")
+    return ", ".join(parts)
+
+
+def _sse_events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                try:
+                    yield event, json.loads("\n".join(data))
+                except ValueError:
+                    pass
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+
+
+def follow_job(
+    trainer_url: str,
+    job_id: str,
+    console: Console,
+    *,
+    token: str | None = None,
+    alive: Any = None,
+    timeout: float = 24 * 3600.0,
+) -> dict[str, Any]:
+    """Follow a job to a terminal state over ``GET /jobs/{id}/events``, falling back to polling
+    ``GET /jobs/{id}`` when the stream breaks; returns the final job record.
+
+    ``alive`` (optional callable) is checked between events and may raise to abort (the demo's
+    own stack uses it to notice a dead component).
+    """
+    deadline = time.monotonic() + timeout
+    headers = _headers(token)
+    with httpx.Client(headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        try:
+            with client.stream("GET", f"{trainer_url}/jobs/{job_id}/events") as response:
+                if response.status_code == 200:
+                    for _event, payload in _sse_events(response):
+                        if alive is not None:
+                            alive()
+                        console.progress(_progress_text(payload))
+                        if payload.get("state") in _TERMINAL:
+                            break
+        except httpx.TransportError:
+            pass  # stream broke: poll instead
+        while True:
+            response = client.get(f"{trainer_url}/jobs/{job_id}")
+            if response.status_code != 200:
+                raise DemoError(f"GET {trainer_url}/jobs/{job_id}: {_error_text(response)}")
+            job = response.json()
+            if job.get("state") in _TERMINAL:
+                return job
+            if alive is not None:
+                alive()
+            if time.monotonic() > deadline:
+                raise DemoError(f"job {job_id} did not finish within {timeout:.0f}s")
+            console.progress(_progress_text(job))
+            time.sleep(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------------
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host if host not in ("localhost", "") else "127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host if host not in ("localhost", "") else "127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_settings(settings: Settings, out: Path, teacher_model: str, store_name: str = "features") -> Settings:
+    """Settings of the demo's own stack: everything under ``out`` on the embedded defaults (no
+    server), a random-init teacher, the configured ports when free (else free ones).
+
+    The feature store is ``out/stores/<store_name>.lmdb``, one per demo dataset: clip ids are
+    NTU sample names, so two demo datasets (other class counts, seeds) would otherwise claim the
+    same ids for different videos."""
+    values = settings.model_dump()
+    def port(host: str, wanted: int) -> int:
+        return wanted if _port_free(host, wanted) else _free_port(host)
+
+    teacher_port = port(settings.teacher_host, settings.teacher_port)
+    trainer_port = port(settings.trainer_host, settings.trainer_port)
+    if trainer_port == teacher_port:
+        trainer_port = _free_port(settings.trainer_host)
+    values.update(
+        data_dir=out, store_path=out / "stores" / f"{store_name}.lmdb", registry_dir=None, jobs_dir=None, data_roots=[],
+        broker_url=None, result_backend=None,
+        teacher_model=teacher_model, teacher_weights=None, teacher_random_init=True,
+        teacher_port=teacher_port, trainer_port=trainer_port,
+    )
+    return Settings(**values)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``lastkd demo``."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="from nothing to a published student (synthetic data, random-init teacher)",
+        description=(
+            "Generate a small SYNTHETIC NTU-format dataset (plus the real NTU sample when "
+            "../shared/data/ntu_sample exists), start the embedded stack with a RANDOM-INIT teacher, "
+            "embed every clip through POST /embed, train a LAST v2 student with distillation through "
+            "POST /train, and print where the published checkpoint, metrics and plots are."
+        ),
+    )
+    parser.add_argument("--out", type=Path, default=None, help="demo folder (default <LASTKD_DATA_DIR>/demo, i.e. var/demo)")
+    parser.add_argument("--classes", type=int, default=5, help="synthetic classes, 2..60 (default 5)")
+    parser.add_argument("--samples-per-class", type=int, default=6, help="synthetic samples per class, 4..200 (default 6)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs, 1..100 (default 3)")
+    parser.add_argument("--student-frames", type=int, default=16, help="frames per skeleton sample fed to the student (default 16)")
+    parser.add_argument("--teacher-model", choices=DEMO_TEACHERS, default=None,
+                        help="teacher size (default LASTKD_TEACHER_MODEL, i.e. videomae_v2_vit_b; "
+                             "videomae_v2_vit_s is ~4x faster on CPU)")
+    parser.add_argument("--name", default="demo-student", help="registry name of the published student (default demo-student)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
+    parser.add_argument("--ntu-sample", type=Path, default=DEFAULT_NTU_SAMPLE,
+                        help=f"folder with real NTU samples to include (default {DEFAULT_NTU_SAMPLE}, used when present)")
+    parser.add_argument("--no-ntu-sample", action="store_true", help="synthetic data only")
+    parser.add_argument("--concurrency", type=int, default=3, help="uploads in flight to POST /embed (default 3)")
+    parser.add_argument("--teacher-url", default=None, help="use a running teacher API instead of starting the stack")
+    parser.add_argument("--trainer-url", default=None, help="use a running trainer API (with --teacher-url); data goes under its data roots")
+    parser.add_argument("--keep-running", action="store_true", help="leave the demo's stack running after the summary (Ctrl-C stops it)")
+    parser.add_argument("--fresh", action="store_true", help="delete the demo folder first")
+    parser.add_argument("--verbose", action="store_true", help="show the stack's logs on the terminal (always in <out>/logs)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _check_args(args: argparse.Namespace, settings: Settings) -> str | None:
+    """The first problem with the flags, or None."""
+    if not 2 <= args.classes <= NTU60_CLASSES:
+        return f"--classes must be 2..{NTU60_CLASSES}, got {args.classes}"
+    if not 4 <= args.samples_per_class <= 200:
+        return f"--samples-per-class must be 4..200 (4 reach both sides of the xsub split), got {args.samples_per_class}"
+    if not 1 <= args.epochs <= 100:
+        return f"--epochs must be 1..100, got {args.epochs}"
+    if not 4 <= args.student_frames <= 300:
+        return f"--student-frames must be 4..300, got {args.student_frames}"
+    if not 1 <= args.concurrency <= 32:
+        return f"--concurrency must be 1..32, got {args.concurrency}"
+    if not 0 <= args.seed < 2**31:
+        return f"--seed must be 0..2**31-1, got {args.seed}"
+    from services.trainer.config import NAME_RE
+
+    if not NAME_RE.match(args.name) or ".." in args.name:
+        return f"--name {args.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit"
+    if (args.teacher_url is None) != (args.trainer_url is None):
+        return "--teacher-url and --trainer-url go together (a running stack), or neither (the demo starts its own)"
+    for flag, url in (("--teacher-url", args.teacher_url), ("--trainer-url", args.trainer_url)):
+        if url is not None and not re.match(r"^https?://[^\s/]+(:\d+)?/?$", url):
+            return f"{flag} must look like http://host:port, got {url!r}"
+    model = args.teacher_model or settings.teacher_model
+    if args.teacher_url is None and model not in DEMO_TEACHERS:
+        return f"LASTKD_TEACHER_MODEL={model!r} is too large for a CPU demo; use --teacher-model ({', '.join(DEMO_TEACHERS)})"
+    out = args.out if args.out is not None else Path(settings.data_dir) / "demo"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a folder"
+    return None
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the demo; exit 0 with a published student, 1 when a step failed, 2 for bad flags."""
+    problem = _check_args(args, settings)
+    if problem:
+        print(f"lastkd demo: {problem}", file=sys.stderr)
+        return 2
+    console = Console()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return _run(args, settings, console, stop)
+    except DemoError as exc:
+        console.line()
+        console.line(f"lastkd demo: FAILED: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.line()
+        console.line("lastkd demo: interrupted; the demo stack was stopped")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: threading.Event) -> int:
+    from services.stack import Stack, StackError
+
+    t0 = time.monotonic()
+    external = args.teacher_url is not None
+    out = (args.out if args.out is not None else Path(settings.data_dir) / "demo").resolve()
+    model = args.teacher_model or settings.teacher_model
+    console.line("=" * 78)
+    console.line("lastkd demo: synthetic NTU-format data -> teacher embeddings -> distilled LAST v2 student")
+    console.line(NOTICE)
+    if model != "videomae_v2_vit_b" and not external:
+        console.line(f"Teacher size: {model} (not the ViT-B of real use) to keep the demo short on this machine.")
+    console.line("=" * 78)
+
+    if external:
+        teacher_url, trainer_url = args.teacher_url.rstrip("/"), args.trainer_url.rstrip("/")
+        model = _check_external_teacher(teacher_url, model)
+    if args.fresh and out.exists() and not external:
+        shutil.rmtree(out)
+    sample_dir = None if args.no_ntu_sample else args.ntu_sample
+    with_real = sample_dir is not None and sample_dir.is_dir() and bool(_real_pairs(sample_dir))
+    name = dataset_name(args.classes, args.samples_per_class, SYNTH_FRAMES, args.seed, with_real)
+    run_settings = settings if external else demo_settings(settings, out, model, store_name=name)
+    data_root = run_settings.resolved_data_roots[0]
+
+    # 1. data
+    t = time.monotonic()
+    console.line(f"[1/4] data: {args.classes} synthetic classes x {args.samples_per_class} samples"
+                 + (" + the real NTU sample" if sample_dir is not None and sample_dir.is_dir() else ""))
+    dataset = prepare_dataset(
+        data_root, classes=args.classes, samples_per_class=args.samples_per_class, frames=SYNTH_FRAMES,
+        seed=args.seed, ntu_sample=sample_dir,
+    )
+    console.line(f"  {'reused' if dataset.reused else 'wrote'} {len(dataset.clips)} clips in {dataset.root} "
+                 f"({_fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}")
+    timings = {"data": time.monotonic() - t}
+
+    # 2. stack
+    stack: Stack | None = None
+    token = run_settings.token()
+    try:
+        t = time.monotonic()
+        if external:
+            console.line(f"[2/4] using the running stack: teacher {teacher_url} ({model}, RANDOM-INIT), trainer {trainer_url}")
+        else:
+            console.line(f"[2/4] starting the stack in {out} (teacher {model}, RANDOM-INIT; logs in {out / 'logs'})")
+            stack = Stack(run_settings, echo=args.verbose, announce=args.verbose)
+            try:
+                stack.start(cancel=stop)
+            except StackError as exc:
+                raise DemoError(f"the stack did not start: {exc}") from None
+            teacher_url, trainer_url = stack.teacher_url, stack.trainer_url
+            console.line(f"  ready in {_fmt_s(time.monotonic() - t)}: teacher {teacher_url}, trainer {trainer_url}")
+        timings["stack"] = time.monotonic() - t
+
+        # 3. embed
+        t = time.monotonic()
+        console.line(f"[3/4] embedding {len(dataset.clips)} clips through POST {teacher_url}/embed")
+        summary = embed_clips(teacher_url, list(dataset.clips), console, token=token, concurrency=args.concurrency)
+        _check_stack(stack)
+        timings["embed"] = time.monotonic() - t
+
+        # 4. train
+        t = time.monotonic()
+        config = build_train_config(
+            dataset, summary.feature_set or "", name=args.name, epochs=args.epochs,
+            num_frames=args.student_frames, seed=args.seed,
+        )
+        job = submit_job(trainer_url, config, token=token)
+        console.line(f"[4/4] training job {job['job_id']} submitted (POST {trainer_url}/train): LAST v2 small, "
+                     f"{args.epochs} epoch(s), distillation from {summary.feature_set}")
+        job = follow_job(trainer_url, job["job_id"], console, token=token, alive=lambda: _check_stack(stack))
+        timings["train"] = time.monotonic() - t
+        if job["state"] != "COMPLETED":
+            console.finish(f"  training: {job['state']}")
+            raise DemoError(f"job {job['job_id']} ended {job['state']}: {job.get('error') or 'no error recorded'} "
+                            f"(GET {trainer_url}/jobs/{job['job_id']})")
+        console.finish(f"  trained in {_fmt_s(timings['train'])}")
+        _summary(console, job, trainer_url, summary, dataset, timings, time.monotonic() - t0, f"{model} RANDOM-INIT")
+        if args.keep_running and stack is not None:
+            console.line(f"The stack keeps running: teacher {teacher_url}, trainer {trainer_url}. Ctrl-C stops it.")
+            dead = stack.wait(stop)
+            if dead is not None:
+                raise DemoError(stack.death_message(dead))
+        return 0
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def _check_external_teacher(teacher_url: str, model: str) -> str:
+    """The model name of a running teacher, after checking that it is ready and random-init.
+
+    Demo clips carry NTU sample names, so they must never enter a feature set made with real
+    weights (they would shadow the real clips of the same names): such a teacher is refused
+    before anything is written.
+    """
+    try:
+        response = httpx.get(f"{teacher_url}/health/ready", timeout=10.0)
+    except httpx.HTTPError as exc:
+        raise DemoError(f"the teacher at {teacher_url} does not answer ({exc})") from None
+    if response.status_code != 200:
+        raise DemoError(f"the teacher at {teacher_url} is not ready: {_error_text(response)}")
+    try:
+        info = response.json()
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise DemoError(f"{teacher_url}/health/ready did not answer a JSON object; is it a lastkd teacher?")
+    if info.get("random_init") is not True:
+        raise DemoError(
+            f"the teacher at {teacher_url} runs with real weights; the demo writes SYNTHETIC clips under NTU "
+            "sample names and refuses to mix them into a real feature set. Point it at a random-init teacher "
+            "(LASTKD_TEACHER_RANDOM_INIT=true, no weights) or let the demo start its own stack."
+        )
+    return str(info.get("model", model))
+
+
+def _check_stack(stack: Any) -> None:
+    if stack is not None:
+        from services.stack import StackError
+
+        try:
+            stack.check()
+        except StackError as exc:
+            raise DemoError(f"a component of the demo stack stopped: {exc}") from None
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.1f}%"
+
+
+def _summary(
+    console: Console, job: dict[str, Any], trainer_url: str, emb: EmbedSummary, dataset: DemoDataset,
+    timings: dict[str, float], total: float, teacher: str,
+) -> None:
+    result = job.get("result") or {}
+    metrics = job.get("metrics") or {}
+    folder = Path(result.get("path", ""))
+    plots = sorted(p.name for p in (folder / "plots").glob("*.png")) if folder.is_dir() else []
+    console.line("=" * 78)
+    console.line(f"Published student: {result.get('name')} v{result.get('version')}")
+    console.line(f"  folder      {folder}")
+    console.line(f"  weights     {folder / 'model.safetensors'}  (loads strict into LASTv2; "
+                 "services.trainer.publish.load_student)")
+    console.line(f"  metrics     {folder / 'metrics.json'}")
+    console.line(f"  plots       {folder / 'plots'}/ ({', '.join(plots) or 'none found'})")
+    console.line(f"  model card  {folder / 'MODEL_CARD.md'}")
+    console.line(f"  over HTTP   {trainer_url}/checkpoints/{result.get('name')}/v{result.get('version')}")
+    console.line("Summary")
+    console.line(f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))} "
+                 f"(chance {100 / max(1, _classes(dataset)):.0f}% over the demo's classes)")
+    console.line(f"  teacher feature coverage: train {_pct(metrics.get('coverage_train'))}, val {_pct(metrics.get('coverage_val'))}")
+    console.line(f"  clips: {len(dataset.clips)} ({emb.embedded} embedded, {emb.cached} cached, {len(emb.failed)} failed), "
+                 f"teacher {teacher}, feature set {emb.feature_set}")
+    console.line("  time: " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in timings.items()) + f"; total {_fmt_s(total)}")
+    console.line(NOTICE)
+    console.line(REAL_USE)
+    console.line("=" * 78)
+
+
+def _classes(dataset: DemoDataset) -> int:
+    try:
+        return int(json.loads((dataset.root / DATASET_MARKER).read_text())["params"]["classes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return NTU60_CLASSES
