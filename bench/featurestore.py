@@ -83,6 +83,7 @@ def measure(fns: dict[str, Callable[[list[str], list[bytes]], np.ndarray]], chun
 
 
 def bench_dtype(workdir: Path, n: int, dim: int, dtype: str, batch: int, per_pass: int, rounds: int) -> dict[str, float]:
+    """Build one store of ``n`` x ``dim`` vectors of ``dtype`` and measure every method on it."""
     store, set_id, ids, npy, put_rate = build(workdir, n, dim, dtype, batch, seed=1 if dtype == "float32" else 2)
     rng = np.random.default_rng(7)
     prefix = layout.prefix(set_id.encode())
@@ -131,6 +132,7 @@ def bench_dtype(workdir: Path, n: int, dim: int, dtype: str, batch: int, per_pas
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; the last line of stdout is the JSON summary."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20k vectors instead of 100k")
     parser.add_argument("--n", type=int, default=None, help="vectors per store (default 100000, quick 20000)")

@@ -39,6 +39,7 @@ class RWLock:
 
     @contextmanager
     def shared(self) -> Iterator[None]:
+        """Hold the lock shared for the block (many holders at once; waits out an exclusive one)."""
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
@@ -52,18 +53,21 @@ class RWLock:
                     self._cond.notify_all()
 
     def acquire_exclusive(self) -> None:
+        """Wait until nobody holds the lock, then hold it alone."""
         with self._cond:
             while self._exclusive or self._shared:
                 self._cond.wait()
             self._exclusive = True
 
     def release_exclusive(self) -> None:
+        """Give up the exclusive hold and wake every waiter."""
         with self._cond:
             self._exclusive = False
             self._cond.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
+        """Hold the lock alone for the block."""
         self.acquire_exclusive()
         try:
             yield

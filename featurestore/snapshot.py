@@ -70,6 +70,9 @@ def export_snapshot(store: "FeatureStore", dest: Path, set_ids: Sequence[str] | 
         raise SnapshotError(f"export destination {dest} exists and is not an empty directory")
     if dest.resolve() == store.path.resolve() or store.path.resolve() in dest.resolve().parents:
         raise SnapshotError(f"export destination {dest} lies inside the store {store.path}")
+    blocker = next((p for p in dest.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise SnapshotError(f"export destination {dest}: {blocker} is a file, not a directory")
     wanted: list[str] | None = None
     if set_ids is not None:
         if isinstance(set_ids, (str, bytes)):
@@ -79,10 +82,13 @@ def export_snapshot(store: "FeatureStore", dest: Path, set_ids: Sequence[str] | 
             raise SnapshotError("set_ids is empty: name at least one feature set, or None for all")
         for set_id in wanted:
             store.get_set(set_id)  # UnknownFeatureSetError names the culprit
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise SnapshotError(f"cannot create the export destination {dest}: {exc.strerror or exc}") from None
     try:
         if wanted is None:
             handle = store._h()
@@ -97,7 +103,7 @@ def export_snapshot(store: "FeatureStore", dest: Path, set_ids: Sequence[str] | 
             dest.rmdir()
         os.rename(tmp, dest)
         _fsync_dir(dest.parent)
-    except lmdb.Error as exc:
+    except (lmdb.Error, OSError) as exc:  # disk full, permissions: nothing of it is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise SnapshotError(f"export of {store.path} to {dest} failed: {exc}") from None
     except BaseException:
@@ -189,6 +195,8 @@ def _fsync_dir(path: Path) -> None:
 def load_manifest(snapshot_dir: Path) -> dict[str, Any]:
     """Read and structurally check a snapshot manifest."""
     snapshot_dir = Path(snapshot_dir)
+    if not snapshot_dir.exists():
+        raise SnapshotError(f"snapshot {snapshot_dir} does not exist")
     if not snapshot_dir.is_dir():
         raise SnapshotError(f"snapshot {snapshot_dir} is not a directory")
     path = snapshot_dir / MANIFEST
@@ -198,6 +206,8 @@ def load_manifest(snapshot_dir: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SnapshotError(f"{path} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != SNAPSHOT_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise SnapshotError(f"{path} is not a lastkd snapshot manifest (format {found!r})")
@@ -237,7 +247,11 @@ def verify_snapshot(snapshot_dir: str | os.PathLike[str]) -> SnapshotReport:
         if size != entry["bytes"]:
             problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']} (truncated or modified)")
             continue
-        digest = file_sha256(path)
+        try:
+            digest = file_sha256(path)
+        except OSError as exc:
+            problems.append(f"{name}: cannot be read ({exc.strerror or exc})")
+            continue
         if digest != entry["sha256"].lower():
             problems.append(
                 f"{name}: sha256 {digest[:16]}... does not match the manifest's {entry['sha256'][:16]}... "

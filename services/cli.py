@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from services.settings import SettingsError, load_settings
 
@@ -26,34 +27,64 @@ COMMANDS: dict[str, str] = {
     "demo": "services.demo",
 }
 
+# One line per command for ``lastkd --help``, which must list them without importing any module.
+SUMMARIES: dict[str, str] = {
+    "store": "inspect, export and verify the feature store",
+    "embed": "embed video clips into the feature store (resumable)",
+    "serve-teacher": "run the teacher HTTP service (POST /embed)",
+    "synth": "generate a small synthetic NTU-format dataset",
+    "train": "train a LAST v2 student from a YAML config and publish it",
+    "serve-trainer": "run the trainer job API (POST /train)",
+    "worker": "run a Celery worker for training jobs",
+    "up": "teacher API + trainer API + one worker on the embedded defaults",
+    "demo": "from nothing to a published student (synthetic data, random-init teacher)",
+}
+
+DESCRIPTION = "lastkd: distil a frozen video teacher into the LAST v2 skeleton student."
+EPILOG = "Run 'lastkd COMMAND --help' for the options of one command. Settings: LASTKD_* variables or .env."
+
+
+def _version() -> str:
+    try:
+        return version("lastkd")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    """Build the parser, importing only the module of the command being run."""
-    parser = argparse.ArgumentParser(prog="lastkd", description=__doc__.splitlines()[0])
+    """Build the parser, importing only the module of the command being run (so that
+    ``lastkd store stats`` never pays for importing torch)."""
+    parser = argparse.ArgumentParser(prog="lastkd", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"lastkd {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module in COMMANDS.items():
-        if wanted in (None, name) and wanted is not None:
+        if name == wanted:
             importlib.import_module(module).add_parser(sub)
         else:
-            sub.add_parser(name, help=f"see 'lastkd {name} --help'", add_help=False)
+            sub.add_parser(name, help=SUMMARIES[name], add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: parse, load and validate the settings once, run the
+    command. Returns the exit status (2 for usage errors and invalid settings)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
     try:
         settings = load_settings()
     except SettingsError as exc:
         print(f"lastkd: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args, settings) or 0)
+    try:
+        return int(args.func(args, settings) or 0)
+    except KeyboardInterrupt:
+        print(f"lastkd {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,10 +12,13 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError as _SourceError
+
+from services.common.types import DEVICE_HELP, DeviceSpec
 
 GiB = 1024**3
 MiB = 1024**2
@@ -25,11 +28,54 @@ class SettingsError(ValueError):
     """Raised when the environment holds settings that do not validate."""
 
 
+# Transports the trainer's Celery app can use across processes (in-memory ones cannot: the worker
+# is another process). SQLAlchemy URLs take a dialect after the prefix, e.g. sqla+sqlite:///x.db.
+BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
+RESULT_SCHEMES = frozenset({"redis", "rediss", "rpc"})
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user-info part (``scheme://user:PASSWORD@host``) masked."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
+
+
+def check_celery_url(url: str, schemes: frozenset[str], sqlalchemy_prefix: str) -> str:
+    """Check the shape of a broker / result-backend URL so a typo fails at start-up, not at the
+    first job: a known scheme (or ``<sqlalchemy_prefix><dialect>``), and a port that is a number.
+    Messages show the URL with its password masked."""
+    scheme, sep, rest = url.partition("://")
+    shown = redact_url(url)
+    known = scheme in schemes or (scheme.startswith(sqlalchemy_prefix) and len(scheme) > len(sqlalchemy_prefix))
+    if not sep or not _SCHEME.fullmatch(scheme) or not known:
+        allowed = ", ".join(f"{name}://" for name in sorted(schemes))
+        raise ValueError(
+            f"{shown!r} is not a usable URL: expected one of {allowed} or {sqlalchemy_prefix}<dialect>:///..."
+        )
+    if scheme.startswith(sqlalchemy_prefix) and not rest.strip("/"):
+        raise ValueError(f"{shown!r} names no database (e.g. {scheme}:///var/broker.sqlite)")
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        raise ValueError(f"{shown!r} has a bad port: {exc}") from None
+    return url
+
+
 class Settings(BaseSettings):
     """Every knob of the stack, with defaults that run on one laptop with no servers."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LASTKD_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+        env_prefix="LASTKD_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        # `LASTKD_API_TOKEN=` (as a copied .env.example may leave it) means unset, never "": an
+        # empty token must not count as one, and an empty path must not mean the working directory.
+        env_ignore_empty=True,
     )
 
     # --- locations -------------------------------------------------------------------------
@@ -58,11 +104,17 @@ class Settings(BaseSettings):
     teacher_model: str = Field("videomae_v2_vit_b", description="Registry name of the teacher model.")
     teacher_weights: Path | None = Field(None, description="Official checkpoint (.pth or .safetensors).")
     teacher_random_init: bool = Field(False, description="Run without weights (tests, demo). Labelled random-init.")
-    teacher_device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    teacher_device: DeviceSpec = Field("auto", description=DEVICE_HELP)
     teacher_batch_size: int = Field(8, ge=1, le=1024)
     teacher_max_wait_ms: int = Field(20, ge=0, le=10_000)
     teacher_queue_size: int = Field(64, ge=1, le=100_000)
     decode_workers: int = Field(0, ge=0, le=256, description="0 = one per core")
+    teacher_sampling: Literal["uniform", "multiview"] = Field(
+        "uniform", description="Frame sampling: one uniform clip, or VideoMAE V2's multi-view test protocol."
+    )
+    teacher_protocol: Literal["imagenet", "official_extraction"] = Field(
+        "imagenet", description="Preprocessing: ImageNet short-side crop + normalisation, or the official extraction."
+    )
 
     # --- limits --------------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * MiB, ge=1, le=1 << 40)
@@ -72,12 +124,26 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("teacher_device")
+    @field_validator("api_token", mode="before")
     @classmethod
-    def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    def _empty_token_is_none(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and (value != value.strip() or any(c.isspace() or not c.isprintable() for c in value)):
+            raise ValueError("must not contain whitespace or control characters (it is sent in an HTTP header)")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, value: str | None) -> str | None:
+        return None if value is None else check_celery_url(value, BROKER_SCHEMES, "sqla+")
+
+    @field_validator("result_backend")
+    @classmethod
+    def _backend(cls, value: str | None) -> str | None:
+        return None if value is None else check_celery_url(value, RESULT_SCHEMES, "db+")
 
     @model_validator(mode="after")
     def _token_for_public_bind(self) -> "Settings":
@@ -93,27 +159,33 @@ class Settings(BaseSettings):
     # --- derived paths ------------------------------------------------------------------------
     @cached_property
     def resolved_store_path(self) -> Path:
+        """The LMDB feature store directory."""
         return self.store_path or self.data_dir / "features.lmdb"
 
     @cached_property
     def resolved_registry_dir(self) -> Path:
+        """Where published students live."""
         return self.registry_dir or self.data_dir / "registry"
 
     @cached_property
     def resolved_jobs_dir(self) -> Path:
+        """Job records and job checkpoints."""
         return self.jobs_dir or self.data_dir / "jobs"
 
     @cached_property
     def resolved_data_roots(self) -> list[Path]:
+        """Absolute folders that training configs may read from."""
         roots = self.data_roots or [self.data_dir / "datasets"]
         return [root.resolve() for root in roots]
 
     @cached_property
     def resolved_broker_url(self) -> str:
+        """The Celery broker URL (embedded SQLite when unset)."""
         return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
 
     @cached_property
     def resolved_result_backend(self) -> str:
+        """The Celery result backend URL (embedded SQLite when unset)."""
         return self.result_backend or f"db+sqlite:///{(self.data_dir / 'results.sqlite').resolve()}"
 
     def token(self) -> str | None:
@@ -141,7 +213,8 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc = ".".join(str(part) for part in err["loc"]) or "settings"
             var = f"LASTKD_{loc.upper()}" if err["loc"] else "settings"
-            lines.append(f"  {var}: {err['msg']}")
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {var}: {msg}")
         raise SettingsError("invalid lastkd settings:\n" + "\n".join(lines)) from None
     except _SourceError as exc:
         # Raised before validation, e.g. a list/JSON variable that is not valid JSON.

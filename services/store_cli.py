@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from featurestore import FeatureStore, FeatureStoreError, verify_snapshot
+from featurestore import FeatureStore, FeatureStoreError, NotAStoreError, verify_snapshot
 from services.settings import Settings
 
 
@@ -57,24 +57,34 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if command is None:
         args.store_parser.print_help(sys.stderr)
         return 2
+    from_settings = command != "verify" and args.path is None
     try:
         if command == "verify":
             result = verify_snapshot(args.snapshot).to_dict()
         else:
-            path = args.path if args.path is not None else settings.resolved_store_path
+            path = settings.resolved_store_path if from_settings else args.path
             store = FeatureStore(path, map_size=settings.store_map_size, readonly=True)
             try:
                 result = _run_on_store(command, store, args)
             finally:
                 store.close()
+    except NotAStoreError as exc:
+        hint = " (the path comes from LASTKD_STORE_PATH / LASTKD_DATA_DIR; --path overrides it)" if from_settings else ""
+        return _error(command, f"{exc}{hint}")
     except FeatureStoreError as exc:
-        print(f"lastkd store {command}: error: {exc}", file=sys.stderr)
-        return 1
+        return _error(command, str(exc))
+    except OSError as exc:  # e.g. a permission problem the store did not anticipate
+        return _error(command, str(exc))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(_human(command, result))
     return 0
+
+
+def _error(command: str, message: str) -> int:
+    print(f"lastkd store {command}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def _run_on_store(command: str, store: FeatureStore, args: argparse.Namespace) -> dict[str, Any]:

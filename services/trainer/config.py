@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.common.types import DEVICE_HELP, DeviceSpec
 from services.trainer.data.config import DataConfig
 from services.trainer.distill import DistillConfig
 
@@ -103,7 +104,7 @@ class TrainConfig(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     distill: DistillConfig = DistillConfig()
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: DeviceSpec = Field("auto", description=DEVICE_HELP)
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per rank.")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast dtype; CUDA only.")
     grad_clip: float | None = Field(None, gt=0, le=1e6, description="Max global grad norm.")
@@ -118,13 +119,6 @@ class TrainConfig(_Strict):
                 "must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
             )
         return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

@@ -103,7 +103,11 @@ def test_verify_fails_on_tampered_snapshot(filled_store, tmp_path: Path) -> None
         (("ls", "--path", "{tmp}/plain-file"), "is a file, not a feature store directory"),
         (("export", "{tmp}/out", "--path", "{store}", "--set", "nope"), "unknown feature set 'nope'"),
         (("export", "{tmp}/plain-file", "--path", "{store}"), "exists and is not an empty directory"),
-        (("verify", "{tmp}/missing"), "is not a directory"),
+        (("verify", "{tmp}/missing"), "missing does not exist"),
+        (("verify", "{tmp}/plain-file"), "plain-file is not a directory"),
+        (("export", "{tmp}/plain-file/snap", "--path", "{store}"), "plain-file is a file, not a directory"),
+        (("export", "{tmp}/out", "--path", "{store}", "--set", ""), "feature set id must be a printable str"),
+        (("export", "{tmp}/out", "--path", "{store}", "--set", "a\x01b"), "feature set id must be a printable str"),
         (("verify", "{store}"), "has no manifest.json"),
     ],
 )
@@ -113,6 +117,14 @@ def test_errors_exit_1_with_a_precise_message(filled_store, tmp_path: Path, args
     result = lastkd(*(a.format(tmp=tmp_path, store=path) for a in args))
     assert result.returncode == 1
     assert result.stderr.startswith(f"lastkd store {args[0]}: error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not (tmp_path / "out").exists()  # a refused export leaves nothing behind
+
+
+def test_missing_default_store_names_the_settings(tmp_path: Path) -> None:
+    result = lastkd("ls", env={"LASTKD_DATA_DIR": str(tmp_path / "nothing-here")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no feature store at" in result.stderr and "LASTKD_STORE_PATH" in result.stderr and "--path" in result.stderr
 
 
 def test_usage_errors_exit_2() -> None:

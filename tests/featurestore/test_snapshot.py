@@ -148,9 +148,12 @@ def test_verify_rejects_bad_manifests(filled, tmp_path: Path, content: str | Non
         verify_snapshot(tmp_path / "snap")
 
 
-def test_verify_of_a_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(SnapshotError, match="is not a directory"):
+def test_verify_of_a_missing_directory_or_a_file(tmp_path: Path) -> None:
+    with pytest.raises(SnapshotError, match="nope does not exist"):
         verify_snapshot(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SnapshotError, match="file is not a directory"):
+        verify_snapshot(tmp_path / "file")
 
 
 def test_export_refuses_bad_destinations_and_sets(filled, tmp_path: Path) -> None:
@@ -165,6 +168,8 @@ def test_export_refuses_bad_destinations_and_sets(filled, tmp_path: Path) -> Non
         store.export(tmp_path / "file")
     with pytest.raises(SnapshotError, match="inside the store"):
         store.export(store.path / "snap")
+    with pytest.raises(SnapshotError, match=r"file is a file, not a directory"):
+        store.export(tmp_path / "file" / "deeper" / "snap")
     with pytest.raises(UnknownFeatureSetError, match="unknown feature set 'nope'"):
         store.export(tmp_path / "s1", set_ids=["nope"])
     with pytest.raises(SnapshotError, match="not a single string"):
