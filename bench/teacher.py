@@ -351,7 +351,7 @@ def bench_cpu(quick: bool, n_clips: int | None) -> dict:
         gflops, model_s = 0.0, float("inf")
         for _ in range(3 if quick else 4):
             gflops = max(gflops, matmul_gflops(seconds=0.5))
-            model_s = min(model_s, time_forward(model, batch=1, reps=1))
+            model_s = min(model_s, time_forward(model, batch=1, reps=2 if quick else 1))
         bound_s = flops / (gflops * 1e9)
         log(f"matmul {gflops:.1f} GFLOP/s; model {model_s:.3f} s/clip vs bound {bound_s:.3f} s")
 

@@ -86,7 +86,13 @@ class _EngineCounters(Collector):
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the teacher app; the model, the store and the decoders start in its lifespan."""
-    from services.teacher_api.pipeline import Embedder, EngineConfig, EngineError, limits_from_settings
+    from services.teacher_api.pipeline import (
+        Embedder,
+        EngineConfig,
+        EngineError,
+        limits_from_settings,
+        preprocess_from_settings,
+    )
 
     state: dict[str, Any] = {"embedder": None, "store": None}
     metrics = HttpMetrics("teacher")
@@ -113,7 +119,6 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         from featurestore import FeatureStore
-        from services.teacher_api.video import PreprocessConfig
 
         upload_dir.mkdir(parents=True, exist_ok=True)
         for stale in upload_dir.glob("upload-*"):  # left by a previous process that was killed
@@ -124,7 +129,8 @@ def create_app(settings: Settings) -> FastAPI:
         state["store"] = store
         try:
             embedder = Embedder(
-                EngineConfig.from_settings(settings), PreprocessConfig(), limits_from_settings(settings), store,
+                EngineConfig.from_settings(settings), preprocess_from_settings(settings), limits_from_settings(settings),
+                store,
                 on_batch=on_batch,
             )
         except EngineError as exc:
@@ -169,6 +175,8 @@ def create_app(settings: Settings) -> FastAPI:
             "device": str(embedder.device),
             "feature_set": embedder.set_id,
             "dim": embedder.dim,
+            "sampling": embedder.preprocess.sampling,
+            "protocol": embedder.preprocess.protocol,
             "decode_workers": embedder.decode_workers,
             "queue_depth": embedder.pending,
         })

@@ -206,8 +206,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="refuse to run unless the teacher settings produce this feature-set id")
     parser.add_argument("--workers", type=_positive, default=None, help="decoder processes (default: LASTKD_DECODE_WORKERS)")
     parser.add_argument("--batch-size", type=_positive, default=None, help="clips per inference batch (default: LASTKD_TEACHER_BATCH_SIZE)")
-    parser.add_argument("--sampling", choices=("uniform", "multiview"), default="uniform", help="frame sampling")
-    parser.add_argument("--protocol", choices=("imagenet", "official_extraction"), default="imagenet", help="preprocessing")
+    parser.add_argument("--sampling", choices=("uniform", "multiview"), default=None,
+                        help="frame sampling (default: LASTKD_TEACHER_SAMPLING, else uniform)")
+    parser.add_argument("--protocol", choices=("imagenet", "official_extraction"), default=None,
+                        help="preprocessing (default: LASTKD_TEACHER_PROTOCOL, else imagenet)")
     parser.add_argument("--report", type=Path, default=None, help="JSON report (default: <data_dir>/reports/embed-<time>.json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -227,8 +229,14 @@ def _positive(text: str) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Discover, embed, report, summarise."""
     from featurestore import FeatureStore, FeatureStoreError
-    from services.teacher_api.pipeline import Embedder, EngineConfig, EngineError, limits_from_settings, planned_set_id
-    from services.teacher_api.video import PreprocessConfig
+    from services.teacher_api.pipeline import (
+        Embedder,
+        EngineConfig,
+        EngineError,
+        limits_from_settings,
+        planned_set_id,
+        preprocess_from_settings,
+    )
 
     def err(message: str) -> int:
         print(f"lastkd embed: {message}", file=sys.stderr)
@@ -248,7 +256,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     summary = BulkSummary(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     try:
         config = EngineConfig.from_settings(settings, decode_workers=args.workers, batch_size=args.batch_size)
-        preprocess = PreprocessConfig(sampling=args.sampling, protocol=args.protocol)
+        preprocess = preprocess_from_settings(settings, sampling=args.sampling, protocol=args.protocol)
         planned = planned_set_id(config, preprocess)
         if args.feature_set and args.feature_set != planned:
             return err(f"these teacher settings produce feature set {planned!r}, not {args.feature_set!r}")

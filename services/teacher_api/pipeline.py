@@ -60,6 +60,7 @@ __all__ = [
     "default_decode_workers",
     "limits_from_settings",
     "planned_set_id",
+    "preprocess_from_settings",
     "preprocessing_record",
     "sha256_file",
 ]
@@ -136,6 +137,20 @@ def limits_from_settings(settings: Settings) -> VideoLimits:
     return VideoLimits(
         max_bytes=settings.max_upload_bytes, max_seconds=settings.max_clip_seconds, max_pixels=settings.max_clip_pixels
     )
+
+
+def preprocess_from_settings(settings: Settings, sampling: str | None = None,
+                             protocol: str | None = None) -> PreprocessConfig:
+    """The sampling / preprocessing of the typed Settings (``teacher_sampling``, ``teacher_protocol``),
+    with optional overrides (the ``lastkd embed --sampling/--protocol`` flags).
+
+    The service and the bulk CLI both build their PreprocessConfig here, so the same settings
+    give the same feature-set id and the same vectors on either path. The official extraction
+    squashes the whole frame, so with multiview sampling it has one spatial view per window.
+    """
+    protocol = protocol or settings.teacher_protocol
+    crops = {"spatial_crops": 1} if protocol == "official_extraction" else {}
+    return PreprocessConfig(sampling=sampling or settings.teacher_sampling, protocol=protocol, **crops)
 
 
 def default_decode_workers(device_type: str) -> int:
@@ -302,6 +317,12 @@ class Embedder:
         self._pending_lock = threading.Lock()
         self._closed = False
         self._s_per_clip = 0.0  # moving average of inference seconds per clip
+        # CPU core sharing between the decoders and the model (see _share_cores).
+        self._decoding = 0  # decode tasks submitted and not finished
+        self._decoding_lock = threading.Lock()
+        self._cpu_threads = 0  # the model's torch threads when no decoder runs (0 = not CPU)
+        self._threads_now = 0
+        self._hooks: list[Any] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -314,6 +335,8 @@ class Embedder:
         # With a GPU, cores the decoders leave idle go to FFmpeg's own threads; on CPU the model
         # owns them and extra decoder threads would only preempt its OpenMP threads.
         self._decode_threads = max(1, cores // self.decode_workers) if self.device.type == "cuda" else 1
+        if self.device.type == "cpu":
+            self._install_core_sharing()
         self._pool = self._new_pool()
         self._thread = threading.Thread(target=self._inference_loop, name="teacher-inference", daemon=True)
         self._thread.start()
@@ -347,6 +370,9 @@ class Embedder:
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         # Anything still queued after the stop marker never reached the model.
         while True:
             try:
@@ -470,19 +496,28 @@ class Embedder:
                 self._pool = self._new_pool()
 
     def _submit_decode(self, item: _Item) -> None:
+        args = (_decode_clip, item.path, self.preprocess, self.limits, self._decode_threads, item.sha256 is None)
         pool = self._current_pool()
         try:
-            task = pool.submit(_decode_clip, item.path, self.preprocess, self.limits, self._decode_threads, item.sha256 is None)
+            task = pool.submit(*args)
         except BrokenProcessPool:
             self._restart_pool(pool)
             pool = self._current_pool()
-            task = pool.submit(_decode_clip, item.path, self.preprocess, self.limits, self._decode_threads, item.sha256 is None)
+            try:
+                task = pool.submit(*args)
+            except RuntimeError as exc:  # the new pool died or was shut down at once
+                self._fail(item, ClipFailure("shutdown", f"the teacher engine is shutting down ({exc})"))
+                return
         except RuntimeError as exc:  # pool shut down while submitting
             self._fail(item, ClipFailure("shutdown", f"the teacher engine is shutting down ({exc})"))
             return
+        with self._decoding_lock:
+            self._decoding += 1
         task.add_done_callback(lambda done: self._decoded(item, pool, done))
 
     def _decoded(self, item: _Item, pool: cf.ProcessPoolExecutor, task: cf.Future) -> None:
+        with self._decoding_lock:
+            self._decoding -= 1
         if task.cancelled():
             self._fail(item, ClipFailure("shutdown", "the teacher engine shut down before this clip was decoded"))
             return
@@ -594,18 +629,54 @@ class Embedder:
         views = [c.shape[0] for c in clips]
         rows = np.concatenate(clips, axis=0) if len(clips) > 1 else clips[0]
         outputs: list[torch.Tensor] = []
-        step = self.config.batch_size
+        # On a GPU a batch fills the device. On a CPU one clip is already 1568 tokens, plenty for
+        # the GEMMs (batch 4 measured no faster per clip than batch 1), while a batch multiplies
+        # the activations past glibc's mmap threshold (fresh pages, page faults, every block)
+        # and makes each block too long for _share_cores to react to a decoder starting.
+        step = self.config.batch_size if self.device.type == "cuda" else 1
         with inference_context(self.device, self.config.precision):
             for lo in range(0, rows.shape[0], step):
                 x = torch.as_tensor(normalize(rows[lo : lo + step], self.preprocess))
                 x = x.to(self.device, non_blocking=True)
                 outputs.append(self.model.forward_features(x).float().cpu())
+        if self._threads_now != self._cpu_threads:  # leave the process-wide setting as found
+            torch.set_num_threads(self._cpu_threads)
+            self._threads_now = self._cpu_threads
         feats = torch.cat(outputs).numpy()
         out, lo = [], 0
         for v in views:
             out.append(feats[lo : lo + v].mean(axis=0, dtype=np.float64).astype(np.float32) if v > 1 else feats[lo].copy())
             lo += v
         return out
+
+    # ---- CPU core sharing ---------------------------------------------------------------------
+
+    def _install_core_sharing(self) -> None:
+        """Give the model every core a decoder is not using, re-decided before each block.
+
+        On a CPU the decoder processes and the model's OpenMP threads compete for the same cores.
+        An OpenMP team runs at the pace of its slowest thread, so a decoder preempting one model
+        thread stalls the whole team (and its partner spins at the barrier). Instead, while k
+        decoders run the model uses ``cores - k`` threads, and all cores again once they are idle.
+        """
+        import torch
+
+        self._cpu_threads = torch.get_num_threads()
+        self._threads_now = self._cpu_threads
+        blocks = getattr(self.model, "blocks", None)
+        if blocks is None:
+            return
+        self._hooks = [blk.register_forward_pre_hook(self._share_cores) for blk in blocks]
+
+    def _share_cores(self, *_: Any) -> None:
+        busy = min(self._decoding, self.decode_workers)
+        want = max(1, self._cpu_threads - busy)
+        if want != self._threads_now:
+            import torch
+
+            # torch.set_num_threads acts on this (the inference) thread's OpenMP team and MKL.
+            torch.set_num_threads(want)
+            self._threads_now = want
 
     # ---- model and feature set ----------------------------------------------------------------
 

@@ -33,12 +33,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
 __all__ = [
     "CheckpointError",
+    "VideoMAEBlock",
     "VideoMAEv2",
     "MODEL_CONFIGS",
     "create_videomae",
@@ -128,7 +130,64 @@ class TubeletEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # A Conv3d whose stride equals its kernel is one GEMM over non-overlapping tubelets. Done
+        # as unfold + linear it is ~2x faster on CPU than oneDNN's Conv3d, and the tokens come
+        # out contiguous in (B, N, D): the conv's flatten(2).transpose(1, 2) view made every
+        # later residual add and LayerNorm in the network work on (and copy) a strided tensor.
+        b, c, t, h, w = x.shape
+        pt, ps = self.tubelet_size, self.patch_size
+        gt, gh, gw = t // pt, h // ps, w // ps
+        patches = (x.reshape(b, c, gt, pt, gh, ps, gw, ps)
+                   .permute(0, 2, 4, 6, 1, 3, 5, 7)
+                   .reshape(b, gt * gh * gw, c * pt * ps * ps))
+        return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
+
+
+def _add_residual(out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + out``, written into ``out`` unless type promotion (autocast) needs a new tensor."""
+    return out.add_(residual) if out.dtype == residual.dtype else out + residual
+
+
+class VideoMAEBlock(Block):
+    """timm's pre-norm ViT ``Block`` (same parameters, same training path) with a leaner inference path.
+
+    Without autograd (``torch.inference_mode()`` / ``no_grad``), in eval mode and with fused
+    attention, ``forward`` runs the same operations in the same order -- so the same numbers,
+    bit for bit -- but with fewer full-size temporaries: the residual is added into the output
+    of the projection GEMM in place, GELU runs in place on the fc1 output, and q/k/v stay
+    strided views of the qkv GEMM output that SDPA reads directly (its output is already laid
+    out as (B, N, heads, head_dim), so merging the heads is free). On a CPU every avoided
+    allocation of a ~5-20 MB activation is a round of page faults and a pass over memory.
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if (torch.is_grad_enabled() or self.training or attn_mask is not None or is_causal
+                or not self.attn.fused_attn or not self._plain):
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        b, n, d = x.shape
+        attn, mlp = self.attn, self.mlp
+        rows = x.reshape(b * n, d)
+        qkv = F.linear(self.norm1(x), attn.qkv.weight, attn.qkv.bias)
+        q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        heads = F.scaled_dot_product_attention(q, k, v)
+        # x + proj(o): the GEMM writes bias + o @ W^T into a fresh tensor, the residual is added
+        # in place (float addition commutes, so this equals timm's x + proj(o) exactly).
+        y = _add_residual(torch.addmm(attn.proj.bias, heads.transpose(1, 2).reshape(b * n, d), attn.proj.weight.t()),
+                          rows)
+        hidden = torch.addmm(mlp.fc1.bias, self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
+        torch.ops.aten.gelu_(hidden)
+        return _add_residual(torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t()), y).view(b, n, d)
+
+    @property
+    def _plain(self) -> bool:
+        """True when the block has exactly the layers the inference path spells out."""
+        attn, mlp = self.attn, self.mlp
+        identity = (self.ls1, self.ls2, self.drop_path1, self.drop_path2, attn.q_norm, attn.k_norm, attn.norm,
+                    mlp.norm)
+        return (all(isinstance(m, nn.Identity) for m in identity) and getattr(attn, "gate", None) is None
+                and isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
+                and all(m.bias is not None for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)))
 
 
 class VideoMAEv2(nn.Module):
@@ -195,7 +254,7 @@ class VideoMAEv2(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
+            VideoMAEBlock(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
                   proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
                   act_layer=nn.GELU)
             for i in range(depth)

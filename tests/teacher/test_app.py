@@ -316,3 +316,51 @@ def test_refuses_public_bind_without_token(tmp_path: Path) -> None:
     assert via_env.returncode != 0 and "LASTKD_API_TOKEN" in via_env.stderr
     no_weights = run_cli(["serve-teacher"], {**env, "LASTKD_TEACHER_RANDOM_INIT": "false"}, cwd=tmp_path, timeout=120)
     assert no_weights.returncode != 0 and "LASTKD_TEACHER_WEIGHTS" in no_weights.stderr
+
+
+def _octet_vector(server: LiveTeacher, set_id: str, clip_id: str) -> np.ndarray:
+    with server.client() as client:
+        resp = client.get(f"/features/{set_id}/{clip_id}", headers={"Accept": "application/octet-stream"})
+    assert resp.status_code == 200, resp.text
+    return np.frombuffer(resp.content, "<f4")
+
+
+def test_official_protocol_service_matches_cli_with_the_same_flags(live_teacher: LiveTeacher, tmp_path: Path) -> None:
+    """LASTKD_TEACHER_PROTOCOL reaches the service: its own feature set, and the vector that
+    `lastkd embed --protocol official_extraction` stores for the same clip."""
+    from featurestore import FeatureStore
+
+    clip_id, data = "S001C001P001R001A001", NTU_SAMPLE_VIDEO.read_bytes()
+    default_resp = _post(live_teacher, [(NTU_SAMPLE_VIDEO.name, data)])
+    assert default_resp.status_code == 200, default_resp.text
+    default_set = default_resp.json()["results"][0]["feature_set"]
+    default_vec = _octet_vector(live_teacher, default_set, clip_id)
+
+    server = start_teacher(tmp_path / "official", LASTKD_TEACHER_PROTOCOL="official_extraction")
+    try:
+        ready = httpx.get(f"{server.url}/health/ready", timeout=30).json()
+        assert (ready["sampling"], ready["protocol"]) == ("uniform", "official_extraction")
+        resp = _post(server, [(NTU_SAMPLE_VIDEO.name, data)])
+        assert resp.status_code == 200, resp.text
+        official_set = resp.json()["results"][0]["feature_set"]
+        assert official_set == ready["feature_set"] != default_set
+        assert server.active_set()["preprocessing"]["spatial"] == "squash"
+        served = _octet_vector(server, official_set, clip_id)
+    finally:
+        stop_teacher(server)
+    assert not np.allclose(served, default_vec, atol=1e-3)  # no mean/std, squashed: other inputs
+
+    data_dir = tmp_path / "cli"
+    done = run_cli(["embed", str(NTU_SAMPLE_VIDEO), "--protocol", "official_extraction", "--no-progress",
+                    "--report", str(tmp_path / "r.json")], teacher_env(data_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert official_set in done.stdout
+    with FeatureStore(data_dir / "features.lmdb", readonly=True) as store:
+        arr, found = store.get_many(official_set, [clip_id])
+    assert found.all()
+    np.testing.assert_array_equal(arr[0].astype(np.float32), served)
+
+    # Without the flag the CLI follows the same setting as the service (checked before any work).
+    env = teacher_env(tmp_path / "cli-env", LASTKD_TEACHER_PROTOCOL="official_extraction")
+    refused = run_cli(["embed", str(NTU_SAMPLE_VIDEO), "--feature-set", default_set], env, cwd=tmp_path)
+    assert refused.returncode == 2 and f"produce feature set {official_set!r}" in refused.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from featurestore import FeatureStore
+from featurestore import FeatureStore, NotAStoreError
 from services.teacher_api.bulk import discover
 from tests.conftest import NTU_SAMPLE_VIDEO
 from tests.teacher import media
@@ -117,7 +117,7 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
         if (store_path / "data.mdb").exists():
             try:
                 stored = _only_set(store_path)[1]
-            except ValueError:  # the set is not created yet
+            except (ValueError, NotAStoreError):  # the store or the set is still being created
                 stored = 0
             if stored >= 1:
                 break

@@ -165,3 +165,44 @@ def test_start_up_errors_are_clear(tmp_path: Path) -> None:
         Embedder(_config(random_init=False, weights=bad), PreprocessConfig(), VideoLimits(), store).start()
     assert store.list_sets() == []  # nothing created by a teacher that did not start
     store.close()
+
+
+def test_model_yields_a_core_to_each_running_decoder(engine: Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU, before every block the model takes the cores the decoders leave free, and the
+    process-wide thread setting is restored after the batch."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(engine, "_cpu_threads", 2)  # as if started on a 2-core machine
+    monkeypatch.setattr(engine, "_threads_now", 2)
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    hooks = [blk.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+             for blk in engine.model.blocks]
+    frames = np.zeros((1, 16, 224, 224, 3), np.uint8)
+    try:
+        assert len(engine._hooks) == len(engine.model.blocks)  # installed at start on CPU
+        monkeypatch.setattr(engine, "_decoding", 1)
+        engine._forward([frames])
+        assert seen == [1] * len(engine.model.blocks)  # one decoder busy: one core for the model
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setattr(engine, "_decoding", 0)
+        engine._forward([frames])
+        assert seen == [2] * len(engine.model.blocks)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        torch.set_num_threads(threads)
+
+
+def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) -> None:
+    from services.settings import load_settings
+    from services.teacher_api.pipeline import preprocess_from_settings
+
+    default = preprocess_from_settings(load_settings(data_dir=tmp_path))
+    assert (default.sampling, default.protocol) == ("uniform", "imagenet")
+    official = load_settings(data_dir=tmp_path, teacher_sampling="multiview", teacher_protocol="official_extraction")
+    cfg = preprocess_from_settings(official)
+    # The squash leaves nothing to crop: one spatial view per temporal window.
+    assert (cfg.sampling, cfg.protocol, cfg.spatial_crops, cfg.num_views) == ("multiview", "official_extraction", 1, 5)
+    flags = preprocess_from_settings(official, sampling="uniform", protocol="imagenet")
+    assert flags == PreprocessConfig()

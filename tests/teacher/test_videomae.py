@@ -159,6 +159,46 @@ def test_explicit_attention_is_bitwise_with_reference(golden: dict) -> None:
     assert _max_err(logits, golden["logits"]) <= LOGIT_ATOL
 
 
+def test_inference_path_is_bitwise_the_timm_block_path(golden: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd the blocks run their own lean path; with autograd, timm's Block.forward.
+    Both must give the same numbers exactly, for one clip and for a batch."""
+    model = _tiny()
+    model.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], model), strict=True)
+    x = torch.cat([golden["input"], golden["input"].flip(-1)])
+    with torch.enable_grad():
+        timm_path = model.forward_features(x).detach()
+    timm_forward = timm.models.vision_transformer.Block.forward
+
+    def _no_timm(*args, **kwargs):
+        raise AssertionError("the inference path fell back to timm's Block.forward")
+
+    monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", _no_timm)
+    with torch.inference_mode():
+        lean = model.forward_features(x)
+        single = model.forward_features(x[1:])
+    monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", timm_forward)
+    assert torch.equal(lean, timm_path)
+    assert torch.allclose(single, lean[1:], atol=1e-6, rtol=0)  # batch rows are independent
+    assert _max_err(lean[:1], golden["features"]) <= FEATURE_ATOL
+    # Training mode, or the explicit-softmax attention, always take timm's path.
+    with pytest.raises(AssertionError, match="fell back"):
+        monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", _no_timm)
+        with torch.inference_mode():
+            _tiny(fused_attn=False).forward_features(x)
+
+
+def test_patch_embed_gemm_equals_conv3d(golden: dict) -> None:
+    """The tubelet embedding is computed as one GEMM; it must be the Conv3d it stands for."""
+    model = _tiny(num_frames=8).double()
+    x = torch.randn(2, 3, 8, 224, 224, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    proj = model.patch_embed.proj
+    conv = torch.nn.functional.conv3d(x, proj.weight, proj.bias, stride=proj.stride).flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        tokens = model.patch_embed(x)
+    assert tokens.shape == (2, 784, 96) and tokens.is_contiguous()
+    assert _max_err(tokens, conv) <= 1e-12
+
+
 def test_pos_embed_is_a_non_persistent_buffer() -> None:
     model = _tiny()
     assert "pos_embed" in dict(model.named_buffers())
