@@ -1,6 +1,7 @@
 """Benchmark of the job API and the Celery shell around the training engine.
 
-Measures, on real processes (``lastkd serve-trainer`` under uvicorn, ``lastkd worker``):
+Measures, on real processes (``lastkd serve-trainer`` under uvicorn, ``lastkd worker``, started
+through :class:`services.stack.Stack` as ``lastkd up`` does):
 
 * ``submit_p50_ms`` / ``submit_p99_ms``: latency of ``POST /train`` over N sequential submissions
   on the embedded SQLite broker (no worker consumes them, so the queue grows as it would under a
@@ -8,9 +9,10 @@ Measures, on real processes (``lastkd serve-trainer`` under uvicorn, ``lastkd wo
   answers on 6379;
 * ``queue_to_start_s``: from the API recording a job to a worker process claiming it (median of
   a few jobs on an idle worker; includes the fork of the fresh per-job child);
-* ``celery_overhead``: (wall time of a job through API + broker + worker) / (wall time of
-  ``engine.train`` + ``publish`` called directly in this process on the same job) - 1. The
-  baseline is measured in the same run. ``--quick`` uses a job of a few seconds, where the fixed
+* ``celery_overhead``: median over pairs of (wall time of a job through API + broker + worker) /
+  (wall time of ``engine.train`` + ``publish`` called directly in this process on the same job
+  and seed, right after it) - 1. The baseline is measured in the same run, interleaved, so a
+  change of the machine's load hits both sides of a pair. ``--quick`` uses a job of a few seconds, where the fixed
   costs (fresh process, imports) weigh far more than on the one-minute job of the full run.
 
 The last line of stdout is one JSON object with these keys.
@@ -22,10 +24,8 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,68 +40,35 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _redis_up() -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", 6379)) == 0
 
 
-class _Procs:
-    """Child processes in their own process groups, all stopped on exit."""
+class _Stacks:
+    """Trainer APIs (and workers) as ``services.stack.Stack`` children, all stopped on exit."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env, self.log_dir, self.procs = env, log_dir, []
+    def __init__(self, base: dict[str, Any], work: Path) -> None:
+        self.base, self.work, self.stacks = base, work, []
 
-    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env={**self.env, **env}, cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs.append(proc)
-        return proc
+    def start(self, name: str, queue: str, components: tuple[str, ...], **overrides: Any) -> str:
+        """Start ``components`` in their own data dir on ``queue``; returns the trainer URL."""
+        from services.settings import load_settings
+        from services.stack import Stack, free_port
 
-    def api(self, queue: str, **env: str) -> str:
-        port = _free_port()
-        proc = self.spawn(f"api-{queue}", ["serve-trainer", "--port", str(port), "--queue", queue], **env)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError((self.log_dir / f"api-{queue}.log").read_text())
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    return url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("trainer API did not become ready")
-
-    def worker(self, queue: str, **env: str) -> Path:
-        name = f"worker-{queue}"
-        self.spawn(name, ["worker", "--queue", queue, "--name", f"{name}@bench"], **env)
-        log = self.log_dir / f"{name}.log"
-        deadline = time.monotonic() + 120
-        while " ready." not in log.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                raise RuntimeError(log.read_text())
-            time.sleep(0.2)
-        return log
+        settings = load_settings(**{**self.base, "data_dir": self.work / name, "trainer_port": free_port(),
+                                    "teacher_port": free_port(), **overrides})
+        stack = Stack(settings, components=components, echo=False, announce=False, cwd=ROOT, queue=queue,
+                      extra_env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        self.stacks.append(stack)
+        stack.start()
+        return stack.trainer_url
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        """Stop every stack started (children, then their process groups)."""
+        for stack in self.stacks:
+            stack.stop()
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -133,6 +100,7 @@ def _wait(client: httpx.Client, job_id: str, timeout: float = 600) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; prints the figures as one JSON object on the last line of stdout."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short job and fewer runs (under a minute)")
     parser.add_argument("--submissions", type=int, default=200)
@@ -159,17 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
         "distill": {"feature_set": meta.set_id, "projector_hidden": 32},
     }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
-    env.update(PYTHONPATH=str(ROOT), LASTKD_DATA_DIR=str(work / "var"), LASTKD_DATA_ROOTS=json.dumps([str(data_root)]),
-               LASTKD_STORE_PATH=str(store_path), LASTKD_STORE_MAP_SIZE=str(32 << 20))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    (work / "logs").mkdir()
-    procs = _Procs(env, work / "logs")
+    base = {"data_roots": [data_root], "store_path": store_path, "store_map_size": 32 << 20}
+    stacks = _Stacks(base, work)
     out: dict[str, Any] = {}
     try:
         # 1. submit latency (embedded broker, nobody consuming)
-        queue = f"bench-submit-{uuid.uuid4().hex[:6]}"
-        url = procs.api(queue)
+        url = stacks.start("var", f"bench-submit-{uuid.uuid4().hex[:6]}", ("trainer",))
         _submit_latencies(url, config, 5)  # warm-up
         lat = _submit_latencies(url, config, args.submissions)
         out["submit_p50_ms"] = round(_percentile(lat, 50), 2)
@@ -177,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         if _redis_up() and not args.quick:  # --quick: embedded broker only, to stay under a minute
             rqueue = f"bench-submit-{uuid.uuid4().hex[:6]}"
             db = 1 + os.getpid() % 15
-            rurl = procs.api(rqueue, LASTKD_BROKER_URL=f"redis://127.0.0.1:6379/{db}",
-                             LASTKD_DATA_DIR=str(work / "var-redis"))
+            rurl = stacks.start("var-redis", rqueue, ("trainer",), broker_url=f"redis://127.0.0.1:6379/{db}")
             _submit_latencies(rurl, config, 5)
             rlat = _submit_latencies(rurl, config, args.submissions)
             out["redis_submit_p50_ms"] = round(_percentile(rlat, 50), 2)
@@ -187,38 +149,35 @@ def main(argv: list[str] | None = None) -> int:
 
             redis.Redis(host="127.0.0.1", port=6379, db=db).delete(rqueue)  # drop the unconsumed messages
 
-        # 2. the same job through the stack, then directly (baseline)
-        rqueue = f"bench-run-{uuid.uuid4().hex[:6]}"
-        run_env = {"LASTKD_DATA_DIR": str(work / "var-run")}
-        run_url = procs.api(rqueue, **run_env)
-        procs.worker(rqueue, **run_env)
+        # 2. the same job through the stack and directly (baseline), in pairs: the machine's load
+        # drifts over minutes, and a pair sees (nearly) the same load on both sides.
+        run_url = stacks.start("var-run", f"bench-run-{uuid.uuid4().hex[:6]}", ("trainer", "worker"))
+        cfg = TrainConfig.model_validate({**config, "data": {**config["data"], "path": str(data_root / "synth/skeletons")}})
         runs = 1 if args.quick else 2
-        starts, walls = [], []
+        starts, walls, direct = [], [], []
         with httpx.Client(base_url=run_url, timeout=60) as client:
-            for i in range(runs + (0 if args.quick else 1)):
+            if not args.quick:  # warm-up job (page cache, first broker poll), not counted
+                _wait(client, client.post("/train", json={**config, "seed": 99}).json()["job_id"])
+            for i in range(runs):
                 body = client.post("/train", json={**config, "seed": 100 + i}).json()
                 done = _wait(client, body["job_id"])
                 starts.append(done["started_at"] - done["created_at"])
                 walls.append(done["finished_at"] - done["created_at"])
+                t0 = time.perf_counter()
+                result = train(cfg.model_copy(update={"seed": 100 + i}), work / f"direct-{i}", store_path=store_path,
+                               data_roots=[data_root])
+                publish(result, work / "direct-registry", job_id=f"direct-{i}")
+                direct.append(time.perf_counter() - t0)
         out["queue_to_start_s"] = round(statistics.median(starts), 3)
-        # outside --quick the first job is a warm-up (page cache, first broker poll) and not counted
-        celery_s = statistics.median(walls if args.quick else walls[1:])
-
-        cfg = TrainConfig.model_validate({**config, "data": {**config["data"], "path": str(data_root / "synth/skeletons")}})
-        direct = []
-        for i in range(runs):
-            cfg_i = cfg.model_copy(update={"seed": 200 + i})
-            t0 = time.perf_counter()
-            result = train(cfg_i, work / f"direct-{i}", store_path=store_path, data_roots=[data_root])
-            publish(result, work / "direct-registry", job_id=f"direct-{i}")
-            direct.append(time.perf_counter() - t0)
-        direct_s = statistics.median(direct)
-        out["celery_overhead"] = round(celery_s / direct_s - 1, 4)
+        out["celery_overhead"] = round(statistics.median(w / d for w, d in zip(walls, direct)) - 1, 4)
+        celery_s, direct_s = statistics.median(walls), statistics.median(direct)
+        out["pairs"] = [[round(w, 2), round(d, 2)] for w, d in zip(walls, direct)]
+        out["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
         out["job_s_direct"] = round(direct_s, 2)
         out["job_s_celery"] = round(celery_s, 2)
         out["quick"] = bool(args.quick)
     finally:
-        procs.stop()
+        stacks.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"submit latency p50 {out['submit_p50_ms']} ms, p99 {out['submit_p99_ms']} ms over {args.submissions} "
           f"(embedded SQLite broker)", file=sys.stderr)

@@ -22,16 +22,16 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -46,6 +46,7 @@ __all__ = [
     "DemoDataset",
     "DemoError",
     "EmbedSummary",
+    "accuracy_verdict",
     "add_parser",
     "build_train_config",
     "embed_clips",
@@ -99,6 +100,7 @@ class Console:
         self._lock = threading.Lock()
 
     def line(self, text: str = "") -> None:
+        """Print one plain line (closing an open progress line first)."""
         with self._lock:
             if self._open:
                 self.out.write("\n")
@@ -107,6 +109,7 @@ class Console:
             self.out.flush()
 
     def progress(self, text: str, force: bool = False) -> None:
+        """Show ``text`` as the current progress (overwritten in place on a terminal)."""
         now = time.monotonic()
         with self._lock:
             if self.tty:
@@ -160,17 +163,6 @@ def _real_pairs(sample_dir: Path) -> list[tuple[str, Path, Path]]:
     return pairs
 
 
-def _dataset_params(classes: int, samples_per_class: int, frames: int, seed: int, real: list[str]) -> dict[str, Any]:
-    return {
-        "format": 1,
-        "classes": classes,
-        "samples_per_class": samples_per_class,
-        "max_frames": frames,
-        "seed": seed,
-        "real_samples": real,
-    }
-
-
 def _label_map_text(classes: int) -> str:
     from services.trainer.synth import class_description
 
@@ -205,7 +197,8 @@ def prepare_dataset(
     real = _real_pairs(ntu_sample) if ntu_sample is not None and ntu_sample.is_dir() else []
     name = dataset_name(classes, samples_per_class, frames, seed, bool(real))
     final = Path(data_root) / name
-    params = _dataset_params(classes, samples_per_class, frames, seed, [r[0] for r in real])
+    params = {"format": 1, "classes": classes, "samples_per_class": samples_per_class, "max_frames": frames,
+              "seed": seed, "real_samples": [r[0] for r in real]}
     marker = final / DATASET_MARKER
     if final.exists():
         try:
@@ -267,11 +260,20 @@ class EmbedSummary:
 
     @property
     def done(self) -> int:
+        """Clips answered so far, whatever the answer."""
         return self.embedded + self.cached + len(self.failed)
 
 
 def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _retry_after(response: httpx.Response, default: float = 2.0) -> float:
+    """The server's Retry-After in seconds (capped at 10), or ``default`` when absent or not a number."""
+    try:
+        return min(10.0, max(0.0, float(response.headers.get("retry-after", default))))
+    except ValueError:
+        return default
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -300,8 +302,7 @@ def _post_clips(client: httpx.Client, url: str, clips: list[Path], deadline: flo
             for h in handles:
                 h.close()
         if response.status_code == 503 and time.monotonic() < deadline:
-            wait = response.headers.get("retry-after", "2")
-            time.sleep(min(10.0, float(wait) if wait.replace(".", "", 1).isdigit() else 2.0))
+            time.sleep(_retry_after(response))
             continue
         if response.status_code in (200, 422) and "results" in response.text:
             return response.json()
@@ -388,13 +389,14 @@ def build_train_config(
     name: str,
     epochs: int,
     num_frames: int = 16,
-    batch_size: int = 16,
+    batch_size: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
     """The TrainConfig (as JSON) of the demo job: LAST v2 small on the demo skeletons (xsub),
     cosine distillation from ``feature_set`` with alpha 0.5 -> 0, a short AdamW run and a light
-    robustness evaluation (one level per corruption kind). The batch shrinks to the training
-    split when that is smaller (the engine refuses a batch larger than the split)."""
+    robustness evaluation (one level per corruption kind). The batch is small (4) so that each
+    epoch of the ~15-sample training split makes several optimizer steps, not one; it shrinks to
+    the split when that is smaller (the engine refuses a batch larger than the split)."""
     batch_size = max(1, min(batch_size, xsub_train_count(dataset)))
     return {
         "name": name,
@@ -438,7 +440,7 @@ def submit_job(trainer_url: str, config: dict[str, Any], *, token: str | None = 
         if response.status_code == 202:
             return response.json()
         if response.status_code == 503 and attempt < 3:
-            time.sleep(float(response.headers.get("retry-after", "2")))
+            time.sleep(_retry_after(response))
             continue
         raise DemoError(f"POST {trainer_url}/train refused the demo job: {_error_text(response)}")
     raise DemoError(f"POST {trainer_url}/train: the broker stayed unavailable")
@@ -493,7 +495,7 @@ def follow_job(
     console: Console,
     *,
     token: str | None = None,
-    alive: Any = None,
+    alive: Callable[[], None] | None = None,
     timeout: float = 24 * 3600.0,
 ) -> dict[str, Any]:
     """Follow a job to a terminal state over ``GET /jobs/{id}/events``, falling back to polling
@@ -534,21 +536,6 @@ def follow_job(
 # --------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host if host not in ("localhost", "") else "127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host if host not in ("localhost", "") else "127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def demo_settings(settings: Settings, out: Path, teacher_model: str, store_name: str = "features") -> Settings:
     """Settings of the demo's own stack: everything under ``out`` on the embedded defaults (no
     server), a random-init teacher, the configured ports when free (else free ones).
@@ -556,14 +543,16 @@ def demo_settings(settings: Settings, out: Path, teacher_model: str, store_name:
     The feature store is ``out/stores/<store_name>.lmdb``, one per demo dataset: clip ids are
     NTU sample names, so two demo datasets (other class counts, seeds) would otherwise claim the
     same ids for different videos."""
-    values = settings.model_dump()
-    def port(host: str, wanted: int) -> int:
-        return wanted if _port_free(host, wanted) else _free_port(host)
+    from services.stack import free_port, port_free
 
+    def port(host: str, wanted: int) -> int:
+        return wanted if port_free(wanted, host) else free_port(host)
+
+    values = settings.model_dump()
     teacher_port = port(settings.teacher_host, settings.teacher_port)
     trainer_port = port(settings.trainer_host, settings.trainer_port)
     if trainer_port == teacher_port:
-        trainer_port = _free_port(settings.trainer_host)
+        trainer_port = free_port(settings.trainer_host)
     values.update(
         data_dir=out, store_path=out / "stores" / f"{store_name}.lmdb", registry_dir=None, jobs_dir=None, data_roots=[],
         broker_url=None, result_backend=None,
@@ -746,7 +735,8 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
             raise DemoError(f"job {job['job_id']} ended {job['state']}: {job.get('error') or 'no error recorded'} "
                             f"(GET {trainer_url}/jobs/{job['job_id']})")
         console.finish(f"  trained in {_fmt_s(timings['train'])}")
-        _summary(console, job, trainer_url, summary, dataset, timings, time.monotonic() - t0, f"{model} RANDOM-INIT")
+        _summary(console, job, trainer_url, summary, dataset, timings, time.monotonic() - t0,
+                 f"{model} RANDOM-INIT", args.classes)
         if args.keep_running and stack is not None:
             console.line(f"The stack keeps running: teacher {teacher_url}, trainer {trainer_url}. Ctrl-C stops it.")
             dead = stack.wait(stop)
@@ -800,9 +790,22 @@ def _pct(value: Any) -> str:
     return "n/a" if value is None else f"{100 * float(value):.1f}%"
 
 
+def accuracy_verdict(top1: float | None, samples: int | None, classes: int) -> str:
+    """How a validation top-1 compares with chance (1/classes), in words: "above chance" only
+    when it clears chance by two binomial standard errors on ``samples`` validation samples."""
+    if top1 is None or not samples:
+        return "no validation samples: accuracy unknown"
+    chance = 1.0 / classes
+    margin = 2.0 * math.sqrt(chance * (1.0 - chance) / samples)
+    if top1 > chance + margin:
+        return f"above chance ({100 * chance:.0f}% + {100 * margin:.0f} points on {samples} val samples)"
+    return (f"NOT distinguishable from chance ({100 * chance:.0f}% +- {100 * margin:.0f} points on "
+            f"{samples} val samples): the student did not learn the demo classes in this run")
+
+
 def _summary(
     console: Console, job: dict[str, Any], trainer_url: str, emb: EmbedSummary, dataset: DemoDataset,
-    timings: dict[str, float], total: float, teacher: str,
+    timings: dict[str, float], total: float, teacher: str, classes: int,
 ) -> None:
     result = job.get("result") or {}
     metrics = job.get("metrics") or {}
@@ -818,8 +821,8 @@ def _summary(
     console.line(f"  model card  {folder / 'MODEL_CARD.md'}")
     console.line(f"  over HTTP   {trainer_url}/checkpoints/{result.get('name')}/v{result.get('version')}")
     console.line("Summary")
-    console.line(f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))} "
-                 f"(chance {100 / max(1, _classes(dataset)):.0f}% over the demo's classes)")
+    console.line(f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))}: "
+                 + accuracy_verdict(metrics.get("top1"), metrics.get("num_samples"), classes))
     console.line(f"  teacher feature coverage: train {_pct(metrics.get('coverage_train'))}, val {_pct(metrics.get('coverage_val'))}")
     console.line(f"  clips: {len(dataset.clips)} ({emb.embedded} embedded, {emb.cached} cached, {len(emb.failed)} failed), "
                  f"teacher {teacher}, feature set {emb.feature_set}")
@@ -828,9 +831,3 @@ def _summary(
     console.line(REAL_USE)
     console.line("=" * 78)
 
-
-def _classes(dataset: DemoDataset) -> int:
-    try:
-        return int(json.loads((dataset.root / DATASET_MARKER).read_text())["params"]["classes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return NTU60_CLASSES

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,6 +50,8 @@ __all__ = [
     "Stack",
     "StackError",
     "add_parser",
+    "free_port",
+    "port_free",
     "run",
     "settings_env",
 ]
@@ -68,6 +71,30 @@ DEFAULT_GRACE_S = 15.0
 
 class StackError(RuntimeError):
     """The stack could not start, or one of its processes died."""
+
+
+# --------------------------------------------------------------------------------------------
+# ports
+# --------------------------------------------------------------------------------------------
+def _bind_host(host: str) -> str:
+    return "127.0.0.1" if host in ("localhost", "") else host
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when ``host:port`` can be bound right now (nothing listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((_bind_host(host), port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that the kernel reported free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((_bind_host(host), 0))
+        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,12 +157,15 @@ class Child:
 
     @property
     def pid(self) -> int:
+        """Process id of the child (also its process group id)."""
         return self.proc.pid
 
     def alive(self) -> bool:
+        """True while the child has not exited."""
         return self.proc.poll() is None
 
     def tail_text(self) -> str:
+        """The last lines the child printed, indented for an error message."""
         return "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
 
 
@@ -166,7 +196,8 @@ class Stack:
 
     ``echo`` writes each child's lines, prefixed, to ``out`` (all lines always go to
     ``<log_dir>/<name>.log``); ``announce`` writes the stack's own lines (started, ready...).
-    ``components`` selects a subset (tests). Use as a context manager
+    ``components`` selects a subset (tests, benchmarks); ``queue`` names the Celery queue of the
+    trainer API and the worker (default: the trainer's own default). Use as a context manager
     or call :meth:`start` / :meth:`stop`.
     """
 
@@ -185,6 +216,7 @@ class Stack:
         python: str | None = None,
         cwd: Path | None = None,
         extra_env: Mapping[str, str] | None = None,
+        queue: str | None = None,
     ) -> None:
         self.settings = settings
         self.components = tuple(components)
@@ -205,6 +237,8 @@ class Stack:
         self.cwd = Path(cwd) if cwd is not None else Path.cwd()
         self.env = settings_env(settings)
         self.env.update(extra_env or {})
+        # The trainer API sends to this Celery queue and the worker consumes it: one value for both.
+        self.queue = queue
         self.children: dict[str, Child] = {}
         self._print_lock = threading.Lock()
         self._stopped = False
@@ -212,10 +246,12 @@ class Stack:
     # --- addresses ---------------------------------------------------------------------------
     @property
     def teacher_url(self) -> str:
+        """Base URL of the teacher API."""
         return f"http://{_url_host(self.settings.teacher_host)}:{self.settings.teacher_port}"
 
     @property
     def trainer_url(self) -> str:
+        """Base URL of the trainer API."""
         return f"http://{_url_host(self.settings.trainer_host)}:{self.settings.trainer_port}"
 
     def urls(self) -> dict[str, str]:
@@ -275,6 +311,8 @@ class Stack:
 
     def _spawn(self, name: str) -> Child:
         argv = [self.python, "-m", "services.cli", _COMMANDS[name]]
+        if self.queue is not None and name in ("trainer", "worker"):
+            argv += ["--queue", self.queue]
         log_path = self.log_dir / f"{name}.log"
         log_path.write_bytes(b"")
         proc = subprocess.Popen(
@@ -336,6 +374,7 @@ class Stack:
         return None
 
     def death_message(self, child: Child, during: str = "") -> str:
+        """One message naming a dead child, how it ended, its log file and its last lines."""
         code = child.proc.returncode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         when = f" during {during}" if during else ""

@@ -69,38 +69,38 @@ class TrainerRuntime:
 def broker_kind(url: str) -> str:
     """'sqlite' for the embedded broker, 'redis' for Redis, else the URL scheme."""
     scheme = url.split("://", 1)[0]
-    if scheme.startswith("sqla+"):
+    # sqla+ as configured, lastkd-sqla+ once create_celery_app routed it to SQLiteTransport
+    if scheme.startswith(("sqla+", f"{_SQLA_ALIAS}+")):
         return "sqlite"
     if scheme in ("redis", "rediss"):
         return "redis"
     return scheme
 
 
+def _use_wal(path: str) -> None:
+    """Create the folder of a SQLite file and switch the file to WAL (a property of the file,
+    set once), so readers and the writer of several processes do not block each other."""
+    if not path:
+        return  # in-memory database: nothing to prepare
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+
+
 def _prepare_sqlite(url: str) -> str:
-    """Switch a ``sqla+sqlite:///`` broker file to WAL (a property of the file, set once) and
-    route it through :class:`SQLiteTransport`."""
+    """WAL for a ``sqla+sqlite:///`` broker file, routed through :class:`SQLiteTransport`."""
     target = url.split("+", 1)[1]
-    path = target[len("sqlite:///"):] if target.startswith("sqlite:///") else ""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=30)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-        finally:
-            conn.close()
+    _use_wal(target[len("sqlite:///"):] if target.startswith("sqlite:///") else "")
     return f"{_SQLA_ALIAS}+{target}"
 
 
 def _prepare_result_backend(url: str) -> str:
+    """WAL for a ``db+sqlite:///`` result backend file; other backends pass through."""
     if url.startswith("db+sqlite:///"):
-        path = url[len("db+sqlite:///"):]
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=30)
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-            finally:
-                conn.close()
+        _use_wal(url[len("db+sqlite:///"):])
     return url
 
 

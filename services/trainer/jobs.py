@@ -41,6 +41,8 @@ REMOTE_LEASE_S = 30.0
 
 
 class JobState(str, Enum):
+    """Life cycle of a job (see the module docstring); the last three are terminal."""
+
     PENDING = "PENDING"
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -65,6 +67,8 @@ class IdempotencyConflict(ValueError):
 
 
 class ClaimOutcome(str, Enum):
+    """What :meth:`JobStore.claim` decided about one delivery of a job."""
+
     RUN = "run"  # this process now owns the job
     TERMINAL = "terminal"  # already finished: a duplicate or late delivery
     BUSY = "busy"  # another live process runs it
@@ -102,6 +106,7 @@ class JobRecord:
 
     @property
     def terminal(self) -> bool:
+        """True once the job is COMPLETED, FAILED or CANCELLED."""
         return self.state in TERMINAL
 
     def public(self) -> dict[str, Any]:

@@ -62,6 +62,8 @@ class _Reporter(threading.Thread):
         return self.cancel.is_set()
 
     def flush(self) -> None:
+        """Write the heartbeat (and new progress/history) to the job DB, mirror progress to the
+        result backend, and pick up the cancel flag."""
         with self._lock:
             progress = self._progress if self._dirty else None
             history = list(self._history) if self._history_dirty else None
@@ -79,16 +81,19 @@ class _Reporter(threading.Thread):
                 log.warning("job %s: result backend progress update failed", self.job_id, exc_info=True)
 
     def run(self) -> None:
+        """Flush every FLUSH_INTERVAL_S until :meth:`stop`."""
         while not self._stop_event.wait(FLUSH_INTERVAL_S):
             self.flush()
 
     def stop(self) -> None:
+        """Stop the thread and write the last state out."""
         self._stop_event.set()
         self.join(timeout=10)
         self.flush()
 
     @property
     def history(self) -> list[dict[str, Any]]:
+        """The per-epoch records seen so far."""
         with self._lock:
             return list(self._history)
 

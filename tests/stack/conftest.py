@@ -15,10 +15,8 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,35 +28,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import PROJECT_ROOT
+from tests.live import free_port, port_open, wait_for, wait_http
 
 TOKEN = "stack-token-0123456789"
 REDIS_PORT = 6379
 TEACHER_DIM = 16
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,15 +198,7 @@ class Stack:
             self.env, self.data_dir / "logs",
         )
 
-        def live() -> bool:
-            if not self.api.alive():
-                raise AssertionError(f"trainer API exited during start-up:\n{self.api.log()}")
-            try:
-                return httpx.get(f"{self.url}/health/live", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(live, START_TIMEOUT_S, "the trainer API to answer /health/live")
+        wait_http(f"{self.url}/health/live", START_TIMEOUT_S, proc=self.api.proc, log=self.api.log)
         return self.api
 
     def start_worker(self, name: str | None = None) -> Proc:

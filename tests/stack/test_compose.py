@@ -99,3 +99,41 @@ def test_public_bind_needs_token(compose: dict) -> None:
         host_key = "LASTKD_TEACHER_HOST" if name == "teacher-api" else "LASTKD_TRAINER_HOST"
         assert env[host_key] == "0.0.0.0"
         assert "LASTKD_API_TOKEN" in env
+
+
+def _queue(command: list[str]) -> str:
+    assert "--queue" in command, command
+    return command[command.index("--queue") + 1]
+
+
+def test_api_and_workers_share_one_queue(compose: dict) -> None:
+    from services.trainer.celery_app import DEFAULT_QUEUE
+
+    services = compose["services"]
+    api_queue = _queue(services["trainer-api"]["command"])
+    worker_queue = _queue(services["trainer-worker"]["command"])
+    # A mismatch would leave every job QUEUED forever with nobody consuming it.
+    assert api_queue == worker_queue
+    match = re.fullmatch(r"\$\{LASTKD_QUEUE:-(.+)\}", api_queue)
+    assert match and match.group(1) == DEFAULT_QUEUE, api_queue
+    assert services["trainer-api"]["command"][0] == "serve-trainer"
+    assert services["trainer-worker"]["command"][0] == "worker"
+
+
+def test_redis_keeps_its_queue_across_restarts(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(spec.split(":")[1] == "/data" for spec in redis["volumes"])  # the AOF lives on a volume
+
+
+def test_job_database_and_registry_are_shared_volumes(compose: dict) -> None:
+    env = compose["services"]["trainer-api"]["environment"]
+    worker_env = compose["services"]["trainer-worker"]["environment"]
+    # API and workers must agree on where the job DB and the registry are, and that place must be
+    # a named volume both mount (not the container's own filesystem).
+    assert env["LASTKD_JOBS_DIR"] == worker_env["LASTKD_JOBS_DIR"] == "/data/jobs"
+    assert env["LASTKD_REGISTRY_DIR"] == worker_env["LASTKD_REGISTRY_DIR"] == "/data/registry"
+    for name in ("trainer-api", "trainer-worker"):
+        targets = {spec.split(":")[1] for spec in compose["services"][name]["volumes"]}
+        assert {"/data/jobs", "/data/registry", "/data/store"} <= targets, name

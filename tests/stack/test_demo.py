@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,25 +24,9 @@ from safetensors.torch import load_file
 
 from services.demo import DemoError, prepare_dataset
 from tests.conftest import NTU_SAMPLE_DIR, PROJECT_ROOT
-from tests.stack.test_up import descendants, running
+from tests.live import descendants, free_port, kill_all, port_free, running
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def demo_env(**overrides: str) -> dict[str, str]:
@@ -89,6 +72,9 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     notice = text.index("RANDOM-INIT")
     assert notice < text.index("[1/4]") and text.rindex("SYNTHETIC") > text.index("Published student")
     assert "LASTKD_TEACHER_WEIGHTS" in text and "docs/train_example.yaml" in text
+    # The accuracy line says in words how the student compares with chance.
+    top1_line = [line for line in text.splitlines() if line.startswith("  val top-1")][-1]
+    assert "above chance" in top1_line or "NOT distinguishable from chance" in top1_line, top1_line
 
     # The dataset: synthetic videos plus the real NTU sample (which replaces its synthetic namesake).
     datasets = out / "datasets"
@@ -168,9 +154,7 @@ def test_ctrl_c_during_training_stops_the_demo_stack(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for pid in pids:
-            if running(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(p for p in pids if running(p))
     out = log_path.read_text()
     assert code == 130, out
     assert "interrupted; the demo stack was stopped" in out
@@ -285,3 +269,24 @@ def test_the_real_data_example_config_validates() -> None:
     assert config.data.format == "ntu_raw" and config.data.dataset == "ntu60"
     assert config.distill.enabled and "random-init" not in (config.distill.feature_set or "")
     assert config.data.streams == ("joint", "velocity", "bone")
+
+
+@pytest.mark.parametrize(
+    ("top1", "samples", "classes", "words"),
+    [
+        # chance 20%, two binomial standard errors on 100 samples = 2 * sqrt(0.2 * 0.8 / 100) = 8 points
+        (0.29, 100, 5, "above chance"),
+        (0.27, 100, 5, "NOT distinguishable from chance"),
+        # six val samples: 2 * sqrt(0.16 / 6) = 32.7 points, so even 50% is not evidence of learning
+        (0.50, 6, 5, "NOT distinguishable from chance"),
+        (1.00, 6, 5, "above chance"),
+        (None, 0, 5, "no validation samples"),
+    ],
+)
+def test_the_summary_says_plainly_whether_the_student_beat_chance(
+    top1: float | None, samples: int, classes: int, words: str
+) -> None:
+    from services.demo import accuracy_verdict
+
+    verdict = accuracy_verdict(top1, samples, classes)
+    assert verdict.startswith(words), verdict

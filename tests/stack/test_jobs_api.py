@@ -254,3 +254,34 @@ def test_checkpoint_files_are_path_safe(embedded_stack: Stack) -> None:
             r = c.get(f"{base}/{bad}")
             assert r.status_code == 404, (bad, r.status_code)
         assert c.get(f"/checkpoints/..%2F..%2Fjobs/v{version}/files/jobs.sqlite").status_code == 404
+
+
+def test_worker_parent_never_loads_torch(embedded_stack: Stack) -> None:
+    """Jobs ran in forked per-job children (test_full_flow_embedded above); the worker parent they
+    were forked from must not have torch (or CUDA) mapped, or a GPU context could leak into them."""
+    own_maps = Path("/proc/self/maps").read_text()
+    assert "libtorch" in own_maps  # this test process imported torch: the probe does see it
+    worker = embedded_stack.workers[0]
+    assert worker.alive()
+    maps = Path(f"/proc/{worker.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "libcuda" not in maps
+
+
+def test_job_history_survives_an_api_restart(embedded_stack: Stack) -> None:
+    """Last in this module: it restarts the module's API. The job records live in their own
+    database, so a new API process answers the same history."""
+    stack = embedded_stack
+    with stack.client() as c:
+        before = c.get("/jobs", params={"limit": 1000}).json()["jobs"]
+    completed = [j for j in before if j["state"] == "COMPLETED"]
+    assert completed, "test_full_flow_embedded should have completed a job first"
+    assert stack.api is not None
+    old_pid = stack.api.proc.pid
+    stack.api.stop()
+    stack.start_api()
+    assert stack.api.proc.pid != old_pid
+    with stack.client() as c:
+        after = c.get("/jobs", params={"limit": 1000}).json()["jobs"]
+    assert [(j["job_id"], j["state"]) for j in after] == [(j["job_id"], j["state"]) for j in before]
+    again = stack.job(completed[0]["job_id"])
+    assert again["history"] == completed[0]["history"] and again["result"] == completed[0]["result"]

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,25 +21,10 @@ import pytest
 from services.settings import Settings, load_settings
 from services.stack import settings_env
 from tests.conftest import PROJECT_ROOT
+from tests.live import descendants, free_port, kill_all, port_free, running
 
 READY_TIMEOUT_S = 180.0
 EXIT_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def up_env(data_dir: Path, **overrides: str) -> dict[str, str]:
@@ -60,37 +44,6 @@ def up_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (children, grandchildren, ...), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def running(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
 
 
 class Up:
@@ -139,11 +92,7 @@ class Up:
 
     def kill_all(self, pids: set[int]) -> None:
         """Last-resort cleanup so a failing test leaves no processes behind."""
-        for pid in pids | {self.proc.pid}:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_all(pids | {self.proc.pid})
         self.proc.wait(timeout=10)
 
 
@@ -277,3 +226,21 @@ def _settings_from_env(env: dict[str, str], cwd: Path) -> Settings:
         capture_output=True, text=True, timeout=60, check=True,
     )
     return Settings(**json.loads(result.stdout))
+
+
+@pytest.mark.timeout(240)
+def test_stack_gives_the_trainer_api_and_the_worker_one_queue(tmp_path: Path) -> None:
+    from services.stack import Stack
+
+    settings = load_settings(data_dir=tmp_path / "d", trainer_port=free_port(), log_level="INFO")
+    queue = "lastkd-test-shared-queue"
+    stack = Stack(settings, components=("trainer", "worker"), echo=False, announce=False, cwd=PROJECT_ROOT,
+                  queue=queue, extra_env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        stack.start()
+        ready = httpx.get(f"{stack.trainer_url}/health/ready", timeout=10).json()
+        assert ready["queue"] == queue
+        assert f"queue {queue!r}" in stack.children["worker"].log_path.read_text()
+        assert all(c.argv[-2:] == ["--queue", queue] for c in stack.children.values())
+    finally:
+        stack.stop()

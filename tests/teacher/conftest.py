@@ -10,10 +10,8 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,16 +20,10 @@ import httpx
 import pytest
 
 from tests.conftest import PROJECT_ROOT
+from tests.live import free_port, wait_http
 
 TOKEN = "test-token-0123456789"
 STARTUP_TIMEOUT_S = 180.0
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def teacher_env(data_dir: Path, **overrides: str) -> dict[str, str]:
@@ -108,18 +100,12 @@ def start_teacher(data_dir: Path, **env_overrides: str) -> LiveTeacher:
     )
     log.close()
     server = LiveTeacher(f"http://127.0.0.1:{port}", data_dir, env.get("LASTKD_API_TOKEN"), proc, log_path)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"teacher exited with {proc.returncode} during start-up:\n{server.log()}")
-        try:
-            if httpx.get(f"{server.url}/health/ready", timeout=5).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_teacher(server)
-    raise RuntimeError(f"teacher not ready after {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+    try:
+        wait_http(f"{server.url}/health/ready", STARTUP_TIMEOUT_S, proc=proc, log=server.log)
+    except AssertionError:
+        stop_teacher(server)
+        raise
+    return server
 
 
 def stop_teacher(server: LiveTeacher) -> None:
