@@ -411,7 +411,7 @@ def build_train_config(
         "epochs": epochs,
         "batch_size": batch_size,
         "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
-        "schedule": {"kind": "cosine"},
+        "schedule": {"kind": "cosine", "warmup_epochs": 1},
         "distill": {"feature_set": feature_set, "alpha_start": 0.5, "alpha_end": 0.0, "schedule": "linear", "loss": "cosine"},
         "seed": seed,
         "workers": 0,
@@ -577,7 +577,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", type=Path, default=None, help="demo folder (default <LASTKD_DATA_DIR>/demo, i.e. var/demo)")
     parser.add_argument("--classes", type=int, default=5, help="synthetic classes, 2..60 (default 5)")
     parser.add_argument("--samples-per-class", type=int, default=6, help="synthetic samples per class, 4..200 (default 6)")
-    parser.add_argument("--epochs", type=int, default=3, help="training epochs, 1..100 (default 3)")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs, 1..100 (default 10)")
     parser.add_argument("--student-frames", type=int, default=16, help="frames per skeleton sample fed to the student (default 16)")
     parser.add_argument("--teacher-model", choices=DEMO_TEACHERS, default=None,
                         help="teacher size (default LASTKD_TEACHER_MODEL, i.e. videomae_v2_vit_b; "
