@@ -20,10 +20,31 @@ import httpx
 
 from services.stack import free_port, port_free
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def lastkd_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    """A clean environment for a lastkd child process: no inherited LASTKD_*, the tiny
+    random-init teacher on the CPU, the store map kept small; ``overrides`` win."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
+    env.update(
+        PYTHONPATH=str(PROJECT_ROOT),
+        LASTKD_DATA_DIR=str(data_dir),
+        LASTKD_STORE_MAP_SIZE=str(64 << 20),
+        LASTKD_TEACHER_MODEL="videomae_v2_tiny",
+        LASTKD_TEACHER_RANDOM_INIT="true",
+        LASTKD_TEACHER_DEVICE="cpu",
+        LASTKD_DECODE_WORKERS="2",
+        OMP_NUM_THREADS="2",
+    )
+    env.update(overrides)
+    return env
+
 __all__ = [
     "descendants",
     "free_port",
     "kill_all",
+    "lastkd_env",
     "port_free",
     "port_open",
     "running",

@@ -101,3 +101,19 @@ def test_bad_settings_stop_every_command_before_it_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("lastkd: invalid lastkd settings:") and "LASTKD_BROKER_URL" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve-teacher", "serve-trainer"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host", "0.0.0.0"], "LASTKD_API_TOKEN"),
+        (["--port", "70000"], "port must be in 1..65535, got 70000"),
+    ],
+)
+def test_serve_commands_refuse_bad_binds(command: str, flags: list[str], message: str, tmp_path: Path) -> None:
+    # Both services share one bind check; neither may start listening on these.
+    result = lastkd(command, *flags, tmp_path=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

@@ -14,6 +14,8 @@ requests for Prometheus and shape their errors, so a client sees one API style:
 
 from __future__ import annotations
 
+import argparse
+
 import hmac
 import logging
 import time
@@ -163,6 +165,26 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def add_bind_arguments(parser: "argparse.ArgumentParser", service: str) -> None:
+    """The ``--host``/``--port`` options every ``lastkd serve-*`` command shares."""
+    env = f"LASTKD_{service.upper()}"
+    parser.add_argument("--host", default=None, help=f"bind address (default: {env}_HOST)")
+    parser.add_argument("--port", type=int, default=None, help=f"port (default: {env}_PORT)")
+
+
+def bind_address(args: "argparse.Namespace", host: str, port: int, token: str | None) -> tuple[str, int]:
+    """The (host, port) to listen on: command-line overrides over settings, checked.
+
+    Raises :class:`BindRefusedError` for a port out of range or a public address without a token.
+    """
+    host = args.host or host
+    port = args.port if args.port is not None else port
+    if not 0 < port < 65536:
+        raise BindRefusedError(f"port must be in 1..65535, got {port}")
+    check_bind(host, token)
+    return host, port
+
+
 def add_live_route(app: FastAPI) -> None:
     """``GET /health/live``: the process is up and serving HTTP (says nothing about readiness)."""
 
@@ -224,6 +246,7 @@ def serve(app: FastAPI, host: str, port: int, token: str | None, log_level: str 
     import uvicorn
 
     check_bind(host, token)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
     server = uvicorn.Server(config)
     server.run()

@@ -44,9 +44,10 @@ from services.common.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,
+    add_bind_arguments,
     add_live_route,
     bearer_auth,
-    check_bind,
+    bind_address,
     install_error_handlers,
     metrics_response,
     serve,
@@ -343,8 +344,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Serve the VideoMAE V2 teacher over HTTP. Settings come from LASTKD_* variables; "
         "--host/--port override LASTKD_TEACHER_HOST/PORT.",
     )
-    parser.add_argument("--host", default=None, help="bind address (default: LASTKD_TEACHER_HOST)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: LASTKD_TEACHER_PORT)")
+    add_bind_arguments(parser, "teacher")
     parser.set_defaults(func=run)
     return parser
 
@@ -353,13 +353,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Check the bind address and the teacher settings, then serve until interrupted."""
     import sys
 
-    host = args.host or settings.teacher_host
-    port = args.port if args.port is not None else settings.teacher_port
-    if not 0 < port < 65536:
-        print(f"lastkd serve-teacher: port must be in 1..65535, got {port}", file=sys.stderr)
-        return 2
     try:
-        check_bind(host, settings.token())
+        host, port = bind_address(args, settings.teacher_host, settings.teacher_port, settings.token())
     except BindRefusedError as exc:
         print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
@@ -370,5 +365,4 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(create_app(settings), host, port, settings.token(), settings.log_level)

@@ -43,9 +43,10 @@ from services.common.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,
+    add_bind_arguments,
     add_live_route,
     bearer_auth,
-    check_bind,
+    bind_address,
     install_error_handlers,
     metrics_response,
     serve,
@@ -411,8 +412,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Serve the training job API over HTTP. Settings come from LASTKD_* variables; "
         "--host/--port override LASTKD_TRAINER_HOST/PORT.",
     )
-    parser.add_argument("--host", default=None, help="bind address (default: LASTKD_TRAINER_HOST)")
-    parser.add_argument("--port", type=int, default=None, help="port (default: LASTKD_TRAINER_PORT)")
+    add_bind_arguments(parser, "trainer")
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue for jobs (default {DEFAULT_QUEUE})")
     parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                         help="deliveries per job before it is FAILED (worker lost each time)")
@@ -425,11 +425,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Check the bind address and options, then serve until interrupted."""
-    host = args.host or settings.trainer_host
-    port = args.port if args.port is not None else settings.trainer_port
     problems = []
-    if not 0 < port < 65536:
-        problems.append(f"port must be in 1..65535, got {port}")
     if not 1 <= args.max_attempts <= 100:
         problems.append(f"--max-attempts must be 1..100, got {args.max_attempts}")
     if not 1 <= args.stale_after <= 7 * 24 * 3600:
@@ -441,11 +437,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"lastkd serve-trainer: {p}", file=sys.stderr)
         return 2
     try:
-        check_bind(host, settings.token())
+        host, port = bind_address(args, settings.trainer_host, settings.trainer_port, settings.token())
     except BindRefusedError as exc:
         print(f"lastkd serve-trainer: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(
         settings, queue=args.queue, max_attempts=args.max_attempts,
         stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,

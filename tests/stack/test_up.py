@@ -21,7 +21,7 @@ import pytest
 from services.settings import Settings, load_settings
 from services.stack import settings_env
 from tests.conftest import PROJECT_ROOT
-from tests.live import descendants, free_port, kill_all, port_free, running
+from tests.live import descendants, free_port, kill_all, lastkd_env, port_free, running
 
 READY_TIMEOUT_S = 180.0
 EXIT_TIMEOUT_S = 60.0
@@ -29,21 +29,13 @@ EXIT_TIMEOUT_S = 60.0
 
 def up_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """A clean environment: no inherited LASTKD_*, tiny random-init teacher, free ports."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
-    env.update(
-        PYTHONPATH=str(PROJECT_ROOT),
-        LASTKD_DATA_DIR=str(data_dir),
-        LASTKD_STORE_MAP_SIZE=str(64 << 20),
-        LASTKD_TEACHER_MODEL="videomae_v2_tiny",
-        LASTKD_TEACHER_RANDOM_INIT="true",
-        LASTKD_TEACHER_DEVICE="cpu",
-        LASTKD_DECODE_WORKERS="1",
-        LASTKD_TEACHER_PORT=str(free_port()),
-        LASTKD_TRAINER_PORT=str(free_port()),
-        OMP_NUM_THREADS="1",
-    )
-    env.update(overrides)
-    return env
+    defaults = {
+        "LASTKD_DECODE_WORKERS": "1",
+        "LASTKD_TEACHER_PORT": str(free_port()),
+        "LASTKD_TRAINER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    return lastkd_env(data_dir, **(defaults | overrides))
 
 
 class Up:

@@ -7,7 +7,6 @@ lifespan shutdown runs). A test talks to it with httpx only.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -19,8 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PROJECT_ROOT
-from tests.live import free_port, wait_http
+from tests.live import free_port, lastkd_env, wait_http
 
 TOKEN = "test-token-0123456789"
 STARTUP_TIMEOUT_S = 180.0
@@ -28,19 +26,7 @@ STARTUP_TIMEOUT_S = 180.0
 
 def teacher_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """A clean environment for a lastkd process: no inherited LASTKD_*, tiny random-init teacher."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
-    env.update(
-        PYTHONPATH=str(PROJECT_ROOT),
-        LASTKD_DATA_DIR=str(data_dir),
-        LASTKD_STORE_MAP_SIZE=str(64 << 20),
-        LASTKD_TEACHER_MODEL="videomae_v2_tiny",
-        LASTKD_TEACHER_RANDOM_INIT="true",
-        LASTKD_TEACHER_DEVICE="cpu",
-        LASTKD_DECODE_WORKERS="2",
-        OMP_NUM_THREADS="2",
-    )
-    env.update(overrides)
-    return env
+    return lastkd_env(data_dir, **overrides)
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
