@@ -176,7 +176,10 @@ def run_job(task: "Task", job_id: str) -> dict[str, Any]:
 def register(app: "Celery") -> None:
     """Register the training task on ``app`` (name :data:`TASK_NAME`)."""
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False)
+    # shared=False: the task belongs to this app only, so building a second app in one process
+    # (the API builds one per broker it checks) registers it again instead of warning.
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False,
+              shared=False)
     def train_job(self: "Task", job_id: str) -> dict[str, Any]:
         return run_job(self, job_id)
 
