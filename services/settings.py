@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     teacher_batch_size: int = Field(8, ge=1, le=1024)
     teacher_max_wait_ms: int = Field(20, ge=0, le=10_000)
     teacher_queue_size: int = Field(64, ge=1, le=100_000)
-    decode_workers: int = Field(0, ge=0, le=256, description="0 = one per core")
+    decode_workers: int = Field(0, ge=0, le=256, description="0 = one per core with a GPU, half the cores on CPU")
     teacher_sampling: Literal["uniform", "multiview"] = Field(
         "uniform", description="Frame sampling: one uniform clip, or VideoMAE V2's multi-view test protocol."
     )

@@ -153,9 +153,14 @@ def preprocess_from_settings(settings: Settings, sampling: str | None = None,
     return PreprocessConfig(sampling=sampling or settings.teacher_sampling, protocol=protocol, **crops)
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_decode_workers(device_type: str) -> int:
     """One decoder per core with a GPU; on CPU the model needs cores too, so half of them."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     return max(1, cores if device_type == "cuda" else cores // 2)
 
 
@@ -331,7 +336,7 @@ class Embedder:
         self._build_model()
         self._open_feature_set()
         self.decode_workers = self.config.decode_workers or default_decode_workers(self.device.type)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = available_cores()
         # With a GPU, cores the decoders leave idle go to FFmpeg's own threads; on CPU the model
         # owns them and extra decoder threads would only preempt its OpenMP threads.
         self._decode_threads = max(1, cores // self.decode_workers) if self.device.type == "cuda" else 1
