@@ -32,8 +32,8 @@ import numpy as np
 # This file shares its name with the package: put the project root ahead of bench/ on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featurestore import FeatureStore  # noqa: E402
-from featurestore import layout  # noqa: E402
+from lastkd.featurestore import FeatureStore  # noqa: E402
+from lastkd.featurestore import layout  # noqa: E402
 
 
 def build(workdir: Path, n: int, dim: int, dtype: str, batch: int, seed: int) -> tuple[FeatureStore, str, list[str], Path, float]:

@@ -1,7 +1,7 @@
 """Benchmark of the job API and the Celery shell around the training engine.
 
 Measures, on real processes (``lastkd serve-trainer`` under uvicorn, ``lastkd worker``, started
-through :class:`services.stack.Stack` as ``lastkd up`` does):
+through :class:`lastkd.services.stack.Stack` as ``lastkd up`` does):
 
 * ``submit_p50_ms`` / ``submit_p99_ms``: latency of ``POST /train`` over N sequential submissions
   on the embedded SQLite broker (no worker consumes them, so the queue grows as it would under a
@@ -47,15 +47,15 @@ def _redis_up() -> bool:
 
 
 class _Stacks:
-    """Trainer APIs (and workers) as ``services.stack.Stack`` children, all stopped on exit."""
+    """Trainer APIs (and workers) as ``lastkd.services.stack.Stack`` children, all stopped on exit."""
 
     def __init__(self, base: dict[str, Any], work: Path) -> None:
         self.base, self.work, self.stacks = base, work, []
 
     def start(self, name: str, queue: str, components: tuple[str, ...], **overrides: Any) -> str:
         """Start ``components`` in their own data dir on ``queue``; returns the trainer URL."""
-        from services.settings import load_settings
-        from services.stack import Stack, free_port
+        from lastkd.services.settings import load_settings
+        from lastkd.services.stack import Stack, free_port
 
         settings = load_settings(**{**self.base, "data_dir": self.work / name, "trainer_port": free_port(),
                                     "teacher_port": free_port(), **overrides})
@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submissions", type=int, default=200)
     args = parser.parse_args(argv)
 
-    from featurestore import FeatureStore
-    from services.trainer.config import TrainConfig
-    from services.trainer.engine import train
-    from services.trainer.publish import publish
-    from services.trainer.synth import generate
+    from lastkd.featurestore import FeatureStore
+    from lastkd.student.config import TrainConfig
+    from lastkd.student.training import train
+    from lastkd.student.publish import publish
+    from lastkd.student.synth import generate
 
     work = Path(tempfile.mkdtemp(prefix="lastkd-bench-jobs-"))
     data_root = work / "datasets"

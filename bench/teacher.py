@@ -104,7 +104,7 @@ def synthetic_1080p(path: Path, frames: int) -> Path:
 def our_model(depth: int):
     import torch
 
-    from services.teacher_api.videomae import VideoMAEv2
+    from lastkd.models.videomae import VideoMAEv2
 
     torch.manual_seed(0)
     return VideoMAEv2(depth=depth, num_classes=0, **VIT_B).eval().requires_grad_(False)
@@ -160,7 +160,7 @@ def time_forward(model, batch: int, reps: int, device: str = "cpu", precision: s
     """Best seconds per clip of forward_features over ``reps`` timed batches (after one warm-up)."""
     import torch
 
-    from services.teacher_api.videomae import inference_context
+    from lastkd.models.videomae import inference_context
 
     x = torch.randn(batch, 3, 16, 224, 224, device=device)
     best = float("inf")
@@ -185,9 +185,9 @@ class EngineRun:
 
     def __init__(self, store_dir: Path, model, *, device: str, batch: int, workers: int,
                  precision: str = "bf16", name: str = "videomae_v2_vit_b") -> None:
-        from featurestore import FeatureStore
-        from services.teacher_api.pipeline import Embedder, EngineConfig
-        from services.teacher_api.video import PreprocessConfig, VideoLimits
+        from lastkd.featurestore import FeatureStore
+        from lastkd.teacher.embedder import Embedder, EngineConfig
+        from lastkd.teacher.video import PreprocessConfig, VideoLimits
 
         config = EngineConfig(model_name=name, random_init=True, device=device, batch_size=batch,
                               max_wait_ms=20, decode_workers=workers, precision=precision)
@@ -196,7 +196,7 @@ class EngineRun:
         self.engine.warm_up()
 
     def embed(self, paths: list[Path]) -> float:
-        from services.teacher_api.bulk import embed_files
+        from lastkd.services.teacher_api.bulk import embed_files
 
         summary = embed_files(self.engine, paths, progress=False)
         if summary.failed or summary.embedded != len(paths):
@@ -238,7 +238,7 @@ def run_hf_baseline(paths: list[Path], model) -> float:
 
 def decode_rate(path: Path, reps: int) -> float:
     """Decode + sample + resize/crop clips/s on one core (one process, one FFmpeg thread)."""
-    from services.teacher_api.video import PreprocessConfig, VideoLimits, prepare_clip
+    from lastkd.teacher.video import PreprocessConfig, VideoLimits, prepare_clip
 
     cfg, limits = PreprocessConfig(), VideoLimits()
     prepare_clip(path, cfg, limits, threads=1)
@@ -249,7 +249,7 @@ def decode_rate(path: Path, reps: int) -> float:
 
 
 def _decode_one(path: str) -> int:
-    from services.teacher_api.video import PreprocessConfig, VideoLimits, prepare_clip
+    from lastkd.teacher.video import PreprocessConfig, VideoLimits, prepare_clip
 
     return prepare_clip(path, PreprocessConfig(), VideoLimits(), threads=1).shape[0]
 
@@ -276,8 +276,8 @@ def service_ratio(paths_1: list[Path], paths_8: list[Path], data_dir: Path, mode
     import httpx
     import uvicorn
 
-    from services.settings import load_settings
-    from services.teacher_api.app import create_app
+    from lastkd.services.settings import load_settings
+    from lastkd.services.teacher_api.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """Trainer benchmark: the cost of distillation, throughput, loader share, and what gets published.
 
-One run, one synthetic NTU-format dataset (``services.trainer.synth.generate`` in a temp dir) and
+One run, one synthetic NTU-format dataset (``lastkd.student.synth.generate`` in a temp dir) and
 one real LMDB feature store holding random 768-d "teacher" vectors for every clip:
 
 * ``distill_vs_ce_step``: fastest training-step time with distillation (projector + loss, alpha
@@ -17,7 +17,7 @@ one real LMDB feature store holding random 768-d "teacher" vectors for every cli
   and published into a temp registry and reloaded; parameters, FLOPs and latency of the
   published files are compared (the projector must not ship).
 
-The steps timed are the engine's own (:class:`services.trainer.engine.TrainingRun.train_step`).
+The steps timed are the engine's own (:class:`lastkd.student.training.TrainingRun.train_step`).
 Prints a human summary, then ONE JSON object on the last line.
 """
 
@@ -41,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from services.trainer import engine  # noqa: E402
-from services.trainer.config import TrainConfig  # noqa: E402
-from services.trainer.last_v2 import num_parameters  # noqa: E402
-from services.trainer.publish import estimate_flops, load_student, publish  # noqa: E402
-from services.trainer.synth import generate  # noqa: E402
+from lastkd.student import training as engine  # noqa: E402
+from lastkd.student.config import TrainConfig  # noqa: E402
+from lastkd.models.last_v2 import num_parameters  # noqa: E402
+from lastkd.student.publish import estimate_flops, load_student, publish  # noqa: E402
+from lastkd.student.synth import generate  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -93,7 +93,7 @@ def _latency_ms(model: torch.nn.Module, frames: int, device: torch.device, reps:
 
 
 def _make_store(path: Path, names: list[str], dim: int) -> str:
-    from featurestore import FeatureStore
+    from lastkd.featurestore import FeatureStore
 
     store = FeatureStore(path, map_size=256 << 20)
     meta = store.create_set(teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"bench": True}, dim=dim)

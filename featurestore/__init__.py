@@ -2,11 +2,11 @@
 
 Knows nothing of models or services. See ``docs/architecture.md`` for the contract::
 
-    from featurestore import FeatureStore, FeatureSetMeta, feature_set_id
-    from featurestore import FeatureStoreError, StoreFullError, InvalidFeatureError
+    from lastkd.featurestore import FeatureStore, FeatureSetMeta, feature_set_id
+    from lastkd.featurestore import FeatureStoreError, StoreFullError, InvalidFeatureError
 """
 
-from featurestore.errors import (
+from lastkd.featurestore.errors import (
     CorruptStoreError,
     FeatureSetConflictError,
     FeatureStoreError,
@@ -17,9 +17,9 @@ from featurestore.errors import (
     StoreFullError,
     UnknownFeatureSetError,
 )
-from featurestore.metadata import FeatureSetMeta, canonical_json, feature_set_id
-from featurestore.snapshot import SnapshotReport, verify_snapshot
-from featurestore.store import FeatureStore
+from lastkd.featurestore.metadata import FeatureSetMeta, canonical_json, feature_set_id
+from lastkd.featurestore.snapshot import SnapshotReport, verify_snapshot
+from lastkd.featurestore.store import FeatureStore
 
 __all__ = [
     "CorruptStoreError",

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import lmdb
 
-from featurestore import layout
-from featurestore.errors import FeatureStoreError, NotAStoreError
+from lastkd.featurestore import layout
+from lastkd.featurestore.errors import FeatureStoreError, NotAStoreError
 
 
 class RWLock:

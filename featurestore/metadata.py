@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.errors import CorruptStoreError, InvalidFeatureError
-from featurestore.validation import (
+from lastkd.featurestore.errors import CorruptStoreError, InvalidFeatureError
+from lastkd.featurestore.validation import (
     DTYPES,
     check_dtype,
     check_json_value,

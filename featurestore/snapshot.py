@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from featurestore import layout
-from featurestore.env import open_environment
-from featurestore.errors import FeatureStoreError, NotAStoreError, SnapshotError
-from featurestore.metadata import FeatureSetMeta
-from featurestore.validation import check_set_id
+from lastkd.featurestore import layout
+from lastkd.featurestore.env import open_environment
+from lastkd.featurestore.errors import FeatureStoreError, NotAStoreError, SnapshotError
+from lastkd.featurestore.metadata import FeatureSetMeta
+from lastkd.featurestore.validation import check_set_id
 
 if TYPE_CHECKING:
-    from featurestore.store import FeatureStore
+    from lastkd.featurestore.store import FeatureStore
 
 MANIFEST = "manifest.json"
 SNAPSHOT_FORMAT = "lastkd-featurestore-snapshot/1"

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import lmdb
 import numpy as np
 
-from featurestore import env as envs
-from featurestore import layout
-from featurestore.errors import (
+from lastkd.featurestore import env as envs
+from lastkd.featurestore import layout
+from lastkd.featurestore.errors import (
     CorruptStoreError,
     FeatureSetConflictError,
     FeatureStoreError,
@@ -32,8 +32,8 @@ from featurestore.errors import (
     StoreFullError,
     UnknownFeatureSetError,
 )
-from featurestore.metadata import FeatureSetMeta, canonical_json, feature_set_id
-from featurestore.validation import (
+from lastkd.featurestore.metadata import FeatureSetMeta, canonical_json, feature_set_id
+from lastkd.featurestore.validation import (
     check_clip_id,
     check_dim,
     check_dtype,
@@ -277,7 +277,7 @@ class FeatureStore:
 
         Existing ids are overwritten (the count only grows by the new ones). ``sha256s``, aligned
         with ``ids``, feeds the content-hash dedupe index (see :meth:`lookup_sha256`). Any bad
-        input (see :mod:`featurestore.validation`) rejects the whole batch.
+        input (see :mod:`lastkd.featurestore.validation`) rejects the whole batch.
         """
         set_key = check_set_id(set_id)
         pre = layout.prefix(set_key)
@@ -442,8 +442,8 @@ class FeatureStore:
 
     def export(self, dest_dir: str | os.PathLike[str], set_ids: Sequence[str] | None = None) -> Path:
         """Write a compacted, checksummed snapshot of the store (or of some sets) into
-        ``dest_dir`` (new or empty); returns the manifest path. See :mod:`featurestore.snapshot`."""
-        from featurestore.snapshot import export_snapshot
+        ``dest_dir`` (new or empty); returns the manifest path. See :mod:`lastkd.featurestore.snapshot`."""
+        from lastkd.featurestore.snapshot import export_snapshot
 
         return export_snapshot(self, Path(dest_dir), set_ids)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from featurestore.errors import InvalidFeatureError
+from lastkd.featurestore.errors import InvalidFeatureError
 
 MAX_ID_BYTES = 256
 MAX_SET_ID_BYTES = 160

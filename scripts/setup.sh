@@ -43,7 +43,7 @@ wanted_stamp="$(
 installed_here() {
     local root="$PWD"
     [ -x .venv/bin/lastkd ] &&
-        [ "$(cd / && "$root/.venv/bin/python" -c 'import services; print(services.__path__[0])' 2>/dev/null)" = "$root/services" ]
+        [ "$(cd / && "$root/.venv/bin/python" -c 'import lastkd.services as s; print(s.__path__[0])' 2>/dev/null)" = "$root/services" ]
 }
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$wanted_stamp" ] && installed_here; then
     echo "setup: .venv up to date (nothing to install)"

@@ -12,19 +12,19 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from services.settings import SettingsError, load_settings
+from lastkd.services.settings import SettingsError, load_settings
 
 # command name -> module implementing it (see the module docstrings for what each does)
 COMMANDS: dict[str, str] = {
-    "store": "services.store_cli",
-    "embed": "services.teacher_api.bulk",
-    "serve-teacher": "services.teacher_api.app",
-    "synth": "services.trainer.synth",
-    "train": "services.trainer.train_cli",
-    "serve-trainer": "services.trainer.api",
-    "worker": "services.trainer.worker",
-    "up": "services.stack",
-    "demo": "services.demo",
+    "store": "lastkd.services.store_cli",
+    "embed": "lastkd.services.teacher_api.bulk",
+    "serve-teacher": "lastkd.services.teacher_api.app",
+    "synth": "lastkd.student.synth",
+    "train": "lastkd.services.trainer.train_cli",
+    "serve-trainer": "lastkd.services.trainer.api",
+    "worker": "lastkd.services.trainer.worker",
+    "up": "lastkd.services.stack",
+    "demo": "lastkd.services.demo",
 }
 
 # One line per command for ``lastkd --help``, which must list them without importing any module.

@@ -4,7 +4,7 @@
    under a data root, plus the real NTU sample next to the project
    (``../shared/data/ntu_sample``) when that folder exists; the real sample replaces its
    synthetic namesake.
-2. Start the embedded stack (:class:`services.stack.Stack`: teacher API, trainer API, one worker)
+2. Start the embedded stack (:class:`lastkd.services.stack.Stack`: teacher API, trainer API, one worker)
    in its own data folder (``<data dir>/demo``) with an explicitly RANDOM-INIT teacher, or use a
    running one (``--teacher-url`` / ``--trainer-url``).
 3. Embed every clip through ``POST /embed`` (several uploads in flight, progress line).
@@ -39,7 +39,7 @@ from typing import IO, Any
 
 import httpx
 
-from services.settings import Settings
+from lastkd.services.settings import Settings
 
 __all__ = [
     "DEMO_TEACHERS",
@@ -164,7 +164,7 @@ def _real_pairs(sample_dir: Path) -> list[tuple[str, Path, Path]]:
 
 
 def _label_map_text(classes: int) -> str:
-    from services.trainer.synth import class_description
+    from lastkd.student.synth import class_description
 
     # The student is an NTU-60 model (60 outputs); classes without demo samples get a placeholder.
     names = [class_description(c) for c in range(classes)]
@@ -192,7 +192,7 @@ def prepare_dataset(
     leaves nothing half-made; a complete folder with the same parameters is reused as it is.
     Raises :class:`DemoError` (bad parameters, or a foreign folder in the way).
     """
-    from services.trainer.synth import SynthError, generate
+    from lastkd.student.synth import SynthError, generate
 
     real = _real_pairs(ntu_sample) if ntu_sample is not None and ntu_sample.is_dir() else []
     name = dataset_name(classes, samples_per_class, frames, seed, bool(real))
@@ -376,7 +376,7 @@ def embed_clips(
 # --------------------------------------------------------------------------------------------
 def xsub_train_count(dataset: DemoDataset) -> int:
     """How many of the dataset's samples fall on the training side of the NTU-60 xsub split."""
-    from services.trainer.data.splits import XSUB60_TRAIN_PERFORMERS
+    from lastkd.student.data.splits import XSUB60_TRAIN_PERFORMERS
 
     names = [p.stem for p in dataset.skeletons.glob("*.skeleton")]
     return sum(1 for n in names if _NTU_NAME.match(n) and int(n[9:12]) in XSUB60_TRAIN_PERFORMERS)
@@ -543,7 +543,7 @@ def demo_settings(settings: Settings, out: Path, teacher_model: str, store_name:
     The feature store is ``out/stores/<store_name>.lmdb``, one per demo dataset: clip ids are
     NTU sample names, so two demo datasets (other class counts, seeds) would otherwise claim the
     same ids for different videos."""
-    from services.stack import free_port, port_free
+    from lastkd.services.stack import free_port, port_free
 
     def port(host: str, wanted: int) -> int:
         return wanted if port_free(wanted, host) else free_port(host)
@@ -611,7 +611,7 @@ def _check_args(args: argparse.Namespace, settings: Settings) -> str | None:
         return f"--concurrency must be 1..32, got {args.concurrency}"
     if not 0 <= args.seed < 2**31:
         return f"--seed must be 0..2**31-1, got {args.seed}"
-    from services.trainer.config import NAME_RE
+    from lastkd.student.config import NAME_RE
 
     if not NAME_RE.match(args.name) or ".." in args.name:
         return f"--name {args.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit"
@@ -658,7 +658,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: threading.Event) -> int:
-    from services.stack import Stack, StackError
+    from lastkd.services.stack import Stack, StackError
 
     t0 = time.monotonic()
     external = args.teacher_url is not None
@@ -778,7 +778,7 @@ def _check_external_teacher(teacher_url: str, model: str) -> str:
 
 def _check_stack(stack: Any) -> None:
     if stack is not None:
-        from services.stack import StackError
+        from lastkd.services.stack import StackError
 
         try:
             stack.check()
@@ -815,7 +815,7 @@ def _summary(
     console.line(f"Published student: {result.get('name')} v{result.get('version')}")
     console.line(f"  folder      {folder}")
     console.line(f"  weights     {folder / 'model.safetensors'}  (loads strict into LASTv2; "
-                 "services.trainer.publish.load_student)")
+                 "lastkd.student.publish.load_student)")
     console.line(f"  metrics     {folder / 'metrics.json'}")
     console.line(f"  plots       {folder / 'plots'}/ ({', '.join(plots) or 'none found'})")
     console.line(f"  model card  {folder / 'MODEL_CARD.md'}")

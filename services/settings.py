@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError as _SourceError
 
-from services.common.types import DEVICE_HELP, DeviceSpec
+from lastkd.devices import DEVICE_HELP, DeviceSpec
 
 GiB = 1024**3
 MiB = 1024**2

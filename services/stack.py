@@ -42,7 +42,7 @@ from typing import IO, Any
 import httpx
 from pydantic import SecretStr
 
-from services.settings import Settings
+from lastkd.services.settings import Settings
 
 __all__ = [
     "COMPONENTS",
@@ -81,8 +81,14 @@ def _bind_host(host: str) -> str:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when ``host:port`` can be bound right now (nothing listens there)."""
+    """True when ``host:port`` can be bound right now (nothing listens there).
+
+    SO_REUSEADDR, as uvicorn sets it: connections of a server that just stopped linger in
+    TIME_WAIT for a minute, which blocks a plain bind but not a server's, so without it a port
+    would look taken for a while after everything on it is gone.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((_bind_host(host), port))
             return True
@@ -310,7 +316,7 @@ class Stack:
             raise
 
     def _spawn(self, name: str) -> Child:
-        argv = [self.python, "-m", "services.cli", _COMMANDS[name]]
+        argv = [self.python, "-m", "lastkd.services.cli", _COMMANDS[name]]
         if self.queue is not None and name in ("trainer", "worker"):
             argv += ["--queue", self.queue]
         log_path = self.log_dir / f"{name}.log"

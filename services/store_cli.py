@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from featurestore import FeatureStore, FeatureStoreError, NotAStoreError, verify_snapshot
-from services.settings import Settings
+from lastkd.featurestore import FeatureStore, FeatureStoreError, NotAStoreError, verify_snapshot
+from lastkd.services.settings import Settings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

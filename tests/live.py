@@ -2,7 +2,7 @@
 ports, waiting for a condition or an HTTP endpoint, and finding / killing a process tree.
 
 One copy for ``tests/stack`` and ``tests/teacher``; the port helpers are the ones
-``services.stack`` uses itself, so a test and the stack agree on what "free" means.
+``lastkd.services.stack`` uses itself, so a test and the stack agree on what "free" means.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from services.stack import free_port, port_free
+from lastkd.services.stack import free_port, port_free
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import COMMANDS, SUMMARIES
+from lastkd.services.cli import COMMANDS, SUMMARIES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lastkd"
@@ -85,7 +85,7 @@ def test_every_registered_command_help_works(tmp_path: Path) -> None:
 def test_help_of_store_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "from services.cli import main\n"
+        "from lastkd.services.cli import main\n"
         "try:\n    main(['store', 'stats', '--help'])\nexcept SystemExit as exc:\n    assert exc.code == 0\n"
         "print('torch' in sys.modules)\n"
     )

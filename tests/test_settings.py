@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import SettingsError, is_loopback, load_settings
+from lastkd.services.settings import SettingsError, is_loopback, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +119,7 @@ def test_good_devices(monkeypatch: pytest.MonkeyPatch, device: str) -> None:
 
 
 def test_the_training_config_shares_the_device_rule() -> None:
-    from services.trainer.config import TrainConfig
+    from lastkd.student.config import TrainConfig
 
     fields = {"name": "s", "epochs": 1, "data": {"path": "x"}}
     assert TrainConfig.model_validate(fields | {"device": "cuda:1"}).device == "cuda:1"
@@ -161,7 +161,7 @@ def test_is_loopback(host: str, expected: bool) -> None:
 
 def test_cli_reports_bad_settings(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "LASTKD_TEACHER_PORT": "-1", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "store", "stats"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
+    proc = subprocess.run([sys.executable, "-m", "lastkd.services.cli", "store", "stats"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "LASTKD_TEACHER_PORT" in proc.stderr

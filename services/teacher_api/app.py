@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from services.common.http import (
+from lastkd.services.common.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,
@@ -52,12 +52,12 @@ from services.common.http import (
     metrics_response,
     serve,
 )
-from services.settings import Settings
-from services.teacher_api.clip_ids import InvalidClipIdError, clip_id_from_filename, validate_clip_id
-from services.teacher_api.uploads import UploadError, receive_multipart
+from lastkd.services.settings import Settings
+from lastkd.teacher.clip_ids import InvalidClipIdError, clip_id_from_filename, validate_clip_id
+from lastkd.services.teacher_api.uploads import UploadError, receive_multipart
 
 if TYPE_CHECKING:  # torch and the engine load in create_app: `lastkd serve-teacher --help` stays fast
-    from services.teacher_api.pipeline import Embedder
+    from lastkd.teacher.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class _EngineCounters(Collector):
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the teacher app; the model, the store and the decoders start in its lifespan."""
-    from services.teacher_api.pipeline import (
+    from lastkd.teacher.embedder import (
         Embedder,
         EngineConfig,
         EngineError,
@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        from featurestore import FeatureStore
+        from lastkd.featurestore import FeatureStore
 
         upload_dir.mkdir(parents=True, exist_ok=True)
         for stale in upload_dir.glob("upload-*"):  # left by a previous process that was killed
@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/features/{set_id}/{clip_id}")
     async def feature(set_id: str, clip_id: str, request: Request) -> Response:
-        from featurestore import FeatureStoreError, InvalidFeatureError, UnknownFeatureSetError
+        from lastkd.featurestore import FeatureStoreError, InvalidFeatureError, UnknownFeatureSetError
 
         try:
             validate_clip_id(clip_id)
@@ -320,8 +320,8 @@ async def _embed_form(embedder: Embedder, form: Any, queue_size: int) -> JSONRes
 
 
 def _clip_error(exc: BaseException) -> dict[str, str]:
-    from featurestore import StoreFullError
-    from services.teacher_api.pipeline import ClipFailure
+    from lastkd.featurestore import StoreFullError
+    from lastkd.teacher.embedder import ClipFailure
 
     if isinstance(exc, ClipFailure):
         return {"code": exc.reason, "message": exc.message}

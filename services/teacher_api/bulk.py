@@ -1,6 +1,6 @@
 """``lastkd embed PATH...``: embed every clip under some files or folders into the feature store.
 
-Runs the same :class:`~services.teacher_api.pipeline.Embedder` as the HTTP service, so a clip
+Runs the same :class:`~lastkd.teacher.embedder.Embedder` as the HTTP service, so a clip
 gets the same vector either way. Clip ids are NTU sample names when the file is named like one
 (``S001C001P001R001A001_rgb.avi``), else the content sha256. Clips already in the feature set
 are skipped before decoding, and results are written one batch per transaction, so a run that
@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from services.settings import Settings
-from services.teacher_api.clip_ids import clip_id_from_filename, is_video_filename
+from lastkd.services.settings import Settings
+from lastkd.teacher.clip_ids import clip_id_from_filename, is_video_filename
 
 __all__ = ["BulkSummary", "Failure", "add_parser", "discover", "embed_files", "run"]
 
@@ -125,7 +125,7 @@ def embed_files(
                dynamic_ncols=True, smoothing=0.1)
 
     def settle(done: set[cf.Future]) -> None:
-        from services.teacher_api.pipeline import ClipFailure
+        from lastkd.teacher.embedder import ClipFailure
 
         for fut in done:
             path, clip_id = in_flight.pop(fut)
@@ -147,7 +147,7 @@ def embed_files(
             sha = None
             if clip_id is None:
                 # Without an NTU name the id is the content hash: needed now to skip stored clips.
-                from services.teacher_api.pipeline import sha256_file
+                from lastkd.teacher.embedder import sha256_file
 
                 try:
                     sha = sha256_file(path)
@@ -228,8 +228,8 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Discover, embed, report, summarise."""
-    from featurestore import FeatureStore, FeatureStoreError
-    from services.teacher_api.pipeline import (
+    from lastkd.featurestore import FeatureStore, FeatureStoreError
+    from lastkd.teacher.embedder import (
         Embedder,
         EngineConfig,
         EngineError,

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from services.common.http import (
+from lastkd.services.common.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,
@@ -51,12 +51,12 @@ from services.common.http import (
     metrics_response,
     serve,
 )
-from services.settings import Settings
-from services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
-from services.trainer.config import MAX_CONFIG_BYTES, NAME_RE, TrainConfig
-from services.trainer.jobs import JOB_ID_RE, IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
-from services.trainer.paths import DataPathError, confine_config_paths
-from services.trainer.tasks import enqueue
+from lastkd.services.settings import Settings
+from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
+from lastkd.student.config import MAX_CONFIG_BYTES, NAME_RE, TrainConfig
+from lastkd.services.trainer.jobs import JOB_ID_RE, IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
+from lastkd.student.paths import DataPathError, confine_config_paths
+from lastkd.services.trainer.tasks import enqueue
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def create_app(
 
     @app.get("/checkpoints")
     async def checkpoints(request: Request) -> dict[str, Any]:
-        from services.trainer.publish import list_published  # imports torch: only when asked
+        from lastkd.student.publish import list_published  # imports torch: only when asked
 
         items = await run_in_threadpool(list_published, registry_dir)
         return {"checkpoints": [_entry(i, request) for i in items], "count": len(items)}

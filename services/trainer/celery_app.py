@@ -24,7 +24,7 @@ from celery import Celery
 from kombu import transport as kombu_transport
 from kombu.transport import sqlalchemy as kombu_sqla
 
-from services.settings import Settings
+from lastkd.services.settings import Settings
 
 DEFAULT_QUEUE = "lastkd.train"
 TASK_NAME = "lastkd.train"
@@ -163,7 +163,7 @@ def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Cele
         data_roots=list(settings.resolved_data_roots),
         queue=queue,
     )
-    from services.trainer import tasks  # registers on this app; light: no torch at import time
+    from lastkd.services.trainer import tasks  # registers on this app; light: no torch at import time
 
     tasks.register(app)
     return app

@@ -18,8 +18,8 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from services.trainer.celery_app import TASK_NAME
-from services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
+from lastkd.services.trainer.celery_app import TASK_NAME
+from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -127,10 +127,10 @@ def run_job(task: "Task", job_id: str) -> dict[str, Any]:
     reporter.start()
     try:
         # Heavy imports here, in the per-job child process (never in the worker parent).
-        from services.trainer.config import TrainConfig
-        from services.trainer.engine import RunState, TrainHooks, train
-        from services.trainer.paths import confine_config_paths
-        from services.trainer.publish import publish
+        from lastkd.student.config import TrainConfig
+        from lastkd.student.training import RunState, TrainHooks, train
+        from lastkd.student.paths import confine_config_paths
+        from lastkd.student.publish import publish
 
         config = TrainConfig.model_validate(record.config)
         # Check the paths again on the worker: its data roots rule, and files may have moved.

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from services.settings import Settings
+    from lastkd.services.settings import Settings
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 2, 3
 
@@ -70,7 +70,7 @@ def _progress_bar() -> tuple[Any, Any]:
 
 def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, roots: list[Path]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "services.trainer.engine", "--config", str(config_path), "--run-dir", str(run_dir)]
+           "-m", "lastkd.student.training", "--config", str(config_path), "--run-dir", str(run_dir)]
     if store is not None:
         cmd += ["--store", str(store)]
     for root in roots:
@@ -80,9 +80,9 @@ def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, r
 
 def run(args: argparse.Namespace, settings: "Settings") -> int:
     """Run ``lastkd train``; returns the process exit code (0 ok, 2 bad input, 3 cancelled)."""
-    from services.trainer import engine
-    from services.trainer.config import ConfigError, TrainConfig
-    from services.trainer.publish import PublishError, publish
+    from lastkd.student import training as engine
+    from lastkd.student.config import ConfigError, TrainConfig
+    from lastkd.student.publish import PublishError, publish
 
     def fail(msg: str) -> int:
         print(f"lastkd train: {msg}", file=sys.stderr)

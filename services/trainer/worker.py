@@ -14,10 +14,10 @@ import socket
 import sys
 from typing import TYPE_CHECKING
 
-from services.trainer.celery_app import DEFAULT_QUEUE, broker_kind, create_celery_app
+from lastkd.services.trainer.celery_app import DEFAULT_QUEUE, broker_kind, create_celery_app
 
 if TYPE_CHECKING:
-    from services.settings import Settings
+    from lastkd.services.settings import Settings
 
 
 def worker_argv(queue: str, concurrency: int, hostname: str, loglevel: str) -> list[str]:

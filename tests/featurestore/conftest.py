@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from featurestore import FeatureSetMeta, FeatureStore
+from lastkd.featurestore import FeatureSetMeta, FeatureStore
 
 PREPROCESSING = {"num_frames": 16, "short_side": 224, "crop": 224, "mean": [0.485, 0.456, 0.406]}
 WEIGHTS = "a3" * 32

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurestore import FeatureStore
+from lastkd.featurestore import FeatureStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lastkd"
 
 
 def lastkd(*args: object, env: dict[str, str] | None = None, script: bool = False) -> subprocess.CompletedProcess[str]:
-    command = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "services.cli"]
+    command = [str(CONSOLE_SCRIPT)] if script else [sys.executable, "-m", "lastkd.services.cli"]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
     full_env.update(env or {})
     return subprocess.run(

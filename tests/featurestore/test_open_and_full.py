@@ -9,7 +9,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from featurestore import (
+from lastkd.featurestore import (
     FeatureStore,
     InvalidFeatureError,
     NotAStoreError,

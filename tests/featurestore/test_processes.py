@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurestore import FeatureStore
+from lastkd.featurestore import FeatureStore
 
 from .workers import batch_ids, batch_vectors, check_snapshot
 
@@ -157,7 +157,7 @@ def test_reader_follows_a_map_grown_by_another_process(store_path: Path) -> None
     assert reader.count(set_id) == 1  # opened with the small map
     script = (
         "import numpy as np\n"
-        "from featurestore import FeatureStore\n"
+        "from lastkd.featurestore import FeatureStore\n"
         f"s = FeatureStore({str(store_path)!r}, map_size=256 << 10, max_map_size=8 << 20)\n"
         "for b in range(10):\n"
         f"    s.put_many({set_id!r}, [f'b{{b}}-{{i}}' for i in range(64)], np.full((64, 768), b, np.float32))\n"

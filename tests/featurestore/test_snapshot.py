@@ -10,7 +10,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from featurestore import FeatureSetMeta, FeatureStore, SnapshotError, UnknownFeatureSetError, verify_snapshot
+from lastkd.featurestore import FeatureSetMeta, FeatureStore, SnapshotError, UnknownFeatureSetError, verify_snapshot
 
 from .conftest import PREPROCESSING
 

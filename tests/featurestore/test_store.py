@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featurestore import (
+from lastkd.featurestore import (
     FeatureSetConflictError,
     FeatureSetMeta,
     FeatureStore,

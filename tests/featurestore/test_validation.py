@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featurestore import FeatureSetMeta, FeatureStore, InvalidFeatureError
+from lastkd.featurestore import FeatureSetMeta, FeatureStore, InvalidFeatureError
 
 from .conftest import PREPROCESSING
 

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from featurestore import FeatureStore
+from lastkd.featurestore import FeatureStore
 
 
 def batch_ids(batch: int, size: int) -> list[str]:

@@ -52,8 +52,8 @@ class TinyData:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> TinyData:
-    from featurestore import FeatureStore
-    from services.trainer.synth import generate
+    from lastkd.featurestore import FeatureStore
+    from lastkd.student.synth import generate
 
     base = tmp_path_factory.mktemp("stackdata")
     root = base / "datasets"
@@ -163,7 +163,7 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Pro
     log_path = log_dir / f"{name}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *args],
+            [sys.executable, "-m", "lastkd.services.cli", *args],
             env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     return Proc(name, proc, log_path)

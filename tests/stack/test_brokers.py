@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from services.trainer.publish import load_student
+from lastkd.student.publish import load_student
 from tests.stack.conftest import RedisServer, Stack, TinyData, redis_url, require_redis, tiny_config
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import load_settings
-from services.trainer.celery_app import DEFAULT_QUEUE, TASK_NAME, broker_kind, create_celery_app
-from services.trainer.worker import worker_argv
+from lastkd.services.settings import load_settings
+from lastkd.services.trainer.celery_app import DEFAULT_QUEUE, TASK_NAME, broker_kind, create_celery_app
+from lastkd.services.trainer.worker import worker_argv
 from tests.conftest import PROJECT_ROOT
 
 WEEK_S = 7 * 24 * 3600
@@ -51,9 +51,9 @@ def test_building_the_worker_app_imports_no_torch(tmp_path: Path) -> None:
     registration. None of it may import torch (importing it is the first step to a CUDA context)."""
     code = (
         "import json, sys\n"
-        "from services.settings import load_settings\n"
-        "from services.trainer import worker\n"
-        "from services.trainer.celery_app import create_celery_app\n"
+        "from lastkd.services.settings import load_settings\n"
+        "from lastkd.services.trainer import worker\n"
+        "from lastkd.services.trainer.celery_app import create_celery_app\n"
         f"app = create_celery_app(load_settings(data_dir={str(tmp_path)!r}))\n"
         "app.loader.import_default_modules()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'timm'))))\n"
@@ -64,7 +64,7 @@ def test_building_the_worker_app_imports_no_torch(tmp_path: Path) -> None:
 
 
 def test_readiness_notices_a_broken_embedded_broker_file(tmp_path: Path) -> None:
-    from services.trainer.celery_app import broker_reachable
+    from lastkd.services.trainer.celery_app import broker_reachable
 
     app = create_celery_app(load_settings(data_dir=tmp_path))
     assert broker_reachable(app) is None

@@ -107,7 +107,7 @@ def _queue(command: list[str]) -> str:
 
 
 def test_api_and_workers_share_one_queue(compose: dict) -> None:
-    from services.trainer.celery_app import DEFAULT_QUEUE
+    from lastkd.services.trainer.celery_app import DEFAULT_QUEUE
 
     services = compose["services"]
     api_queue = _queue(services["trainer-api"]["command"])

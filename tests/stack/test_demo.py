@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.demo import DemoError, prepare_dataset
+from lastkd.services.demo import DemoError, prepare_dataset
 from tests.conftest import NTU_SAMPLE_DIR, PROJECT_ROOT
 from tests.live import descendants, free_port, kill_all, port_free, running
 
@@ -47,16 +47,16 @@ def demo_env(**overrides: str) -> dict[str, str]:
 
 def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 420) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", "demo", *args],
+        [sys.executable, "-m", "lastkd.services.cli", "demo", *args],
         cwd=cwd, env=env or demo_env(), capture_output=True, text=True, timeout=timeout,
     )
 
 
 @pytest.mark.timeout(480)
 def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
-    from featurestore import FeatureStore
-    from services.trainer.last_v2 import LASTv2
-    from services.trainer.publish import load_student
+    from lastkd.featurestore import FeatureStore
+    from lastkd.models.last_v2 import LASTv2
+    from lastkd.student.publish import load_student
 
     env = demo_env()
     out = tmp_path / "demo"
@@ -135,7 +135,7 @@ def test_ctrl_c_during_training_stops_the_demo_stack(tmp_path: Path) -> None:
     log_path = tmp_path / "demo.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "demo", "--out", str(tmp_path / "demo"), "--classes", "2",
+            [sys.executable, "-m", "lastkd.services.cli", "demo", "--out", str(tmp_path / "demo"), "--classes", "2",
              "--samples-per-class", "4", "--epochs", "3", "--student-frames", "16", "--no-ntu-sample"],
             cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -262,7 +262,7 @@ def test_dataset_is_reused_when_complete_and_rebuilt_when_not(tmp_path: Path) ->
 
 
 def test_the_real_data_example_config_validates() -> None:
-    from services.trainer.config import TrainConfig
+    from lastkd.student.config import TrainConfig
 
     config = TrainConfig.from_yaml(PROJECT_ROOT / "docs" / "train_example.yaml")
     # What the README promises it is: a real-data NTU-60 distillation run, not the demo's.
@@ -286,7 +286,7 @@ def test_the_real_data_example_config_validates() -> None:
 def test_the_summary_says_plainly_whether_the_student_beat_chance(
     top1: float | None, samples: int, classes: int, words: str
 ) -> None:
-    from services.demo import accuracy_verdict
+    from lastkd.services.demo import accuracy_verdict
 
     verdict = accuracy_verdict(top1, samples, classes)
     assert verdict.startswith(words), verdict

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from services.trainer.last_v2 import LASTv2
-from services.trainer.publish import load_student
+from lastkd.models.last_v2 import LASTv2
+from lastkd.student.publish import load_student
 from tests.stack.conftest import Stack, TinyData, sse_events, tiny_config, wait_for
 
 

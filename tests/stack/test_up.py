@@ -18,8 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.settings import Settings, load_settings
-from services.stack import settings_env
+from lastkd.services.settings import Settings, load_settings
+from lastkd.services.stack import settings_env
 from tests.conftest import PROJECT_ROOT
 from tests.live import descendants, free_port, kill_all, lastkd_env, port_free, running
 
@@ -46,7 +46,7 @@ class Up:
         self.log_path = tmp_path / "up.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "up", *args],
+                [sys.executable, "-m", "lastkd.services.cli", "up", *args],
                 cwd=tmp_path, env=self.env, stdout=log, stderr=subprocess.STDOUT,
             )
         self.teacher = f"http://127.0.0.1:{self.env['LASTKD_TEACHER_PORT']}"
@@ -170,7 +170,7 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path, args: t
                                                         needle: str) -> None:
     full_env = up_env(tmp_path / "data", **env)
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", *args],
+        [sys.executable, "-m", "lastkd.services.cli", "up", *args],
         cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2, result.stdout + result.stderr
@@ -210,7 +210,7 @@ def test_children_get_exactly_the_parents_settings(tmp_path: Path) -> None:
 def _settings_from_env(env: dict[str, str], cwd: Path) -> Settings:
     """Load Settings in a fresh interpreter with exactly ``env`` (as a child would)."""
     code = (
-        "import json; from services.settings import load_settings; s = load_settings(); "
+        "import json; from lastkd.services.settings import load_settings; s = load_settings(); "
         "d = json.loads(s.model_dump_json()); d['api_token'] = s.token(); print(json.dumps(d))"
     )
     result = subprocess.run(
@@ -222,7 +222,7 @@ def _settings_from_env(env: dict[str, str], cwd: Path) -> Settings:
 
 @pytest.mark.timeout(240)
 def test_stack_gives_the_trainer_api_and_the_worker_one_queue(tmp_path: Path) -> None:
-    from services.stack import Stack
+    from lastkd.services.stack import Stack
 
     settings = load_settings(data_dir=tmp_path / "d", trainer_port=free_port(), log_level="INFO")
     queue = "lastkd-test-shared-queue"

@@ -95,7 +95,7 @@ def test_redelivery_cap_fails_the_job(stack_factory: Callable[..., Stack], tiny_
 
 
 def _claim_in_process(jobs_dir: str, job_id: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
-    from services.trainer.jobs import JobStore, owner_id
+    from lastkd.services.trainer.jobs import JobStore, owner_id
 
     store = JobStore(Path(jobs_dir))
     barrier.wait()
@@ -108,7 +108,7 @@ def test_concurrent_deliveries_claim_once(tmp_path: Path) -> None:
     """Four processes receive the same job at the same instant: exactly one runs it."""
     import multiprocessing as mp
 
-    from services.trainer.jobs import JobStore
+    from lastkd.services.trainer.jobs import JobStore
 
     store = JobStore(tmp_path)
     record, created = store.create("dup", {"name": "dup"}, "h", max_attempts=3)

@@ -30,9 +30,9 @@ def teacher_env(data_dir: Path, **overrides: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``lastkd ARGS`` (as ``python -m services.cli``) and capture its output."""
+    """Run ``lastkd ARGS`` (as ``python -m lastkd.services.cli``) and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "lastkd.services.cli", *args],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -81,7 +81,7 @@ def start_teacher(data_dir: Path, **env_overrides: str) -> LiveTeacher:
     log_path = data_dir / "server.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve-teacher"],
+        [sys.executable, "-m", "lastkd.services.cli", "serve-teacher"],
         env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT,
     )
     log.close()

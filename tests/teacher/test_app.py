@@ -265,7 +265,7 @@ def test_real_ntu_clip_through_the_service(live_teacher: LiveTeacher) -> None:
 
 
 def test_service_and_cli_give_identical_vectors(live_teacher: LiveTeacher, tmp_path: Path) -> None:
-    from featurestore import FeatureStore
+    from lastkd.featurestore import FeatureStore
 
     resp = _post(live_teacher, [(NTU_SAMPLE_VIDEO.name, NTU_SAMPLE_VIDEO.read_bytes())])
     assert resp.status_code == 200
@@ -328,7 +328,7 @@ def _octet_vector(server: LiveTeacher, set_id: str, clip_id: str) -> np.ndarray:
 def test_official_protocol_service_matches_cli_with_the_same_flags(live_teacher: LiveTeacher, tmp_path: Path) -> None:
     """LASTKD_TEACHER_PROTOCOL reaches the service: its own feature set, and the vector that
     `lastkd embed --protocol official_extraction` stores for the same clip."""
-    from featurestore import FeatureStore
+    from lastkd.featurestore import FeatureStore
 
     clip_id, data = "S001C001P001R001A001", NTU_SAMPLE_VIDEO.read_bytes()
     default_resp = _post(live_teacher, [(NTU_SAMPLE_VIDEO.name, data)])

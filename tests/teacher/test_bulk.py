@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from featurestore import FeatureStore, NotAStoreError
-from services.teacher_api.bulk import discover
+from lastkd.featurestore import FeatureStore, NotAStoreError
+from lastkd.services.teacher_api.bulk import discover
 from tests.conftest import NTU_SAMPLE_VIDEO
 from tests.teacher import media
 from tests.teacher.conftest import run_cli, teacher_env
@@ -107,7 +107,7 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
     store_path = tmp_path / "data" / "features.lmdb"
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "embed", str(clips), "--workers", "1", "--batch-size", "1",
+        [sys.executable, "-m", "lastkd.services.cli", "embed", str(clips), "--workers", "1", "--batch-size", "1",
          "--report", str(report), "--no-progress"],
         env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

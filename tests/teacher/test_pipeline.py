@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from featurestore import FeatureStore
-from services.teacher_api.pipeline import ClipFailure, Embedder, EngineConfig, EngineError, _ping
-from services.teacher_api.video import PreprocessConfig, VideoLimits, load_clip
-from services.teacher_api.videomae import create_videomae, save_official
+from lastkd.featurestore import FeatureStore
+from lastkd.teacher.embedder import ClipFailure, Embedder, EngineConfig, EngineError, _ping
+from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
+from lastkd.models.videomae import create_videomae, save_official
 from tests.conftest import NTU_SAMPLE_VIDEO
 from tests.teacher import media
 
@@ -31,7 +31,7 @@ def _direct_features(path: Path, cfg: PreprocessConfig, weights: Path | None = N
     torch.manual_seed(0)  # the engine documents seed 0 for random-init teachers
     model = create_videomae(TINY, num_frames=cfg.num_frames, img_size=cfg.size, num_classes=0).eval()
     if weights is not None:
-        from services.teacher_api.videomae import load_checkpoint
+        from lastkd.models.videomae import load_checkpoint
 
         load_checkpoint(model, weights)
     with torch.inference_mode():
@@ -90,7 +90,7 @@ def test_bad_clip_fails_alone_and_writes_nothing(engine: Embedder, clip_dir: Pat
 
 
 def test_same_bytes_new_id_is_copied_and_conflicts_refused(engine: Embedder, clip_dir: Path) -> None:
-    from services.teacher_api.pipeline import sha256_file
+    from lastkd.teacher.embedder import sha256_file
 
     path = clip_dir / "clip0.mp4"
     sha = sha256_file(path)
@@ -195,8 +195,8 @@ def test_model_yields_a_core_to_each_running_decoder(engine: Embedder, monkeypat
 
 
 def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) -> None:
-    from services.settings import load_settings
-    from services.teacher_api.pipeline import preprocess_from_settings
+    from lastkd.services.settings import load_settings
+    from lastkd.teacher.embedder import preprocess_from_settings
 
     default = preprocess_from_settings(load_settings(data_dir=tmp_path))
     assert (default.sampling, default.protocol) == ("uniform", "imagenet")

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.teacher_api.video import (
+from lastkd.teacher.video import (
     PreprocessConfig,
     VideoError,
     VideoLimits,

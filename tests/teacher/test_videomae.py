@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 
-from services.teacher_api.videomae import (
+from lastkd.models.videomae import (
     MODEL_CONFIGS,
     CheckpointError,
     VideoMAEv2,
@@ -36,7 +36,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 GOLDEN = REFERENCE / "videomae_v2_tiny_golden.pt"
 GOLDEN_8F = REFERENCE / "videomae_v2_tiny_golden_8f.pt"
 VIT_B_SHAPES = REFERENCE / "videomae_v2_vit_b_state_dict_shapes.json"
-LOGGER = "services.teacher_api.videomae"
+LOGGER = "lastkd.models.videomae"
 
 # Tolerances from shared/reference/README.md (VideoMAE part).
 FEATURE_ATOL = 2e-6

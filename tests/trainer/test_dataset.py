@@ -9,18 +9,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from featurestore import FeatureStore
-from services.trainer.data import augment as aug
-from services.trainer.data import streams as st
-from services.trainer.data.collection import SkeletonCollection
-from services.trainer.data.config import AugmentConfig, DataConfig
-from services.trainer.data.dataset import (
+from lastkd.featurestore import FeatureStore
+from lastkd.student.data import augment as aug
+from lastkd.student.data import streams as st
+from lastkd.student.data.collection import SkeletonCollection
+from lastkd.student.data.config import AugmentConfig, DataConfig
+from lastkd.student.data.dataset import (
     DatasetError,
     SkeletonDataset,
     TeacherFeatures,
     build_datasets,
 )
-from services.trainer.data.ntu import parse_skeleton_file
+from lastkd.student.data.ntu import parse_skeleton_file
 from tests.conftest import NTU_SAMPLE_SKELETON, REFERENCE
 
 STREAM_KEYS = ("joint", "velocity", "bone")

@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services import cli
-from services.trainer import engine
-from services.trainer.config import TrainConfig
-from services.trainer.last_v2 import create_last_v2
-from services.trainer.publish import list_published, load_student
-from services.trainer.synth import generate
+from lastkd.services import cli
+from lastkd.student import training as engine
+from lastkd.student.config import TrainConfig
+from lastkd.models.last_v2 import create_last_v2
+from lastkd.student.publish import list_published, load_student
+from lastkd.student.synth import generate
 
 
 @pytest.mark.slow

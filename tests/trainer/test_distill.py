@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from services.trainer.distill import (
+from lastkd.student.distill import (
     DistillConfig,
     FeatureStats,
     Projector,
@@ -20,7 +20,7 @@ from services.trainer.distill import (
     label_smoothed_nll,
     total_loss,
 )
-from services.trainer.last_v2 import LASTv2
+from lastkd.models.last_v2 import LASTv2
 
 FS = "videomae_v2_vit_b-random-init-3f2a9c1b7d0e"
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer import engine
-from services.trainer.config import ConfigError, TrainConfig
-from services.trainer.synth import generate
+from lastkd.student import training as engine
+from lastkd.student.config import ConfigError, TrainConfig
+from lastkd.student.synth import generate
 
 
 def make_dataset(root: Path) -> Path:
@@ -46,7 +46,7 @@ def tiny_config(data_path: Path, **overrides: Any) -> TrainConfig:
 
 def make_store(root: Path, names: list[str], dim: int = 16, seed: int = 0) -> tuple[Path, str]:
     """A real LMDB feature store with a random-init feature set covering ``names``."""
-    from featurestore import FeatureStore
+    from lastkd.featurestore import FeatureStore
 
     path = root / "features.lmdb"
     store = FeatureStore(path, map_size=64 << 20)
@@ -172,8 +172,8 @@ def test_truncated_real_checkpoint(reference_run, data_path, tmp_path) -> None:
 
 
 def test_distillation_uses_projector_and_reports_coverage(data_path, tmp_path) -> None:
-    from services.trainer.data.config import DataConfig
-    from services.trainer.data.sources import load_splits
+    from lastkd.student.data.config import DataConfig
+    from lastkd.student.data.sources import load_splits
 
     torch.set_num_threads(1)
     train_col, val_col = load_splits(DataConfig(path=data_path, num_frames=8))

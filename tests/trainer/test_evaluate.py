@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from services.trainer import evaluate as ev
-from services.trainer.data import streams as st
-from services.trainer.last_v2 import LASTv2
+from lastkd.student import evaluate as ev
+from lastkd.student.data import streams as st
+from lastkd.models.last_v2 import LASTv2
 from tests.conftest import SHARED
 
 LABEL_MAP = SHARED / "data" / "ntu60_label_map.txt"

@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from services.trainer.last_v2 import (
+from lastkd.models.last_v2 import (
     VARIANTS,
     LASTv2,
     build_ntu_spatial_adjacency,

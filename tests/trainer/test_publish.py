@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from services import cli
-from services.trainer import evaluate as ev
-from services.trainer import publish as pub
-from services.trainer.config import TrainConfig
-from services.trainer.data.dataset import DataInfo
-from services.trainer.engine import RunState, TrainResult
-from services.trainer.last_v2 import LASTv2
-from services.trainer.synth import generate
+from lastkd.services import cli
+from lastkd.student import evaluate as ev
+from lastkd.student import publish as pub
+from lastkd.student.config import TrainConfig
+from lastkd.student.data.dataset import DataInfo
+from lastkd.student.training import RunState, TrainResult
+from lastkd.models.last_v2 import LASTv2
+from lastkd.student.synth import generate
 from tests.conftest import REFERENCE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

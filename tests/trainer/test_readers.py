@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.trainer.data import readers
-from services.trainer.data.config import DataConfig
-from services.trainer.data.ntu import parse_skeleton_file
-from services.trainer.data.readers import DataSourceError
-from services.trainer.data.sources import load_splits
-from services.trainer.synth import generate
+from lastkd.student.data import readers
+from lastkd.student.data.config import DataConfig
+from lastkd.student.data.ntu import parse_skeleton_file
+from lastkd.student.data.readers import DataSourceError
+from lastkd.student.data.sources import load_splits
+from lastkd.student.synth import generate
 from tests.conftest import NTU_SAMPLE_SKELETON
 
 # spec ntu_data.md: NTU60 cross-subject training performers

@@ -9,10 +9,10 @@ import av
 import numpy as np
 import pytest
 
-from services.cli import main as cli_main
-from services.trainer import synth
-from services.trainer.data.ntu import parse_sample_name, parse_skeleton_file
-from services.trainer.data.splits import split_indices
+from lastkd.services.cli import main as cli_main
+from lastkd.student import synth
+from lastkd.student.data.ntu import parse_sample_name, parse_skeleton_file
+from lastkd.student.data.splits import split_indices
 
 CLASSES, PER_CLASS, FRAMES = 6, 8, 60
 
@@ -179,9 +179,9 @@ def test_demo_sized_data_is_learnable_through_the_model_input_pipeline(tmp_path:
     streams, 16 frames, training augmentations on): a nearest-centroid rule on per-joint motion
     energy of the joint stream separates the xsub validation clips, so a student at chance level
     on it is an optimisation problem (too few steps), not a data problem."""
-    from services.trainer.data.config import DataConfig
-    from services.trainer.data.dataset import build_datasets
-    from services.trainer.data.sources import load_splits
+    from lastkd.student.data.config import DataConfig
+    from lastkd.student.data.dataset import build_datasets
+    from lastkd.student.data.sources import load_splits
 
     out = tmp_path / "demo"
     synth.generate(out, classes=5, samples_per_class=6, frames=120, video=False, seed=0)

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from featurestore import FeatureStore, FeatureStoreError
+from lastkd.featurestore import FeatureStore, FeatureStoreError
 
-from services.trainer.data import augment as aug
-from services.trainer.data import streams as st
-from services.trainer.data.collection import SkeletonCollection
-from services.trainer.data.config import DataConfig
+from lastkd.student.data import augment as aug
+from lastkd.student.data import streams as st
+from lastkd.student.data.collection import SkeletonCollection
+from lastkd.student.data.config import DataConfig
 
 
 class DatasetError(ValueError):

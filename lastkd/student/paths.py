@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.trainer.config import TrainConfig
+from lastkd.student.config import TrainConfig
 
 # Fields that must exist when given; the parse cache is created on demand.
 MUST_EXIST = ("data.path", "data.label_path", "data.missing_skeletons", "eval.label_map")

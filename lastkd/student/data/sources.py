@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from services.trainer.data.cache import load_ntu_folder
-from services.trainer.data.collection import SkeletonCollection
-from services.trainer.data.config import DataConfig
-from services.trainer.data.ntu import parse_sample_name, read_missing_list
-from services.trainer.data.readers import (
+from lastkd.student.data.cache import load_ntu_folder
+from lastkd.student.data.collection import SkeletonCollection
+from lastkd.student.data.config import DataConfig
+from lastkd.student.data.ntu import parse_sample_name, read_missing_list
+from lastkd.student.data.readers import (
     DataSourceError,
     RootCheck,
     check_path_inside,
@@ -28,7 +28,7 @@ from services.trainer.data.readers import (
     read_last_npy,
     read_pyskl,
 )
-from services.trainer.data.splits import is_train
+from lastkd.student.data.splits import is_train
 
 DataRootCheck = Callable[[Path], Path] | Sequence[Path] | None
 MAX_PARSE_WORKERS = 8

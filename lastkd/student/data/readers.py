@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.trainer.data.collection import SkeletonCollection
-from services.trainer.data.ntu import (
+from lastkd.student.data.collection import SkeletonCollection
+from lastkd.student.data.ntu import (
     MAX_FRAMES,
     NUM_JOINTS,
     NUM_SLOTS,
@@ -36,7 +36,7 @@ from services.trainer.data.ntu import (
     parse_sample_name,
     parse_skeleton_file,
 )
-from services.trainer.data.splits import is_train
+from lastkd.student.data.splits import is_train
 
 STREAM_NAMES = ("joint", "velocity", "bone")
 NUM_CLASSES = {"ntu60": 60, "ntu120": 120}

@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from services.teacher_api.clip_ids import clip_id_from_filename
-from services.teacher_api.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
+from lastkd.teacher.clip_ids import clip_id_from_filename
+from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-    from featurestore import FeatureSetMeta, FeatureStore
-    from services.settings import Settings
+    from lastkd.featurestore import FeatureSetMeta, FeatureStore
+    from lastkd.services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EngineError(RuntimeError):
 class ClipFailure(Exception):
     """One clip could not be embedded; ``reason`` is a stable machine-readable code.
 
-    Reasons: the :class:`~services.teacher_api.video.VideoError` reasons (``not_media``,
+    Reasons: the :class:`~lastkd.teacher.video.VideoError` reasons (``not_media``,
     ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_large``, ``too_long``, ``resolution``),
     plus ``decode_failed`` (an unexpected decoder error), ``decode_crashed`` (the decoder process
     died), ``clip_id_conflict`` and ``shutdown``.
@@ -182,7 +182,7 @@ def preprocessing_record(preprocess: PreprocessConfig) -> dict[str, Any]:
 def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
     """The feature-set id an engine with these settings will write to, without building it
     (hashes the weights file when there is one)."""
-    from featurestore import FeatureStoreError, feature_set_id
+    from lastkd.featurestore import FeatureStoreError, feature_set_id
 
     weights_sha = None
     if config.weights is not None:
@@ -352,7 +352,7 @@ class Embedder:
         pays neither for lazy CUDA/oneDNN initialisation nor for starting processes."""
         import torch
 
-        from services.teacher_api.videomae import inference_context
+        from lastkd.models.videomae import inference_context
 
         size, frames = self.preprocess.size, self.preprocess.num_frames
         x = torch.zeros((1, 3, frames, size, size), device=self.device)
@@ -629,7 +629,7 @@ class Embedder:
         batch_size rows, then averaged back per clip."""
         import torch
 
-        from services.teacher_api.videomae import inference_context
+        from lastkd.models.videomae import inference_context
 
         views = [c.shape[0] for c in clips]
         rows = np.concatenate(clips, axis=0) if len(clips) > 1 else clips[0]
@@ -688,7 +688,7 @@ class Embedder:
     def _build_model(self) -> None:
         import torch
 
-        from services.teacher_api.videomae import create_videomae, load_checkpoint, resolve_device
+        from lastkd.models.videomae import create_videomae, load_checkpoint, resolve_device
 
         cfg = self.config
         try:
@@ -720,7 +720,7 @@ class Embedder:
         self.dim = int(model.embed_dim)
 
     def _open_feature_set(self) -> None:
-        from featurestore import FeatureStoreError, feature_set_id
+        from lastkd.featurestore import FeatureStoreError, feature_set_id
 
         teacher = self.config.model_name
         prep = preprocessing_record(self.preprocess)

@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from services.trainer.data.splits import XSUB60_TRAIN_PERFORMERS
+from lastkd.student.data.splits import XSUB60_TRAIN_PERFORMERS
 
 if TYPE_CHECKING:
-    from services.settings import Settings
+    from lastkd.services.settings import Settings
 
 FPS = 30
 VIDEO_SIZE = (160, 120)  # width, height

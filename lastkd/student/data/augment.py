@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from services.trainer.data.config import AugmentConfig
+from lastkd.student.data.config import AugmentConfig
 
 NUM_JOINTS = 25
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from services.trainer.data.collection import SkeletonCollection
-from services.trainer.data.ntu import NUM_JOINTS, NUM_SLOTS, BodyAssignment, read_missing_list
-from services.trainer.data.readers import DataSourceError, list_skeleton_files, open_npy, read_ntu_folder
+from lastkd.student.data.collection import SkeletonCollection
+from lastkd.student.data.ntu import NUM_JOINTS, NUM_SLOTS, BodyAssignment, read_missing_list
+from lastkd.student.data.readers import DataSourceError, list_skeleton_files, open_npy, read_ntu_folder
 
 log = logging.getLogger(__name__)
 

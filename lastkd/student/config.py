@@ -16,9 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.common.types import DEVICE_HELP, DeviceSpec
-from services.trainer.data.config import DataConfig
-from services.trainer.distill import DistillConfig
+from lastkd.devices import DEVICE_HELP, DeviceSpec
+from lastkd.student.data.config import DataConfig
+from lastkd.student.distill import DistillConfig
 
 # Registry names become directory names: keep them short, portable and free of path syntax.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -38,14 +38,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from services.trainer.config import NAME_RE
-from services.trainer.engine import RunState, TrainResult
-from services.trainer.last_v2 import LASTv2, num_parameters
+from lastkd.student.config import NAME_RE
+from lastkd.student.training import RunState, TrainResult
+from lastkd.models.last_v2 import LASTv2, num_parameters
 
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 STUDENT_FORMAT = "lastkd-student/1"
-SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (services.trainer.synth)
+SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (lastkd.student.synth)
 
 
 class PublishError(ValueError):

@@ -10,7 +10,7 @@ Determinism. The shuffle order of an epoch and the DataLoader worker seeds are f
 the torch/numpy/python RNG states are checkpointed at the epoch boundary, so on CPU a run that is
 interrupted and resumed ends with the same weights, bit for bit, as one that was not.
 
-DDP. Run ``torchrun --nproc_per_node N -m services.trainer.engine --config C --run-dir D``.
+DDP. Run ``torchrun --nproc_per_node N -m lastkd.student.training --config C --run-dir D``.
 ``batch_size`` is the global batch: each of the N ranks takes its 1/N slice of the *same* global
 batch a single process would draw (:class:`GlobalBatchSampler`), and DDP averages the gradients,
 so a DDP run follows the single-process run up to BatchNorm statistics (per rank, over B/N
@@ -42,13 +42,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from services.trainer import distill as kd
-from services.trainer import evaluate as ev
-from services.trainer.config import TrainConfig
-from services.trainer.data import streams as data_streams
-from services.trainer.data.dataset import DataInfo, build_datasets
-from services.trainer.data.sources import load_splits
-from services.trainer.last_v2 import LASTv2, create_last_v2
+from lastkd.student import distill as kd
+from lastkd.student import evaluate as ev
+from lastkd.student.config import TrainConfig
+from lastkd.student.data import streams as data_streams
+from lastkd.student.data.dataset import DataInfo, build_datasets
+from lastkd.student.data.sources import load_splits
+from lastkd.models.last_v2 import LASTv2, create_last_v2
 
 log = logging.getLogger(__name__)
 
@@ -786,17 +786,17 @@ def load_result(run_dir: Path) -> TrainResult:
 # torchrun entry point
 # --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """``[torchrun ...] python -m services.trainer.engine --config C --run-dir D [--store S]``.
+    """``[torchrun ...] python -m lastkd.student.training --config C --run-dir D [--store S]``.
 
     Exit status 0 when completed, 3 when cancelled, 2 for bad input.
     """
-    parser = argparse.ArgumentParser(prog="python -m services.trainer.engine", description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lastkd.student.training", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--store", type=Path, default=None, help="feature store (needed when distilling)")
     parser.add_argument("--data-root", type=Path, action="append", default=None, help="allowed data folder (repeatable)")
     args = parser.parse_args(argv)
-    from services.trainer.config import ConfigError
+    from lastkd.student.config import ConfigError
 
     try:
         config = TrainConfig.from_yaml(args.config)
