@@ -1,17 +1,23 @@
-"""Shared test fixtures: where the read-only reference material lives, and torch threads."""
+"""Fixtures for every tier, and the tier markers.
+
+Tiers are folders: ``tests/unit`` (no processes, seconds), ``tests/integration`` (in-process apps,
+real LMDB / SQLite / PyAV), ``tests/e2e`` (uvicorn, Celery, Redis, the CLI as processes). Each
+test gets the marker of its folder, so ``pytest -m "not e2e"`` is the fast loop. Helpers live in
+``tests/support``; only fixtures live in conftest files.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared"
-REFERENCE = SHARED / "reference"
-NTU_SAMPLE_DIR = SHARED / "data" / "ntu_sample"
-NTU_SAMPLE_SKELETON = NTU_SAMPLE_DIR / "S001C001P001R001A001.skeleton"
-NTU_SAMPLE_VIDEO = NTU_SAMPLE_DIR / "S001C001P001R001A001_rgb.avi"
+from lastkd.featurestore import FeatureSetMeta, FeatureStore
+from tests.support.paths import SHARED
+from tests.support.store import PREPROCESSING, WEIGHTS
+
+TIERS = ("unit", "integration", "e2e")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,6 +25,32 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"reference material not found at {SHARED} (expected ../shared next to the project)")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).parent
+    for item in items:
+        parts = Path(item.fspath).resolve().relative_to(tests_dir).parts
+        if parts and parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, parts[0]))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "features.lmdb"
+
+
+@pytest.fixture
+def store(store_path: Path) -> Iterator[FeatureStore]:
+    st = FeatureStore(store_path, map_size=64 << 20)
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def fset(store: FeatureStore) -> FeatureSetMeta:
+    """A float32 set of dim 16."""
+    return store.create_set("videomae_v2_vit_b", WEIGHTS, PREPROCESSING, dim=16, dtype="float32")

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from lastkd.services.common.http import (
+from lastkd.services.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,

@@ -39,7 +39,7 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from lastkd.services.common.http import (
+from lastkd.services.http import (
     ApiError,
     BindRefusedError,
     HttpMetrics,

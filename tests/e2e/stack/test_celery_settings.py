@@ -1,0 +1,76 @@
+"""The Celery settings of long GPU jobs, checked on the app the trainer really builds, and the
+rule that the worker parent never loads torch (so CUDA is never initialised before the fork of
+the per-job child)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lastkd.services.settings import load_settings
+from lastkd.services.trainer.celery_app import DEFAULT_QUEUE, TASK_NAME, broker_kind, create_celery_app
+from lastkd.services.trainer.worker import worker_argv
+from tests.support.paths import PROJECT_ROOT
+
+WEEK_S = 7 * 24 * 3600
+
+
+@pytest.mark.parametrize("broker", [None, "redis://127.0.0.1:6379/3"])
+def test_long_job_settings(tmp_path: Path, broker: str | None) -> None:
+    settings = load_settings(data_dir=tmp_path, broker_url=broker)
+    app = create_celery_app(settings, queue="q-test")
+    conf = app.conf
+    assert broker_kind(conf.broker_url) == ("redis" if broker else "sqlite")
+    assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_max_tasks_per_child == 1  # a fresh process (and GPU context) per job
+    assert conf.worker_concurrency == 1 and conf.worker_pool == "prefork"
+    assert not conf.task_always_eager, "jobs must run in real worker processes"
+    assert conf.task_time_limit is None  # a long job is never killed for its length
+    assert conf.task_routes[TASK_NAME]["queue"] == "q-test" and conf.task_default_queue == "q-test"
+    if broker:
+        # Redis re-delivers an unacknowledged job after the visibility timeout: it must outlast any job.
+        assert conf.broker_transport_options["visibility_timeout"] >= WEEK_S
+    task = app.tasks[TASK_NAME]
+    assert task.acks_late is True and task.reject_on_worker_lost is True
+    assert app.lastkd.jobs_dir == (tmp_path / "jobs").resolve()
+
+
+def test_worker_argv_matches_the_app_settings() -> None:
+    argv = worker_argv(DEFAULT_QUEUE, 1, "w@h", "INFO")
+    assert f"--queues={DEFAULT_QUEUE}" in argv
+    assert "--max-tasks-per-child=1" in argv and "--prefetch-multiplier=1" in argv and "--pool=prefork" in argv
+
+
+def test_building_the_worker_app_imports_no_torch(tmp_path: Path) -> None:
+    """What the `lastkd worker` parent runs before it forks: the CLI, settings, the app and the task
+    registration. None of it may import torch (importing it is the first step to a CUDA context)."""
+    code = (
+        "import json, sys\n"
+        "from lastkd.services.settings import load_settings\n"
+        "from lastkd.services.trainer import worker\n"
+        "from lastkd.services.trainer.celery_app import create_celery_app\n"
+        f"app = create_celery_app(load_settings(data_dir={str(tmp_path)!r}))\n"
+        "app.loader.import_default_modules()\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'timm'))))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [], result.stdout
+
+
+def test_readiness_notices_a_broken_embedded_broker_file(tmp_path: Path) -> None:
+    from lastkd.services.trainer.celery_app import broker_reachable
+
+    app = create_celery_app(load_settings(data_dir=tmp_path))
+    assert broker_reachable(app) is None
+    broker_file = tmp_path / "broker.sqlite"
+    for extra in tmp_path.glob("broker.sqlite-*"):
+        extra.unlink()
+    broker_file.write_bytes(b"this is not a SQLite database" * 100)
+    reason = broker_reachable(app)
+    assert reason is not None and "database" in reason.lower(), reason

@@ -1,0 +1,140 @@
+"""docker compose cannot run here (no Docker daemon), so the file's promised properties are
+checked by parsing it: health-gated start order, GPU reservations, shared volumes, no secrets."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.support.paths import PROJECT_ROOT
+
+ROOT = PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _gpu_reserved(service: dict) -> bool:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+
+
+def test_services_present(compose: dict) -> None:
+    assert set(compose["services"]) == {"redis", "teacher-api", "trainer-api", "trainer-worker"}
+
+
+def test_redis_has_healthcheck(compose: dict) -> None:
+    check = compose["services"]["redis"]["healthcheck"]["test"]
+    assert "ping" in " ".join(check)
+
+
+def test_gpu_services_reserve_a_gpu(compose: dict) -> None:
+    services = compose["services"]
+    assert _gpu_reserved(services["teacher-api"])
+    assert _gpu_reserved(services["trainer-worker"])
+    assert not _gpu_reserved(services["trainer-api"])
+
+
+def test_teacher_healthcheck_uses_readiness(compose: dict) -> None:
+    check = " ".join(compose["services"]["teacher-api"]["healthcheck"]["test"])
+    assert "/health/ready" in check
+
+
+def test_depends_on_health_conditions(compose: dict) -> None:
+    services = compose["services"]
+    for name in ("teacher-api", "trainer-api", "trainer-worker"):
+        deps = services[name]["depends_on"]
+        assert deps["redis"]["condition"] == "service_healthy", name
+    worker_deps = services["trainer-worker"]["depends_on"]
+    assert worker_deps["teacher-api"]["condition"] == "service_healthy"
+    assert worker_deps["trainer-api"]["condition"] == "service_healthy"
+
+
+def test_worker_scales(compose: dict) -> None:
+    worker = compose["services"]["trainer-worker"]
+    # --scale needs no fixed container name and no published host port.
+    assert "container_name" not in worker
+    assert "ports" not in worker
+
+
+def test_shared_volumes(compose: dict) -> None:
+    def mounts(name: str) -> dict[str, str]:
+        out = {}
+        for spec in compose["services"][name]["volumes"]:
+            volume, target = spec.split(":")[:2]
+            out[volume] = target
+        return out
+
+    teacher, api, worker = mounts("teacher-api"), mounts("trainer-api"), mounts("trainer-worker")
+    assert teacher["store"] == worker["store"] == "/data/store"
+    assert api["registry"] == worker["registry"]
+    assert api["jobs"] == worker["jobs"]
+    assert "datasets" in teacher and "datasets" in worker
+    for volume in ("store", "registry", "jobs", "datasets"):
+        assert volume in compose["volumes"]
+
+
+def test_broker_is_redis(compose: dict) -> None:
+    env = compose["services"]["trainer-worker"]["environment"]
+    assert env["LASTKD_BROKER_URL"].startswith("redis://redis:")
+
+
+def test_no_secrets_baked_in(compose: dict) -> None:
+    token = compose["services"]["teacher-api"]["environment"]["LASTKD_API_TOKEN"]
+    assert re.fullmatch(r"\$\{LASTKD_API_TOKEN:\?.+\}", token), "token must come from .env, required"
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert "LASTKD_API_TOKEN" not in dockerfile
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_public_bind_needs_token(compose: dict) -> None:
+    # Services listen on 0.0.0.0 inside containers; settings refuse that without a token,
+    # so the compose file must always provide one.
+    for name in ("teacher-api", "trainer-api"):
+        env = compose["services"][name]["environment"]
+        host_key = "LASTKD_TEACHER_HOST" if name == "teacher-api" else "LASTKD_TRAINER_HOST"
+        assert env[host_key] == "0.0.0.0"
+        assert "LASTKD_API_TOKEN" in env
+
+
+def _queue(command: list[str]) -> str:
+    assert "--queue" in command, command
+    return command[command.index("--queue") + 1]
+
+
+def test_api_and_workers_share_one_queue(compose: dict) -> None:
+    from lastkd.services.trainer.celery_app import DEFAULT_QUEUE
+
+    services = compose["services"]
+    api_queue = _queue(services["trainer-api"]["command"])
+    worker_queue = _queue(services["trainer-worker"]["command"])
+    # A mismatch would leave every job QUEUED forever with nobody consuming it.
+    assert api_queue == worker_queue
+    match = re.fullmatch(r"\$\{LASTKD_QUEUE:-(.+)\}", api_queue)
+    assert match and match.group(1) == DEFAULT_QUEUE, api_queue
+    assert services["trainer-api"]["command"][0] == "serve-trainer"
+    assert services["trainer-worker"]["command"][0] == "worker"
+
+
+def test_redis_keeps_its_queue_across_restarts(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(spec.split(":")[1] == "/data" for spec in redis["volumes"])  # the AOF lives on a volume
+
+
+def test_job_database_and_registry_are_shared_volumes(compose: dict) -> None:
+    env = compose["services"]["trainer-api"]["environment"]
+    worker_env = compose["services"]["trainer-worker"]["environment"]
+    # API and workers must agree on where the job DB and the registry are, and that place must be
+    # a named volume both mount (not the container's own filesystem).
+    assert env["LASTKD_JOBS_DIR"] == worker_env["LASTKD_JOBS_DIR"] == "/data/jobs"
+    assert env["LASTKD_REGISTRY_DIR"] == worker_env["LASTKD_REGISTRY_DIR"] == "/data/registry"
+    for name in ("trainer-api", "trainer-worker"):
+        targets = {spec.split(":")[1] for spec in compose["services"][name]["volumes"]}
+        assert {"/data/jobs", "/data/registry", "/data/store"} <= targets, name
