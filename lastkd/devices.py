@@ -6,7 +6,11 @@ import it. :func:`resolve_device` imports torch when called, on the machine that
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AfterValidator
@@ -16,7 +20,7 @@ from lastkd.errors import LastkdError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_HELP", "DeviceError", "DeviceSpec", "check_device", "resolve_device"]
+__all__ = ["DEVICE_HELP", "DeviceError", "DeviceSpec", "GpuProbe", "check_device", "probe_gpus", "resolve_device"]
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 # ASCII digits only: str.isdigit() would also take digits such as "²" that torch cannot parse.
@@ -45,12 +49,59 @@ DeviceSpec = Annotated[str, AfterValidator(check_device)]
 """A device string as written in settings and configs: ``auto | cpu | cuda | cuda:N``."""
 
 
-def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
+@dataclass(frozen=True)
+class GpuProbe:
+    """What the machine says about NVIDIA GPUs, independently of whether torch can use them."""
+
+    present: bool  # the kernel driver lists at least one GPU
+    driver: str | None  # the driver's version line, when readable
+    hidden: bool  # CUDA_VISIBLE_DEVICES hides every GPU on purpose
+
+
+def probe_gpus(root: str | os.PathLike[str] = "/", environ: Mapping[str, str] | None = None) -> GpuProbe:
+    """Read the NVIDIA kernel driver's view (``/proc/driver/nvidia``): is a GPU there at all?
+
+    ``root`` and ``environ`` exist for tests (a simulated driver tree); callers use the defaults.
+    """
+    env = os.environ if environ is None else environ
+    base = Path(root) / "proc" / "driver" / "nvidia"
+    gpus = base / "gpus"
+    present = gpus.is_dir() and any(gpus.iterdir())
+    driver = None
+    try:
+        driver = (base / "version").read_text(encoding="utf-8", errors="replace").splitlines()[0].strip()
+    except (OSError, IndexError):
+        pass
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    hidden = visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles")
+    return GpuProbe(present, driver, hidden)
+
+
+def _unusable_reason(probe: GpuProbe) -> str:
+    import torch
+
+    try:
+        torch.cuda.init()  # raises with torch's own reason (driver too old, no device node...)
+        why = "torch.cuda.is_available() is False"
+    except Exception as exc:  # noqa: BLE001 - any failure here is the reason we report
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"an NVIDIA GPU is present but CUDA cannot use it: {why}. Driver: {probe.driver or 'unknown'}; "
+        f"this torch {torch.__version__} is built for CUDA {torch.version.cuda or 'none (CPU-only build)'}. "
+        "Install a driver that supports that CUDA version (or a torch build for your driver), "
+        "or set the device to 'cpu' to run on the CPU on purpose."
+    )
+
+
+def resolve_device(spec: str, *, local_rank: int = 0, probe: GpuProbe | None = None) -> torch.device:
     """The torch device for ``spec``.
 
-    ``auto`` is CUDA when it is usable, else the CPU; ``cuda`` is this process's GPU: the local
-    rank's under DDP (torchrun's ``LOCAL_RANK``, passed by the caller), GPU 0 otherwise;
-    ``cuda:N`` is GPU N. A CUDA device that is absent raises :class:`DeviceError`.
+    ``auto`` is CUDA when it is usable and the CPU when the machine has no GPU; a GPU that is
+    present but unusable (driver too old for this torch's CUDA, broken device nodes) is refused
+    with the reason instead of silently falling back to the CPU (a GPU job on a CPU is hours
+    late, not a detail). ``cuda`` is this process's GPU: the local rank's under DDP (torchrun's
+    ``LOCAL_RANK``, passed by the caller), GPU 0 otherwise; ``cuda:N`` is GPU N. Only ``cpu``
+    never looks at GPUs. A CUDA device that is absent raises :class:`DeviceError`.
     """
     import torch
 
@@ -58,10 +109,15 @@ def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     has_cuda = torch.cuda.is_available()
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if has_cuda else torch.device("cpu")
     if not has_cuda:
+        probe = probe or probe_gpus()
+        if probe.present and not probe.hidden:
+            raise DeviceError(f"device {spec!r}: {_unusable_reason(probe)}")
+        if spec == "auto":
+            return torch.device("cpu")
         raise DeviceError(f"device {spec!r} requested but CUDA is not available on this machine")
+    if spec == "auto":
+        return torch.device("cuda", local_rank)
     index = local_rank if spec == "cuda" else int(spec.split(":", 1)[1])
     count = torch.cuda.device_count()
     if index >= count:
