@@ -25,9 +25,9 @@ from kombu import transport as kombu_transport
 from kombu.transport import sqlalchemy as kombu_sqla
 
 from lastkd.services.settings import Settings
+from lastkd.services.trainer.tasks import TASK_NAME, register
 
 DEFAULT_QUEUE = "lastkd.train"
-TASK_NAME = "lastkd.train"
 # Longer than the longest job: Redis re-delivers an unacknowledged message after this long.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 DEFAULT_MAX_ATTEMPTS = 3
@@ -163,9 +163,7 @@ def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Cele
         data_roots=list(settings.resolved_data_roots),
         queue=queue,
     )
-    from lastkd.services.trainer import tasks  # registers on this app; light: no torch at import time
-
-    tasks.register(app)
+    register(app)
     return app
 
 

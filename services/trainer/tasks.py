@@ -18,13 +18,14 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
-from lastkd.services.trainer.celery_app import TASK_NAME
 from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
 
 if TYPE_CHECKING:
     from celery import Celery, Task
 
 log = logging.getLogger(__name__)
+
+TASK_NAME = "lastkd.train"  # the one task; the API and the worker address it by this name
 
 FLUSH_INTERVAL_S = 0.5  # progress/heartbeat/cancel-poll period of the reporter thread
 PROGRESS_STATE = "PROGRESS"

@@ -36,6 +36,10 @@ def _modules() -> Iterator[tuple[str, Path]]:
             yield name, path
 
 
+MODULES = dict(_modules())
+_MODULE_NAMES = set(MODULES)
+
+
 def _imports(name: str, path: Path) -> set[str]:
     """Modules imported by ``path`` anywhere but under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -57,12 +61,16 @@ def _imports(name: str, path: Path) -> set[str]:
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
-            found.add(mod)
-            found.update(f"{mod}.{alias.name}" for alias in node.names)
+            # `from pkg import submodule` imports the submodule, not the package's re-exports
+            # (Python loads pkg/__init__ for any submodule import; that is not a dependency).
+            names = [f"{mod}.{alias.name}" for alias in node.names]
+            submodules = [n for n in names if n in _MODULE_NAMES]
+            found.update(submodules)
+            if len(submodules) < len(names):
+                found.add(mod)
     return found
 
 
-MODULES = dict(_modules())
 GRAPH = {name: {m for m in _imports(name, path) if m in MODULES and m != name} for name, path in MODULES.items()}
 RAW = {name: _imports(name, path) for name, path in MODULES.items()}
 
