@@ -23,7 +23,7 @@ TIERS = ("unit", "integration", "e2e")
 # Bad-input and fault tests are found by `pytest -m faults`: marked explicitly, or named with the
 # words such tests use (a test of a refusal says so in its name). docs/reliability.md lists them.
 FAULT_WORDS = re.compile(
-    r"reject|refus|corrupt|truncat|malformed|hostile|garbage|invalid|bad_|_bad|kill|crash|"
+    r"reject|refus|corrupt(?!ion)|truncat|malformed|hostile|garbage|invalid|bad_|_bad|kill|crash|"
     r"disconnect|traversal|escape|outside|symlink|too_large|oversize|huge|nan_|not_finite|"
     r"wrong|unknown|conflict|fifo|orphan|left_behind|survive|partial"
 )
