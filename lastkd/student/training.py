@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from lastkd.devices import DeviceError, resolve_device
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student.config import TrainConfig
@@ -137,22 +138,6 @@ def dist_info() -> DistInfo:
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))  # set by torchrun; edge knowledge
         return DistInfo(dist.get_rank(), dist.get_world_size(), local)
     return DistInfo()
-
-
-def resolve_device(spec: str, di: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> CUDA when present (the rank's local GPU under DDP), else CPU; clear error for a
-    CUDA device that does not exist."""
-    if spec == "cpu":
-        return torch.device("cpu")
-    has_cuda = torch.cuda.is_available()
-    if spec == "auto":
-        return torch.device("cuda", di.local_rank) if has_cuda else torch.device("cpu")
-    if not has_cuda:
-        raise TrainError(f"device {spec!r} requested but CUDA is not available on this host")
-    index = di.local_rank if spec == "cuda" else int(spec.split(":", 1)[1])
-    if index >= torch.cuda.device_count():
-        raise TrainError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return torch.device("cuda", index)
 
 
 def seed_everything(seed: int) -> None:
@@ -364,7 +349,10 @@ class TrainingRun:
         self.config, self.run_dir, self.hooks = config, Path(run_dir), hooks
         self.data_roots = data_roots
         self.di = dist_info()
-        self.device = resolve_device(config.device, self.di)
+        try:
+            self.device = resolve_device(config.device, local_rank=self.di.local_rank)
+        except DeviceError as exc:
+            raise TrainError(str(exc)) from None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
