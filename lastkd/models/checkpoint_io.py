@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lastkd.hashing import sha256_file
 from lastkd.models.videomae import (
@@ -105,7 +104,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
     return _load_torch_bytes(data, path), digest
 
 
-def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool,
+def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: VideoMAEv2, strict: bool,
                             source: str) -> dict[str, torch.Tensor]:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

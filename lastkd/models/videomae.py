@@ -22,13 +22,13 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import Attention, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
@@ -150,6 +150,10 @@ class VideoMAEBlock(Block):
     allocation of a ~5-20 MB activation is a round of page faults and a pass over memory.
     """
 
+    # timm's Block builds these; declared so the lean path below type-checks.
+    attn: Attention
+    mlp: Mlp
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if (torch.is_grad_enabled() or self.training or attn_mask is not None or is_causal
@@ -165,9 +169,10 @@ class VideoMAEBlock(Block):
         # in place (float addition commutes, so this equals timm's x + proj(o) exactly).
         y = _add_residual(torch.addmm(attn.proj.bias, heads.transpose(1, 2).reshape(b * n, d), attn.proj.weight.t()),
                           rows)
-        hidden = torch.addmm(mlp.fc1.bias, self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
+        # Biases exist: _plain checked them (cast only tells the type checker).
+        hidden = torch.addmm(cast(torch.Tensor, mlp.fc1.bias), self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
         torch.ops.aten.gelu_(hidden)
-        return _add_residual(torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t()), y).view(b, n, d)
+        return _add_residual(torch.addmm(cast(torch.Tensor, mlp.fc2.bias), hidden, mlp.fc2.weight.t()), y).view(b, n, d)
 
     @property
     def _plain(self) -> bool:
@@ -188,6 +193,8 @@ class VideoMAEv2(nn.Module):
     keeps; ``forward`` adds the linear head (absent when ``num_classes == 0``, in which case
     ``forward`` returns the feature).
     """
+
+    pos_embed: torch.Tensor  # a buffer (register_buffer), declared for type checkers
 
     def __init__(
         self,
@@ -225,10 +232,11 @@ class VideoMAEv2(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
-        for key, value in dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                               drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate).items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        rates: dict[str, float] = dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                       drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate)
+        for key, rate in rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {rate!r}")
 
         self.config: dict[str, Any] = dict(ints, mlp_ratio=float(mlp_ratio), num_classes=num_classes)
         self.num_classes = num_classes
@@ -248,7 +256,8 @@ class VideoMAEv2(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             VideoMAEBlock(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
-                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                  norm_layer=norm_layer,  # type: ignore[arg-type]  # timm only calls it: norm_layer(dim)
                   act_layer=nn.GELU)
             for i in range(depth)
         ])
@@ -278,7 +287,9 @@ class VideoMAEv2(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         """Switch every block between fused SDPA and the explicit softmax(q k^T) v path."""
         for blk in self.blocks:
-            blk.attn.fused_attn = bool(enabled)
+            # timm marks fused_attn Final (set once from its config); switching it per model is
+            # what timm's own set_fused_attn helpers do too.
+            cast(VideoMAEBlock, blk).attn.fused_attn = bool(enabled)  # type: ignore[misc]
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """Replace the head with a freshly initialised one (0 removes it). Pooling is always the
