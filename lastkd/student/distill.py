@@ -21,6 +21,9 @@ from torch import Tensor, nn
 Schedule = Literal["constant", "linear", "cosine"]
 DistillLossKind = Literal["mse", "cosine"]
 TeacherNorm = Literal["none", "l2", "standardize"]
+# 'shuffled' is the control arm of an experiment: teacher vectors permuted across clips (fixed by
+# the seed), so any gain that survives it is not due to the teacher knowing the clip.
+TeacherOrder = Literal["joined", "shuffled"]
 
 _EPS = 1e-6
 
@@ -41,6 +44,11 @@ class DistillConfig(BaseModel):
     teacher_norm: TeacherNorm = "none"
     projector_hidden: int = Field(512, ge=1, le=16384)
     feature_set: str | None = Field(None, min_length=1, max_length=256)
+    teacher_order: TeacherOrder = Field(
+        "joined",
+        description="'joined': each clip gets its own teacher vector; 'shuffled': vectors permuted across "
+        "clips at load time (a control that must do worse whenever the teacher is informative).",
+    )
 
     @field_validator("alpha_start", "alpha_end", mode="before")
     @classmethod
@@ -246,6 +254,7 @@ __all__ = [
     "DistillConfig",
     "FeatureStats",
     "Projector",
+    "TeacherOrder",
     "alpha_at",
     "distill_loss",
     "feature_stats",

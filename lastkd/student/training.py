@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Sampler
 from lastkd.devices import DeviceError, resolve_device
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
+from lastkd.student import tblog
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
 from lastkd.student.data.dataset import DataInfo, build_datasets
@@ -385,6 +386,7 @@ class TrainingRun:
             teacher_store_path=self.store_path,
             feature_set=cfg.distill.feature_set if self.distilling else None,
             seed=cfg.seed,
+            teacher_order=cfg.distill.teacher_order,
         )
         if di.active and di.is_main:
             dist.barrier()
@@ -534,14 +536,16 @@ class TrainingRun:
         self.scaler.scale(loss).backward()
         if self.di.active and self.projector is not None:
             _allreduce_mean_grads(list(self.projector.parameters()), self.di.world)
-        if cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        # unscale_ is a no-op without fp16, so the norm is always that of the true gradients; an
+        # infinite max_norm scales by exactly 1.0 (no clipping) and just measures (logged as grad_norm).
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         values = {k: float(v) for k, v in parts.items()}
         values["total"] = float(loss.detach())
+        values["grad_norm"] = float(grad_norm)
         if self.di.active:  # report the global batch's loss, not this rank's slice
             keys = sorted(values)
             t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)
@@ -724,7 +728,22 @@ def train(
         return result
     store = Path(store_path) if store_path is not None else None
     roots = [Path(r) for r in data_roots] if data_roots is not None else None
-    return TrainingRun(config, run_dir, store, hooks or TrainHooks(), roots).run()
+    hooks = hooks or TrainHooks()
+    tb = tblog.TensorBoardLogger(tblog.log_dir(run_dir)) if tblog.available() and dist_info().is_main else None
+    if tb is not None:  # every run logs for TensorBoard, beside whatever hook the caller gave
+        caller = hooks.on_progress
+
+        def on_progress(p: Progress) -> None:
+            tb.on_progress(p)
+            if caller is not None:
+                caller(p)
+
+        hooks = TrainHooks(on_progress=on_progress, should_cancel=hooks.should_cancel)
+    try:
+        return TrainingRun(config, run_dir, store, hooks, roots).run()
+    finally:
+        if tb is not None:
+            tb.close()
 
 
 def save_result(result: TrainResult) -> Path:

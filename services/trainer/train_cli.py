@@ -68,6 +68,15 @@ def _progress_bar() -> tuple[Any, Any]:
     return on_progress, close
 
 
+def tensorboard_line(run_dir: Path) -> str:
+    """Where the run's TensorBoard logs go, or how to get them (shared with ``lastkd compare``)."""
+    from lastkd.student import tblog
+
+    if tblog.available():
+        return f"tensorboard logs: {tblog.log_dir(run_dir)}  (view: tensorboard --logdir {run_dir})"
+    return f"tensorboard logs: off (the tensorboard package is not installed: {tblog.INSTALL_HINT})"
+
+
 def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, roots: list[Path]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lastkd.student.training", "--config", str(config_path), "--run-dir", str(run_dir)]
@@ -104,6 +113,7 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     run_dir = args.run_dir or settings.resolved_jobs_dir / "cli" / f"{config.name}-{config.config_hash()[:12]}"
     store = settings.resolved_store_path if config.distill.enabled else None
     print(f"run directory: {run_dir}", file=sys.stderr)
+    print(tensorboard_line(run_dir), file=sys.stderr)
 
     try:
         if args.ddp > 1:

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from lastkd.student.data import augment as aug
 from lastkd.student.data import streams as st
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.config import DataConfig
+from lastkd.student.distill import TeacherOrder
+
+# Mixed into the shuffle seed so the permutation is not correlated with any other draw of the seed.
+_SHUFFLE_SALT = 0x7EAC5EED
 
 
 class DatasetError(ValueError):
@@ -98,6 +103,20 @@ class TeacherFeatures:
         if rows.shape[0] == 0:
             raise DatasetError(f"feature set {self.feature_set!r} covers none of the {len(self.names)} samples")
         return rows.mean(axis=0).astype(np.float32), np.maximum(rows.std(axis=0), eps).astype(np.float32)
+
+    def shuffled(self, seed: int) -> "TeacherFeatures":
+        """The control arm's features: the covered vectors permuted among the covered clips.
+
+        The permutation is a function of ``seed`` only (same seed, same permutation, in every arm
+        and on every DDP rank); clips without a vector keep none, so coverage is unchanged.
+        """
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise DatasetError(f"seed must be a non-negative int, got {seed!r}")
+        rows = np.flatnonzero(self.found)
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence((seed, _SHUFFLE_SALT))))
+        vectors = self.vectors.copy()
+        vectors[rows] = self.vectors[rows[rng.permutation(len(rows))]]
+        return TeacherFeatures(self.names, vectors, self.found.copy(), self.feature_set)
 
     @classmethod
     def from_store(cls, store_path: str | os.PathLike[str], feature_set: str, names: Sequence[str]) -> "TeacherFeatures":
@@ -341,16 +360,25 @@ def build_datasets(
     teacher_store_path: str | os.PathLike[str] | None = None,
     feature_set: str | None = None,
     seed: int = 0,
+    teacher_order: TeacherOrder = "joined",
 ) -> tuple[SkeletonDataset, SkeletonDataset, DataInfo]:
-    """Train and val datasets (teacher features joined when a store and a feature set are given)."""
+    """Train and val datasets (teacher features joined when a store and a feature set are given).
+
+    ``teacher_order='shuffled'`` permutes the teacher vectors across clips once, here, with a
+    permutation fixed by ``seed`` (see :meth:`TeacherFeatures.shuffled`).
+    """
     if (teacher_store_path is None) != (feature_set is None):
         raise DatasetError("teacher_store_path and feature_set must be given together (or neither)")
+    if teacher_order not in get_args(TeacherOrder):
+        raise DatasetError(f"teacher_order must be one of {list(get_args(TeacherOrder))}, got {teacher_order!r}")
     if len(train_col) == 0 or len(val_col) == 0:
         raise DatasetError(f"empty split: train has {len(train_col)} samples, val {len(val_col)}")
     t_train = t_val = None
     if teacher_store_path is not None:
         t_train = TeacherFeatures.from_store(teacher_store_path, feature_set, train_col.names)
         t_val = TeacherFeatures.from_store(teacher_store_path, feature_set, val_col.names)
+        if teacher_order == "shuffled":
+            t_train, t_val = t_train.shuffled(seed), t_val.shuffled(seed)
     train_ds = SkeletonDataset(train_col, cfg, train=True, teacher=t_train, seed=seed)
     val_ds = SkeletonDataset(val_col, cfg, train=False, teacher=t_val, seed=seed)
     info = DataInfo(
