@@ -161,7 +161,12 @@ def test_alpha_zero_arms_train_identical_weights(local_run, informative: Informa
 def test_rerun_reads_finished_children_back(local_run, informative: InformativeData) -> None:
     exp, out, first = local_run
     again = run_local(exp, out, store_path=informative.store_path)
-    assert again.report == first.report
+
+    def numbers(report: dict[str, Any]) -> dict[str, Any]:  # wall times are the only thing allowed to differ
+        return {**report, "children": [{k: v for k, v in c.items() if k != "wall_s"} for c in report["children"]]}
+
+    assert numbers(again.report) == numbers(first.report)
+    assert sum(c.wall_s for c in again.children) < 0.5 * sum(c.wall_s for c in first.children)  # nothing retrained
 
 
 # --------------------------------------------------------------------------------------------
