@@ -156,36 +156,6 @@ class TrainConfig(_Strict):
         }
         return {k: v for k, v in found.items() if v is not None}
 
-    def with_paths_resolved(self, base: Path) -> "TrainConfig":
-        """A copy in which every relative path is taken relative to ``base`` (absolute, normalised)."""
-
-        def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
-            p = Path(p).expanduser()
-            return (p if p.is_absolute() else Path(base) / p).resolve()
-
-        data = self.data.model_copy(
-            update={
-                "path": fix(self.data.path),
-                "label_path": fix(self.data.label_path),
-                "missing_skeletons": fix(self.data.missing_skeletons),
-                "cache_dir": fix(self.data.cache_dir),
-            }
-        )
-        ev = self.eval.model_copy(update={"label_map": fix(self.eval.label_map)})
-        return self.model_copy(update={"data": data, "eval": ev})
-
-    def paths_outside(self, roots: list[Path]) -> list[str]:
-        """Dotted names of path fields that do not lie inside one of ``roots`` (after resolving)."""
-        bad = []
-        resolved_roots = [Path(r).resolve() for r in roots]
-        for key, path in self.path_fields().items():
-            real = Path(path).resolve()
-            if not any(real == r or r in real.parents for r in resolved_roots):
-                bad.append(key)
-        return bad
-
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> "TrainConfig":

@@ -1,8 +1,9 @@
 """``lastkd train CONFIG.yaml``: train a student in the foreground and publish it.
 
 Relative paths in the config are taken relative to the first configured data root
-(``LASTKD_DATA_ROOTS``, default ``<data_dir>/datasets``) and every data path must lie inside the
-data roots. The feature store and the checkpoint registry come from the settings. The run
+(``LASTKD_DATA_ROOTS``, default ``<data_dir>/datasets``), ``~`` is expanded, and every data path
+(and every data file read through a symlink) must lie inside the data roots: the same rule
+(``lastkd.datapaths.confine``) as ``POST /train`` and the worker. The feature store and the checkpoint registry come from the settings. The run
 directory defaults to ``<jobs_dir>/cli/<name>-<config hash>``, so running the same command again
 resumes an interrupted run (or just re-publishes a finished one, which is idempotent).
 Ctrl-C stops at the next step and keeps the last epoch checkpoint. ``--ddp N`` runs the same
@@ -81,7 +82,9 @@ def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, r
 def run(args: argparse.Namespace, settings: "Settings") -> int:
     """Run ``lastkd train``; returns the process exit code (0 ok, 2 bad input, 3 cancelled)."""
     from lastkd.student import training as engine
+    from lastkd.datapaths import DataPathError
     from lastkd.student.config import ConfigError, TrainConfig
+    from lastkd.student.paths import confine_config_paths
     from lastkd.student.publish import PublishError, publish
 
     def fail(msg: str) -> int:
@@ -95,12 +98,11 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     if not 1 <= args.ddp <= 1024:
         return fail(f"--ddp must be between 1 and 1024, got {args.ddp}")
     roots = settings.resolved_data_roots
-    config = config.with_paths_resolved(roots[0])
-    outside = config.paths_outside(roots)
-    if outside:
-        return fail(
-            f"{', '.join(outside)} outside the data roots {[str(r) for r in roots]} (set LASTKD_DATA_ROOTS)"
-        )
+    try:
+        # the same rule as POST /train and the worker (lastkd.datapaths.confine)
+        config = confine_config_paths(config, roots)
+    except DataPathError as exc:
+        return fail(str(exc))
     run_dir = args.run_dir or settings.resolved_jobs_dir / "cli" / f"{config.name}-{config.config_hash()[:12]}"
     store = settings.resolved_store_path if config.distill.enabled else None
     print(f"run directory: {run_dir}", file=sys.stderr)
