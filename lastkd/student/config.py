@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lastkd.devices import DEVICE_HELP, DeviceSpec
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
+from lastkd.validation import StrictModel, problems
 
 # Registry names become directory names: keep them short, portable and free of path syntax.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -29,11 +30,7 @@ class ConfigError(ValueError):
     """A training config that cannot be read or does not validate; the message names each field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     """Optimiser choice; momentum/nesterov apply to SGD only."""
 
     name: Literal["adamw", "sgd"] = "sgd"
@@ -49,7 +46,7 @@ class OptimizerConfig(_Strict):
         return self
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     """Learning-rate schedule, stepped every optimiser step (warmup is linear from ~0)."""
 
     kind: Literal["cosine", "step", "constant"] = "cosine"
@@ -66,7 +63,7 @@ class ScheduleConfig(_Strict):
         return value
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What the final evaluation reports beyond top-1/top-5."""
 
     label_map: Path | None = Field(None, description="Text file, one class name per line (NTU label map).")
@@ -91,7 +88,7 @@ class EvalConfig(_Strict):
         return value
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One training job: data, student variant, optimisation, distillation, evaluation."""
 
     name: str = Field(..., description="Registry name of the published student.")
@@ -192,12 +189,5 @@ class TrainConfig(_Strict):
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``field.path: message (got value)``."""
-    lines = [f"{source}: invalid training config:"]
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "config"
-        got = ""
-        if err.get("type") not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
-            got = f" (got {err['input']!r:.80})"
-        lines.append(f"  {loc}: {err['msg']}{got}")
-    return "\n".join(lines)
+    """One line per problem: ``field.path: message (got value)`` (the words of every entry point)."""
+    return "\n".join([f"{source}: invalid training config:"] + [f"  {p.field}: {p.msg}" for p in problems(exc)])
