@@ -400,6 +400,11 @@ class TrainingRun:
         )
         if di.active and di.is_main:
             dist.barrier()
+        if self.info.skipped and di.is_main:
+            log.warning(
+                "%d data file(s)/sample(s) skipped as unusable; first: %s",
+                self.info.skipped, "; ".join(self.info.skipped_first),
+            )
         if self.distilling and self.info.coverage_train == 0.0:
             raise TrainError(
                 f"feature set {cfg.distill.feature_set!r} covers none of the {self.info.train_size} training samples"
@@ -693,6 +698,7 @@ class TrainingRun:
                 log.info("cancelled during epoch %d; %s keeps epoch %d", epoch + 1, CHECKPOINT_NAME, epoch)
                 last = self.history[-1] if self.history else {}
                 metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+                metrics["data_skipped"] = self.info.data_skipped()
                 return self.result(RunState.CANCELLED, metrics, epoch)
             self.save_checkpoint(epoch + 1)
         self._emit(
@@ -701,6 +707,9 @@ class TrainingRun:
         metrics = self.final_metrics()
         metrics["coverage_train"] = self.info.coverage_train
         metrics["coverage_val"] = self.info.coverage_val
+        # skipped source files travel with the metrics: the job record, metrics.json and the
+        # model card all carry them, and `lastkd train` prints them
+        metrics["data_skipped"] = self.info.data_skipped()
         result = self.result(RunState.COMPLETED, metrics, cfg.epochs)
         if self.di.is_main:
             save_result(result)

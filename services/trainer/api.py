@@ -184,6 +184,8 @@ def create_app(
 
     def _job_body(record: JobRecord, request: Request) -> dict[str, Any]:
         body = record.public()
+        # the readers' report of skipped source files, lifted out of the metrics so nobody misses it
+        body["data_skipped"] = (record.metrics or {}).get("data_skipped")
         body["status_url"] = str(request.url_for("get_job", job_id=record.id))
         return body
 

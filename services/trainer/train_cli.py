@@ -79,6 +79,17 @@ def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, r
     return subprocess.run(cmd, check=False).returncode
 
 
+def _print_skipped(report: dict[str, Any]) -> None:
+    """Say which source files the readers skipped (they are not in the training data)."""
+    if not report["count"]:
+        return
+    shown = len(report["first"])
+    head = f"the first {shown}" if shown < report["count"] else "all"
+    print(f"warning: {report['count']} unusable data file(s)/sample(s) were skipped ({head} below):", file=sys.stderr)
+    for reason in report["first"]:
+        print(f"  {reason}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, settings: "Settings") -> int:
     """Run ``lastkd train``; returns the process exit code (0 ok, 2 bad input, 3 cancelled)."""
     from lastkd.student import training as engine
@@ -144,10 +155,12 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     except (engine.TrainError, ValueError, OSError) as exc:
         return fail(str(exc))
     if result.state is engine.RunState.CANCELLED:
+        _print_skipped(result.data_info.data_skipped())
         print(f"cancelled after {result.epochs_completed} epoch(s); run the same command again to resume", file=sys.stderr)
         return EXIT_CANCELLED
     m = result.metrics
     print(f"val top-1 {100 * m['top1']:.2f}%  top-5 {100 * m['top5']:.2f}%  ({m['num_samples']} clips)")
+    _print_skipped(result.data_info.data_skipped())
     if args.no_publish:
         print(f"not published; result in {run_dir / engine.RESULT_NAME}")
         return EXIT_OK

@@ -394,7 +394,7 @@ def read_ctrgcn_npz(
         lengths = _valid_lengths(data)
         names = [f"npz_{side}_{i:06d}" for i in range(data.shape[0])]
         empty = np.flatnonzero(lengths == 0)
-        malformed = [f"{path.name}:x_{side}[{i}]: all-zero sample" for i in empty[:1000]]
+        malformed = [f"{path.name}:x_{side}[{i}]: all-zero sample" for i in empty]
         coll = SkeletonCollection(names, labels, data, lengths, source_hash, malformed=malformed)
         if empty.size:
             coll = coll.subset(np.flatnonzero(lengths > 0))
@@ -620,7 +620,7 @@ def read_last_npy(
             labels, None, np.full(n, t, dtype=np.int64), source_hash, streams=streams,
         )
         keep = _valid_lengths(streams["joint"]) > 0
-        malformed = [f"{side}_joint.npy:{i}: all-zero sample" for i in np.flatnonzero(~keep)[:1000]]
+        malformed = [f"{side}_joint.npy:{i}: all-zero sample" for i in np.flatnonzero(~keep)]
         excluded = 0
         if names is not None and missing:
             on_list = np.asarray([nm in missing for nm in names], dtype=bool)
