@@ -241,3 +241,44 @@ def test_parse_cache_that_links_out_is_refused(world: World) -> None:
     finally:
         shutil.rmtree(folder)
         shutil.rmtree(hidden)
+
+
+@pytest.mark.parametrize(
+    "fmt, given, link, extra",
+    [
+        ("last_npy", "last", "last/xsub/train_joint.npy", {}),
+        ("last_npy", "last2", "labels/train_label.pkl", {"label_path": "labels"}),
+        ("pyskl", "ann.pkl", "ann.pkl", {}),
+        ("ctrgcn_npz", "d.npz", "d.npz", {}),
+    ],
+    ids=["last-stream-npy", "last-label-pickle", "pyskl-pickle", "ctrgcn-npz"],
+)
+def test_data_files_of_every_format_are_confined(
+    world: World, tmp_path: Path, fmt: str, given: str, link: str, extra: dict
+) -> None:
+    """Arrays and pickles that are symlinks out of the roots are refused, the file named, before
+    anything is read: by the config check (API, worker, CLI) and by the readers."""
+    secret = world.home / f"secret-{tmp_path.name}{Path(link).suffix}"
+    secret.write_bytes(b"not for the job")
+    made = []
+    for folder in ("last/xsub", "last2", "labels"):
+        (world.root / folder).mkdir(parents=True, exist_ok=True)
+        made.append(world.root / folder.split("/")[0])
+    target = world.root / link
+    target.symlink_to(secret)
+    try:
+        raw = _config(given)
+        raw["data"].update(format=fmt, **extra)
+        with pytest.raises(DataPathError, match=re.escape(target.name)) as info:
+            confine_config_paths(TrainConfig.from_dict(raw), world.roots)
+        assert info.value.kind == "forbidden"
+        if fmt != "last_npy" or "label_path" not in extra:  # (the label pickle is read after valid arrays)
+            cfg = DataConfig(path=Path(given), format=fmt, **extra)  # type: ignore[arg-type]
+            with pytest.raises(DataPathError, match=re.escape(target.name)) as info:
+                load_splits(cfg, world.roots)
+            assert info.value.kind == "forbidden"
+    finally:
+        target.unlink()
+        secret.unlink()
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
