@@ -13,6 +13,7 @@ same rule without anyone remembering it.
 
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -85,12 +86,15 @@ def _number_problem(annotation: Any, value: Any) -> str | None:
         for i, (item_type, item) in enumerate(zip(item_types, value)):
             problem = _number_problem(item_type, item)
             if problem:
-                return f"item {i} {problem}"
+                return f"item {i} ({item!r}) {problem}"
         return None
     if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
         return f"must be an integer, not {_kind(value)}"
     if annotation is float and isinstance(value, (bool, str)):
         return f"must be a number, not {_kind(value)}"
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        # said here, before pydantic's range check can answer "should be less than ..." for NaN
+        return "must be a finite number"
     return None
 
 

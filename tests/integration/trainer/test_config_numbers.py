@@ -46,17 +46,17 @@ CASES = [
     ("data.num_frames", "64", "must be an integer, not text"),
     ("data.max_samples", True, "must be an integer, not a boolean"),
     ("distill.projector_hidden", "512", "must be an integer, not text"),
-    ("schedule.milestones", [1, True], "item 1 must be an integer, not a boolean"),
+    ("schedule.milestones", [1, True], "item 1 (True) must be an integer, not a boolean"),
     ("optimizer.lr", True, "must be a number, not a boolean"),
     ("optimizer.lr", "0.1", "must be a number, not text"),
     ("distill.alpha_start", True, "must be a number, not a boolean"),
-    ("optimizer.lr", math.nan, "finite number"),
-    ("optimizer.lr", math.inf, "finite number"),
-    ("grad_clip", -math.inf, "finite number"),
-    ("label_smoothing", math.nan, "finite number"),
-    ("data.augment.noise_std", math.nan, "finite number"),
-    ("eval.jitter_stds", [0.1, math.nan], "finite number"),
-    ("distill.alpha_end", math.nan, "finite number"),
+    ("optimizer.lr", math.nan, "must be a finite number"),
+    ("optimizer.lr", math.inf, "must be a finite number"),
+    ("grad_clip", -math.inf, "must be a finite number"),
+    ("label_smoothing", math.nan, "must be a finite number"),
+    ("data.augment.noise_std", math.nan, "must be a finite number"),
+    ("eval.jitter_stds", [0.1, math.nan], "must be a finite number"),
+    ("distill.alpha_end", math.nan, "must be a finite number"),
 ]
 IDS = [f"{field}={value!r}" for field, value, _ in CASES]
 
@@ -124,5 +124,5 @@ def test_every_numeric_field_refuses_booleans_and_nan() -> None:
             with pytest.raises(ConfigError, match="not text"):
                 TrainConfig.from_dict(_with(field, "3"))
         else:
-            with pytest.raises(ConfigError, match="finite number"):
+            with pytest.raises(ConfigError, match="must be a finite number"):
                 TrainConfig.from_dict(_with(field, math.nan))
