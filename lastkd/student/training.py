@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from lastkd.datapaths import confine
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student.config import TrainConfig
@@ -409,7 +410,10 @@ class TrainingRun:
             raise TrainError(
                 f"feature set {cfg.distill.feature_set!r} covers none of the {self.info.train_size} training samples"
             )
-        self.names = ev.class_names(self.info.num_classes, cfg.eval.label_map)
+        label_map = cfg.eval.label_map
+        if label_map is not None and self.data_roots is not None:  # what is read is confined, like the data
+            label_map = confine(label_map, self.data_roots, field="eval.label_map", must_exist=True)
+        self.names = ev.class_names(self.info.num_classes, label_map)
 
         self.model = create_last_v2(cfg.variant, num_classes=self.info.num_classes).to(self.device)
         self.projector: nn.Module | None = None

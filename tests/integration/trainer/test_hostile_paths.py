@@ -282,3 +282,18 @@ def test_data_files_of_every_format_are_confined(
         secret.unlink()
         for folder in made:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_engine_confines_the_label_map_it_reads(world: World, tmp_path: Path) -> None:
+    """The engine itself (any caller, not only the config check) refuses a label map outside."""
+    from lastkd.student import training as engine
+
+    secret = world.home / "label_map.txt"
+    secret.write_text("\n".join(f"class {i}" for i in range(60)))
+    config = TrainConfig.from_dict(_config(str(world.root / "synth" / "skeletons")) | {"eval": {"label_map": str(secret)}})
+    try:
+        with pytest.raises(DataPathError, match="eval.label_map") as info:
+            engine.train(config, tmp_path / "run", data_roots=world.roots)
+        assert info.value.kind == "forbidden"
+    finally:
+        secret.unlink()
