@@ -15,8 +15,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
+
+from lastkd.validation import StrictModel
 
 Schedule = Literal["constant", "linear", "cosine"]
 DistillLossKind = Literal["mse", "cosine"]
@@ -28,14 +30,12 @@ TeacherOrder = Literal["joined", "shuffled"]
 _EPS = 1e-6
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(StrictModel):
     """Distillation settings (part of TrainConfig). ``feature_set=None`` switches distillation off.
 
     ``alpha`` is the weight of the distillation term; it moves from ``alpha_start`` (progress 0)
     to ``alpha_end`` (progress 1) along ``schedule`` ('constant' uses ``alpha_start`` throughout).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     alpha_start: float = Field(0.5, ge=0.0, le=1.0)
     alpha_end: float = Field(0.0, ge=0.0, le=1.0)
@@ -49,14 +49,6 @@ class DistillConfig(BaseModel):
         description="'joined': each clip gets its own teacher vector; 'shuffled': vectors permuted across "
         "clips at load time (a control that must do worse whenever the teacher is informative).",
     )
-
-    @field_validator("alpha_start", "alpha_end", mode="before")
-    @classmethod
-    def _no_bool(cls, value: Any) -> Any:
-        # pydantic would accept True as 1.0; a boolean alpha is always a config mistake.
-        if isinstance(value, bool):
-            raise ValueError("alpha must be a number in [0, 1], not a boolean")
-        return value
 
     @field_validator("feature_set")
     @classmethod

@@ -245,9 +245,30 @@ class ExperimentConfig(BaseModel):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(raw, source=str(path))
 
-    def with_paths_resolved(self, base_dir: Path) -> "ExperimentConfig":
-        """A copy whose base config has every relative path resolved against ``base_dir``."""
-        return self.model_copy(update={"base": self.base.with_paths_resolved(base_dir)})
+    def confined(self, roots: Sequence[Path]) -> "ExperimentConfig":
+        """A copy whose base paths are absolute, real and inside ``roots``; every arm is checked too.
+
+        The one path rule (:func:`lastkd.student.paths.confine_config_paths`, as for ``lastkd
+        train`` and ``POST /train``). Raises :class:`~lastkd.datapaths.DataPathError` naming the
+        field (``base.<field>`` or ``arms.<arm>.<field>``).
+        """
+        from lastkd.datapaths import DataPathError
+        from lastkd.student.paths import confine_config_paths
+
+        def renamed(exc: DataPathError, prefix: str) -> DataPathError:
+            message = str(exc).removeprefix(f"{exc.field}: ")
+            return DataPathError(f"{prefix}{exc.field}", message, exc.kind)
+
+        try:
+            exp = self.model_copy(update={"base": confine_config_paths(self.base, roots)})
+        except DataPathError as exc:
+            raise renamed(exc, "base.") from None
+        for arm in exp.arms:  # an arm that overrides a path is held to the same rule
+            try:
+                confine_config_paths(exp.arm_config(arm), roots)
+            except DataPathError as exc:
+                raise renamed(exc, f"arms.{arm}.") from None
+        return exp
 
 
 # --------------------------------------------------------------------------------------------

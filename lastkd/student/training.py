@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from lastkd.datapaths import confine
 from lastkd.devices import DeviceError, resolve_device
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
@@ -390,11 +391,19 @@ class TrainingRun:
         )
         if di.active and di.is_main:
             dist.barrier()
+        if self.info.skipped and di.is_main:
+            log.warning(
+                "%d data file(s)/sample(s) skipped as unusable; first: %s",
+                self.info.skipped, "; ".join(self.info.skipped_first),
+            )
         if self.distilling and self.info.coverage_train == 0.0:
             raise TrainError(
                 f"feature set {cfg.distill.feature_set!r} covers none of the {self.info.train_size} training samples"
             )
-        self.names = ev.class_names(self.info.num_classes, cfg.eval.label_map)
+        label_map = cfg.eval.label_map
+        if label_map is not None and self.data_roots is not None:  # what is read is confined, like the data
+            label_map = confine(label_map, self.data_roots, field="eval.label_map", must_exist=True)
+        self.names = ev.class_names(self.info.num_classes, label_map)
 
         self.model = create_last_v2(cfg.variant, num_classes=self.info.num_classes).to(self.device)
         self.projector: nn.Module | None = None
@@ -685,6 +694,7 @@ class TrainingRun:
                 log.info("cancelled during epoch %d; %s keeps epoch %d", epoch + 1, CHECKPOINT_NAME, epoch)
                 last = self.history[-1] if self.history else {}
                 metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+                metrics["data_skipped"] = self.info.data_skipped()
                 return self.result(RunState.CANCELLED, metrics, epoch)
             self.save_checkpoint(epoch + 1)
         self._emit(
@@ -693,6 +703,9 @@ class TrainingRun:
         metrics = self.final_metrics()
         metrics["coverage_train"] = self.info.coverage_train
         metrics["coverage_val"] = self.info.coverage_val
+        # skipped source files travel with the metrics: the job record, metrics.json and the
+        # model card all carry them, and `lastkd train` prints them
+        metrics["data_skipped"] = self.info.data_skipped()
         result = self.result(RunState.COMPLETED, metrics, cfg.epochs)
         if self.di.is_main:
             save_result(result)

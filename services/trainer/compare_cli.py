@@ -69,6 +69,7 @@ def print_paired(report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace, settings: "Settings") -> int:
     """Run ``lastkd compare``; returns the exit code (0 ok, 2 bad input, 3 cancelled)."""
+    from lastkd.datapaths import DataPathError
     from lastkd.student import training as engine
     from lastkd.student.config import ConfigError
     from lastkd.student.experiment import ExperimentConfig, ExperimentError, expand, run_local
@@ -89,10 +90,10 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     except (ConfigError, ExperimentError) as exc:
         return fail(str(exc))
     roots = settings.resolved_data_roots
-    exp = exp.with_paths_resolved(roots[0])
-    outside = exp.base.paths_outside(roots)
-    if outside:
-        return fail(f"base.{', base.'.join(outside)} outside the data roots {[str(r) for r in roots]} (set LASTKD_DATA_ROOTS)")
+    try:
+        exp = exp.confined(roots)  # the same rule as `lastkd train` and POST /train
+    except DataPathError as exc:
+        return fail(str(exc))
     children = expand(exp)
     out = args.out or settings.resolved_jobs_dir / "experiments" / f"{exp.name}-{exp.config_hash()[:12]}"
     store = settings.resolved_store_path if any(c.config.distill.enabled for c in children) else None

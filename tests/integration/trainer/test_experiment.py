@@ -205,6 +205,8 @@ def test_lastkd_compare_prints_paired_differences(informative: InformativeData, 
         ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\ndistill: {feature_set: x}\n", ["--seeds", "0"], "--seeds"),
         ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\ndistill: {feature_set: x}\n", ["--arms", "kd,nope"], "nope"),
         ("name: b\nepochs: 1\ndata: {path: /etc}\ndistill: {feature_set: x}\n", [], "base.data.path"),
+        ("name: e\nbase: {name: b, epochs: 1, data: {path: synth/skeletons}, distill: {feature_set: x}}\n"
+         "arms: {ce: {}, kd: {data: {path: /etc}}}\n", [], "arms.kd.data.path"),
         ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\n", [], "base.distill"),
     ],
 )
