@@ -24,6 +24,7 @@ per-seed differences), so with 2 seeds they are wide (t = 12.71): a difference i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -184,8 +185,6 @@ class ExperimentConfig(BaseModel):
 
     def config_hash(self) -> str:
         """sha256 (hex) of what determines the experiment's results: children's training dicts."""
-        import hashlib
-
         record = [[c.arm, c.seed, c.config.config_hash()] for c in expand(self)]
         return hashlib.sha256(json.dumps([self.baseline, record]).encode()).hexdigest()
 

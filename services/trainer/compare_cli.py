@@ -99,7 +99,13 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     store = settings.resolved_store_path if any(c.config.distill.enabled for c in children) else None
     print(f"experiment {exp.name}: arms {', '.join(exp.arms)} x seeds {list(exp.seeds)} = {len(children)} runs", file=sys.stderr)
     print(f"output: {out}", file=sys.stderr)
-    print(tensorboard_line(out / "runs"), file=sys.stderr)
+    from lastkd.student import tblog
+
+    if tblog.available():  # one log folder per child; pointing TensorBoard at runs/ shows the arms side by side
+        print(f"tensorboard logs: {out / 'runs'}/<arm>-s<seed>/{tblog.LOG_DIR_NAME}  "
+              f"(view: tensorboard --logdir {out / 'runs'})", file=sys.stderr)
+    else:
+        print(tensorboard_line(out), file=sys.stderr)
 
     cancel = {"flag": False}
 
