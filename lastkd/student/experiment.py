@@ -55,6 +55,10 @@ MAX_SEEDS = 64
 CONFIDENCE = 0.95
 # Fields an arm may not override: the experiment sets them per child.
 _RESERVED = ("name", "seed")
+# Arms compare recipes on the same data: file paths come from the base config alone (where they
+# are resolved and confined to the data roots once).
+# (The same fields as TrainConfig.path_fields.)
+_PATH_FIELDS = ("data.path", "data.label_path", "data.missing_skeletons", "data.cache_dir", "eval.label_map")
 
 
 class ExperimentError(ValueError):
@@ -128,9 +132,14 @@ class ExperimentConfig(BaseModel):
         for arm, override in value.items():
             if not ARM_RE.match(arm):
                 raise ValueError(f"arm name {arm!r}: 1-32 letters, digits, '_' or '-', starting with a letter or digit")
-            for key in _nested(override):
+            nested = _nested(override)
+            for key in nested:
                 if key in _RESERVED:
                     raise ValueError(f"arms.{arm}.{key}: set by the experiment (per child), not by an arm")
+            for dotted in _PATH_FIELDS:
+                section, leaf = dotted.split(".")
+                if isinstance(nested.get(section), dict) and leaf in nested[section]:
+                    raise ValueError(f"arms.{arm}.{dotted}: arms share the base config's data; set paths in base")
         return value
 
     @field_validator("seeds", mode="before")

@@ -74,6 +74,7 @@ def test_dotted_overrides_and_selection() -> None:
         ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"alpha_start": 2}}}}, "arms.kd.distill.alpha_start"),
         ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"teacher_order": "sorted"}}}}, "arms.kd.distill.teacher_order"),
         ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"seed": 4}}}, "arms.kd.seed"),
+        ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"data.path": "/etc"}}}, "arms.kd.data.path"),
         ({"name": "e", "base": base(), "arms": {"kd": {}}}, "baseline"),
         ({"name": "e", "base": base(), "seeds": [1, 1]}, "seeds"),
         ({"name": "e", "base": base(), "seeds": [True]}, "seeds"),
