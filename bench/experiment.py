@@ -10,7 +10,8 @@ information (each clip: its class's random unit pattern + noise; ``tests/support
 * ``experiment_overhead``: wall time of :func:`lastkd.student.experiment.run_local` (3 arms x
   1 seed, short runs, report + plots included) over the sum of the same child configs trained
   directly with :func:`lastkd.student.training.train` in fresh folders (best of ``--reps`` each,
-  alternating, since load on a shared machine only ever adds time).
+  after one untimed warm-up run that builds the parse cache; load on a shared machine only ever
+  adds time).
 
 Prints a human summary, then ONE JSON object on the last line.
 """
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             "base": experiment_base(data, epochs=2, batch_size=4, max_steps_per_epoch=2),
             "seeds": [0],
         })
+        # untimed warm-up: the first run builds the skeleton parse cache, which must not count against
+        # whichever side happens to go first
+        first = expand(small)[0]
+        engine.train(first.config, tmp / "warmup", store_path=None)
         exp_times, direct_times = [], []
         for rep in range(reps):
             t0 = time.perf_counter()
