@@ -17,6 +17,7 @@ parent-death signal (:func:`lastkd.lifetime.die_with_parent`), so nothing is lef
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -126,6 +127,10 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
     the job goes to the job database (COMPLETED, CANCELLED or FAILED with the error).
     """
     die_with_parent(signal.SIGKILL, spec.get("server_pid"))
+    # This process's own children (DataLoader workers, the parse pool) are forked from it, so they
+    # are its children and their parent-death signal follows it. A runner inherits the fork-server
+    # start method otherwise, and would start a second fork server that outlives it.
+    multiprocessing.set_start_method("fork", force=True)
     logging.basicConfig(level=spec.get("log_level", "INFO"),
                         format="[%(asctime)s: %(levelname)s/runner-%(process)d] %(name)s: %(message)s")
     threading.Thread(target=_watch_supervisor, args=(conn,), name="lastkd-supervisor-watch", daemon=True).start()

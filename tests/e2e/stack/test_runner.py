@@ -16,7 +16,7 @@ import pytest
 from lastkd.student.data.readers import POOL_MIN_FILES
 from lastkd.student.data.sources import MAX_PARSE_WORKERS
 from lastkd.student.synth import generate
-from tests.support.stack import Stack, TinyData, redis_url, require_redis, tiny_config
+from tests.support.stack import Stack, TinyData, cmdline, redis_url, require_redis, tiny_config
 
 
 def _big_raw_folder(data: TinyData) -> tuple[str, int]:
@@ -92,15 +92,9 @@ def test_runner_keeps_torch_out_of_the_worker(stack_factory: Callable[..., Stack
     stack.wait_job(job_id, {"COMPLETED"}, timeout=300)
     worker_maps = Path(f"/proc/{worker.proc.pid}/maps").read_text()
     assert "libtorch" not in worker_maps and "libcuda.so" not in worker_maps
-    servers = [pid for pid in worker.children() if "forkserver" in _cmdline(pid)]
-    assert len(servers) == 1, [(_cmdline(p)) for p in worker.children()]
-    server_maps = Path(f"/proc/{servers[0]}/maps").read_text()
+    server = worker.fork_server()
+    assert server is not None, [cmdline(p) for p in worker.children()]
+    server_maps = Path(f"/proc/{server}/maps").read_text()
     assert "libtorch" in server_maps, "the fork server should have torch imported before it forks"
     assert "libcuda.so" not in server_maps, "CUDA was initialised in the fork server"
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
