@@ -16,7 +16,7 @@ import pytest
 from lastkd.student.data.readers import POOL_MIN_FILES
 from lastkd.student.data.sources import MAX_PARSE_WORKERS
 from lastkd.student.synth import generate
-from tests.support.stack import Stack, TinyData, cmdline, redis_url, require_redis, tiny_config
+from tests.support.stack import Stack, TinyData, cmdline, redis_url, require_redis, tiny_config, wait_for
 
 
 def _big_raw_folder(data: TinyData) -> tuple[str, int]:
@@ -98,3 +98,65 @@ def test_runner_keeps_torch_out_of_the_worker(stack_factory: Callable[..., Stack
     assert "libtorch" in server_maps, "the fork server should have torch imported before it forks"
     assert "libcuda.so" not in server_maps, "CUDA was initialised in the fork server"
 
+
+
+def _deliveries(stack: Stack, broker: str, job_id: str) -> list[tuple[str | None, str]]:
+    """(task id, status) of every result-backend record that belongs to ``job_id`` (and every
+    record without a task id, which belongs to nobody)."""
+    if broker == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(stack.data_dir / "results.sqlite") as conn:
+            rows = conn.execute("SELECT task_id, status FROM celery_taskmeta").fetchall()
+        return [(t, s) for t, s in rows if t is None or t.startswith(f"{job_id}-")]
+    import json
+
+    import redis
+
+    url = stack.env["LASTKD_RESULT_BACKEND"]
+    client = redis.Redis.from_url(url)
+    out = []
+    for key in client.scan_iter(match=f"celery-task-meta-{job_id}-*"):
+        meta = json.loads(client.get(key))
+        out.append((meta["task_id"], meta["status"]))
+    out += [(None, "?") for _ in client.scan_iter(match="celery-task-meta-")]  # an empty task id
+    return out
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("broker", ["sqlite", "redis"])
+def test_result_backend_agrees_with_the_job(stack_factory: Callable[..., Stack], tiny_data: TinyData,
+                                           broker: str) -> None:
+    """The job database is the record of progress; the result backend keeps one record per
+    delivery, with the job's outcome: SUCCESS for a completed job, FAILURE for a failed one. No
+    progress rows, no rows without a task id, no 'task_id must not be empty' in the log."""
+    if broker == "redis":
+        require_redis()
+        url = redis_url()
+        stack = stack_factory(broker_url=url)
+        stack.env["LASTKD_RESULT_BACKEND"] = url
+    else:
+        stack = stack_factory()
+    stack.start_api()
+    worker = stack.start_worker()
+    stack.wait_worker_ready(worker)
+    empty = tiny_data.root / f"empty-{uuid.uuid4().hex[:8]}"
+    empty.mkdir()
+    good = tiny_config(tiny_data, f"rb-ok-{uuid.uuid4().hex[:6]}", epochs=2)
+    bad = tiny_config(tiny_data, f"rb-bad-{uuid.uuid4().hex[:6]}", distill=False)
+    bad["data"]["path"] = empty.name
+    with stack.client() as c:
+        ok_id = c.post("/train", json=good).json()["job_id"]
+        bad_id = c.post("/train", json=bad).json()["job_id"]
+    assert stack.wait_job(ok_id, {"COMPLETED"})["progress"]["phase"] == "done"
+    failed = stack.wait_job(bad_id, {"FAILED"})
+    assert failed["error"]
+
+    def recorded() -> bool:
+        return bool(_deliveries(stack, broker, ok_id)) and bool(_deliveries(stack, broker, bad_id))
+
+    wait_for(recorded, 30, "the result backend to record both deliveries")
+    assert [s for _, s in _deliveries(stack, broker, ok_id)] == ["SUCCESS"]
+    assert [s for _, s in _deliveries(stack, broker, bad_id)] == ["FAILURE"], "a failed job recorded as success"
+    log = worker.log()
+    assert "task_id must not be empty" not in log and "PROGRESS" not in log
