@@ -88,6 +88,18 @@ def make_tiny_data(base: Path) -> TinyData:
     return TinyData(root, result.skeleton_dir, store_path, meta.set_id, list(result.names))
 
 
+def big_raw_folder(data: TinyData) -> tuple[str, int]:
+    """A new (so uncached) raw-NTU folder inside the data root with enough files for the parallel
+    parse pool; returns its path relative to the root and its file count."""
+    from lastkd.student.data.readers import POOL_MIN_FILES
+    from lastkd.student.synth import generate
+
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    per_class = POOL_MIN_FILES // 2 + 2
+    result = generate(data.root / name, classes=2, samples_per_class=per_class, frames=36, video=False, seed=5)
+    return f"{name}/skeletons", len(result.names)
+
+
 # --------------------------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from safetensors.torch import load as load_safetensors
 
 from lastkd.models.last_v2 import LASTv2
 from lastkd.student.publish import load_student
-from tests.support.stack import Stack, TinyData, sse_events, tiny_config, wait_for
+from tests.support.stack import Stack, TinyData, big_raw_folder, sse_events, tiny_config, wait_for
 
 
 def _jobs_named(stack: Stack, name: str) -> list[dict]:
@@ -122,6 +122,24 @@ def test_cancel_keeps_partial_checkpoint(embedded_stack: Stack, tiny_data: TinyD
         # a cancelled job cannot be cancelled into another state, and a finished one is a conflict
         assert c.post(f"/jobs/{job_id}/cancel", headers={"Authorization": "Bearer stack-token-0123456789"}).json()[
             "state"] == "CANCELLED"
+
+
+@pytest.mark.faults
+def test_cancel_before_the_first_checkpoint_reports_none(embedded_stack: Stack, tiny_data: TinyData) -> None:
+    """A job cancelled in its first epoch has no epoch checkpoint: ``partial_checkpoint`` is null,
+    never the path of a file that does not exist."""
+    stack = embedded_stack
+    path, _ = big_raw_folder(tiny_data)  # parsing it keeps the job in epoch 0 for a while
+    config = tiny_config(tiny_data, f"cancel0-{uuid.uuid4().hex[:6]}", epochs=50, distill=False)
+    config["data"]["path"] = path
+    with stack.client() as c:
+        job_id = c.post("/train", json=config).json()["job_id"]
+        wait_for(lambda: stack.job(job_id)["state"] == "RUNNING", 300, "the job to start", interval=0.05)
+        assert c.post(f"/jobs/{job_id}/cancel").status_code in (200, 202)
+    body = stack.wait_job(job_id, {"CANCELLED"}, timeout=300)
+    assert body["result"]["epochs_completed"] == 0, body["result"]
+    assert body["result"]["partial_checkpoint"] is None
+    assert not (Path(body["result"]["run_dir"]) / "last.pt").exists()
 
 
 def test_idempotent_submit(embedded_stack: Stack, tiny_data: TinyData) -> None:

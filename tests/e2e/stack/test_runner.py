@@ -15,16 +15,7 @@ import pytest
 
 from lastkd.student.data.readers import POOL_MIN_FILES
 from lastkd.student.data.sources import MAX_PARSE_WORKERS
-from lastkd.student.synth import generate
-from tests.support.stack import Stack, TinyData, cmdline, redis_url, require_redis, tiny_config, wait_for
-
-
-def _big_raw_folder(data: TinyData) -> tuple[str, int]:
-    """An uncached raw-NTU folder (inside the data root) with enough files for the parse pool."""
-    name = f"big-{uuid.uuid4().hex[:8]}"
-    per_class = POOL_MIN_FILES // 2 + 2
-    result = generate(data.root / name, classes=2, samples_per_class=per_class, frames=36, video=False, seed=5)
-    return f"{name}/skeletons", len(result.names)
+from tests.support.stack import Stack, TinyData, big_raw_folder, cmdline, redis_url, require_redis, tiny_config, wait_for
 
 
 @pytest.mark.parametrize("broker", ["sqlite", "redis"])
@@ -37,7 +28,7 @@ def test_job_with_loader_workers_and_parse_pool(stack_factory: Callable[..., Sta
     stack = stack_factory(broker_url=redis_url() if broker == "redis" else None)
     stack.start_api()
     stack.wait_worker_ready(stack.start_worker())
-    path, files = _big_raw_folder(tiny_data)
+    path, files = big_raw_folder(tiny_data)
     # the parser goes parallel only for big folders on a machine with more than one core
     assert files >= POOL_MIN_FILES and min(MAX_PARSE_WORKERS, os.cpu_count() or 1) > 1
     config = tiny_config(tiny_data, f"kids-{broker}-{uuid.uuid4().hex[:6]}", distill=False, workers=2)
