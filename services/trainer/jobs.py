@@ -284,11 +284,14 @@ class JobStore:
         max_attempts: int,
         idempotency_key: str | None = None,
         job_id: str | None = None,
+        submit_lease_s: float | None = None,
     ) -> tuple[JobRecord, bool]:
         """Record a new PENDING job, or return the existing one for the same key / job id.
 
         Returns ``(record, created)``. Raises :class:`IdempotencyConflict` when the key or id is
-        already taken by a job with a different config.
+        already taken by a job with a different config. With ``submit_lease_s`` a new job is
+        created with the submit lease held (as :meth:`begin_submit` takes it), so the caller hands
+        it to the broker itself and the re-submitter cannot race it in between.
         """
         now = time.time()
         new_id = job_id or uuid.uuid4().hex
@@ -304,9 +307,9 @@ class JobStore:
                 return self._record(row), False
             conn.execute(
                 "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
-                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (new_id, name, JobState.PENDING.value, _dumps(config), config_hash, idempotency_key,
-                 max_attempts, now, now),
+                 max_attempts, now, now, None if submit_lease_s is None else now + submit_lease_s),
             )
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (new_id,)).fetchone()
         return self._record(row), True
