@@ -147,7 +147,7 @@ def embed_files(
             sha = None
             if clip_id is None:
                 # Without an NTU name the id is the content hash: needed now to skip stored clips.
-                from lastkd.teacher.embedder import sha256_file
+                from lastkd.hashing import sha256_file
 
                 try:
                     sha = sha256_file(path)
