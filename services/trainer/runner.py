@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -152,6 +153,7 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
     reporter = _Reporter(store, job_id, owner)
     reporter.start()
     run_dir = jobs_dir / job_id
+    t_start = time.perf_counter()
     try:
         config = TrainConfig.model_validate(record.config)
         # Check the paths again on the worker: its data roots rule, and files may have moved.
@@ -179,6 +181,8 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
             "path": str(published.path),
             "run_dir": str(run_dir),
             "epochs_completed": result.epochs_completed,
+            # engine + publish time of this attempt: the job's wall time minus this is the shell's cost
+            "train_publish_s": round(time.perf_counter() - t_start, 3),
         }
         store.finish(job_id, owner, JobState.COMPLETED, result=summary, metrics=metrics, history=history)
         log.info("job %s: completed, published %s v%d", job_id, published.name, published.version)
