@@ -8,12 +8,15 @@ through :class:`lastkd.services.stack.Stack` as ``lastkd up`` does):
   burst); outside ``--quick`` the same on Redis is reported as ``redis_submit_*`` when Redis
   answers on 6379;
 * ``queue_to_start_s``: from the API recording a job to a worker process claiming it (median of
-  a few jobs on an idle worker; includes the fork of the fresh per-job child);
+  a few jobs on an idle worker; includes the fork of the job's runner from the fork server);
 * ``celery_overhead``: median over pairs of (wall time of a job through API + broker + worker) /
   (wall time of ``engine.train`` + ``publish`` called directly in this process on the same job
   and seed, right after it) - 1. The baseline is measured in the same run, interleaved, so a
   change of the machine's load hits both sides of a pair. ``--quick`` uses a job of a few seconds, where the fixed
   costs (fresh process, imports) weigh far more than on the one-minute job of the full run.
+* ``job_fixed_overhead_s``: median of (job wall time, recorded -> COMPLETED) minus the engine +
+  publish time the runner measured for that job (``result.train_publish_s``): the shell's own cost
+  per job (queue, runner fork, job database), much less sensitive to the machine's load.
 
 The last line of stdout is one JSON object with these keys.
 """
@@ -153,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         # drifts over minutes, and a pair sees (nearly) the same load on both sides.
         run_url = stacks.start("var-run", f"bench-run-{uuid.uuid4().hex[:6]}", ("trainer", "worker"))
         cfg = TrainConfig.model_validate({**config, "data": {**config["data"], "path": str(data_root / "synth/skeletons")}})
-        runs = 1 if args.quick else 2
-        starts, walls, direct = [], [], []
+        runs = 3 if args.quick else 2
+        starts, walls, direct, fixed = [], [], [], []
         with httpx.Client(base_url=run_url, timeout=60) as client:
             if not args.quick:  # warm-up job (page cache, first broker poll), not counted
                 _wait(client, client.post("/train", json={**config, "seed": 99}).json()["job_id"])
@@ -163,12 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                 done = _wait(client, body["job_id"])
                 starts.append(done["started_at"] - done["created_at"])
                 walls.append(done["finished_at"] - done["created_at"])
+                fixed.append(walls[-1] - done["result"]["train_publish_s"])
                 t0 = time.perf_counter()
                 result = train(cfg.model_copy(update={"seed": 100 + i}), work / f"direct-{i}", store_path=store_path,
                                data_roots=[data_root])
                 publish(result, work / "direct-registry", job_id=f"direct-{i}")
                 direct.append(time.perf_counter() - t0)
         out["queue_to_start_s"] = round(statistics.median(starts), 3)
+        out["job_fixed_overhead_s"] = round(statistics.median(fixed), 3)
         out["celery_overhead"] = round(statistics.median(w / d for w, d in zip(walls, direct)) - 1, 4)
         celery_s, direct_s = statistics.median(walls), statistics.median(direct)
         out["pairs"] = [[round(w, 2), round(d, 2)] for w, d in zip(walls, direct)]

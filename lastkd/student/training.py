@@ -50,6 +50,7 @@ from lastkd.student import tblog
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
 from lastkd.student.data.dataset import DataInfo, build_datasets
+from lastkd.lifetime import die_with_parent
 from lastkd.student.data.sources import load_splits
 from lastkd.models.last_v2 import LASTv2, create_last_v2
 
@@ -181,6 +182,8 @@ def _mix_seed(*parts: int) -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
+    # A loader worker must not outlive the process that feeds on it (kill -9 of a runner).
+    die_with_parent()
     # torch already seeded the worker with base_seed + worker_id (base_seed from the loader's
     # generator, which we reseed every epoch); derive numpy/python from it for any global use.
     seed = torch.initial_seed() % 2**32

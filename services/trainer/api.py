@@ -66,6 +66,7 @@ VERSION_RE = re.compile(r"^v?([1-9][0-9]{0,8})$")
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 RETRY_AFTER_S = 5
+SUBMIT_LEASE_S = 30.0  # how long a submitter may take to hand a job to the broker (as begin_submit)
 
 
 class _JobCounts(Collector):
@@ -100,6 +101,35 @@ def _validation_problem(exc: ValidationError) -> ApiError:
     return ApiError(422, "invalid_config", f"invalid training config: {summary}", details=problems)
 
 
+def check_feature_set(store_path: Path, set_id: str) -> str | None:
+    """Refuse a ``distill.feature_set`` the feature store does not hold (422 naming the field and
+    listing the sets that exist). Returns None when checked, or a note saying why the API could not
+    check (no store at ``store_path``, or it cannot be read): the job is then accepted, and the
+    worker, which may see another store, decides."""
+    from lastkd.featurestore import FeatureStore
+    from lastkd.featurestore.errors import FeatureStoreError
+
+    try:
+        store = FeatureStore(store_path, readonly=True)
+        try:
+            sets = sorted(meta.set_id for meta in store.list_sets())
+        finally:
+            store.close()
+    except (FeatureStoreError, OSError) as exc:
+        return f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store ({exc})"
+    except Exception as exc:  # lmdb's own errors: still "cannot read", never a 500
+        return (f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store at "
+                f"{store_path} ({type(exc).__name__}: {str(exc)[:200]})")
+    if set_id not in sets:
+        listed = ", ".join(repr(s) for s in sets) if sets else "none (the store holds no feature sets)"
+        raise ApiError(
+            422, "unknown_feature_set",
+            f"distill.feature_set: no feature set {set_id!r} in the feature store at {store_path}; sets that exist: {listed}",
+            field="distill.feature_set", feature_sets=sets,
+        )
+    return None
+
+
 def create_app(
     settings: Settings,
     *,
@@ -116,14 +146,16 @@ def create_app(
     state: dict[str, Any] = {"store": None, "celery": None, "broker_error": None}
     registry_dir = settings.resolved_registry_dir.resolve()
     data_roots = list(settings.resolved_data_roots)
+    store_path = settings.resolved_store_path.resolve()
     metrics = HttpMetrics("trainer")
     metrics.registry.register(_JobCounts(state))
     auth = bearer_auth(settings.token())
 
-    def submit(job_id: str) -> bool:
-        """Hand a PENDING job to the broker; False when the broker refused (job stays PENDING)."""
+    def submit(job_id: str, leased: bool = False) -> bool:
+        """Hand a PENDING job to the broker; False when the broker refused (job stays PENDING).
+        ``leased``: the caller already holds the submit lease (it created the job with it)."""
         store: JobStore = state["store"]
-        if not store.begin_submit(job_id):
+        if not leased and not store.begin_submit(job_id):
             return True  # queued already, or another submitter holds it right now
         try:
             enqueue(state["celery"], job_id)
@@ -244,17 +276,25 @@ def create_app(
             config = await run_in_threadpool(confine_config_paths, config, data_roots)
         except DataPathError as exc:  # 403 forbidden, 422 missing/invalid (the error carries both)
             raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from None
+        warnings: list[str] = []
+        if config.distill.feature_set is not None:
+            note = await run_in_threadpool(check_feature_set, store_path, config.distill.feature_set)
+            if note is not None:
+                log.warning("POST /train: %s", note)
+                warnings.append(note)
         store = _store()
         try:
             record, created = await run_in_threadpool(
                 lambda: store.create(
                     config.name, config.model_dump(mode="json"), _config_digest(config),
-                    max_attempts=max_attempts, idempotency_key=key, job_id=client_id,
+                    max_attempts=max_attempts, idempotency_key=key, job_id=client_id, submit_lease_s=SUBMIT_LEASE_S,
                 )
             )
         except IdempotencyConflict as exc:
             raise ApiError(409, "conflict", f"{exc}; use a new Idempotency-Key or job_id", job_id=exc.job_id) from None
-        if record.state is JobState.PENDING and not await run_in_threadpool(submit, record.id):
+        # A job this request created is queued by this request (it holds the submit lease), so the
+        # answer says QUEUED or later; a replayed PENDING one goes through the usual lease.
+        if record.state is JobState.PENDING and not await run_in_threadpool(submit, record.id, created):
             raise ApiError(
                 503,
                 "broker_unavailable",
@@ -268,6 +308,7 @@ def create_app(
         record = await run_in_threadpool(store.get, record.id) or record
         body_out = _job_body(record, request)
         body_out["created"] = created
+        body_out["warnings"] = warnings
         return JSONResponse(body_out, status_code=202)
 
     @app.get("/jobs")

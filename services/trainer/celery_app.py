@@ -7,10 +7,11 @@ Two broker modes, both with real out-of-process workers:
 * Redis (``redis://...``): docker compose and workers on several hosts.
 
 The options are those of long GPU jobs: late acks and requeue when the worker process is lost
-(the job database caps the redeliveries), prefetch 1, a visibility timeout longer than any job,
-and a fresh prefork child per job (``worker_max_tasks_per_child=1``) so GPU memory is returned to
-the driver after every job. This module imports neither torch nor the engine: the worker parent
-forks its children from a process that has never touched CUDA.
+(the job database caps the redeliveries), prefetch 1, a visibility timeout longer than any job.
+The pool is ``threads``: a task body only supervises; each job trains in a fresh runner process
+forked from the worker's fork server (see :mod:`lastkd.services.trainer.tasks`), which may have
+children of its own and returns its GPU memory to the driver when it exits. This module imports
+neither torch nor the engine: the worker process never touches CUDA.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class TrainerRuntime:
     store_path: Path
     data_roots: list[Path] = field(default_factory=list)
     queue: str = DEFAULT_QUEUE
+    log_level: str = "INFO"
 
 
 def broker_kind(url: str) -> str:
@@ -135,9 +137,10 @@ def celery_config(broker_url: str, result_backend: str, queue: str = DEFAULT_QUE
         "task_time_limit": None,
         "result_extended": True,
         "worker_prefetch_multiplier": 1,
-        "worker_max_tasks_per_child": 1,
         "worker_concurrency": 1,
-        "worker_pool": "prefork",
+        # threads: the task body supervises a runner process (tasks.py); a final job's message is
+        # acknowledged without starting any process
+        "worker_pool": "threads",
         "worker_send_task_events": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
     }
@@ -162,6 +165,7 @@ def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Cele
         store_path=settings.resolved_store_path.resolve(),
         data_roots=list(settings.resolved_data_roots),
         queue=queue,
+        log_level=settings.log_level,
     )
     register(app)
     return app

@@ -1,8 +1,8 @@
 """Durable job records: one SQLite database under ``jobs_dir``, the source of truth for jobs.
 
-The Celery result backend only mirrors progress for Celery tooling; this store is what the API
-answers from, so job history and state survive restarts of the API, the workers and the broker.
-Several processes write at once (the API, every worker's task process, its heartbeat thread), so
+The Celery result backend keeps only each delivery's outcome; this store is what the API
+answers from (state, progress, cancel), so job history and state survive restarts of the API, the workers and the broker.
+Several processes write at once (the API, every worker, every job's runner and its heartbeat thread), so
 the database runs in WAL mode with a busy timeout, every read-modify-write happens inside
 ``BEGIN IMMEDIATE`` and each operation opens its own short-lived connection (safe across fork and
 threads).
@@ -284,11 +284,14 @@ class JobStore:
         max_attempts: int,
         idempotency_key: str | None = None,
         job_id: str | None = None,
+        submit_lease_s: float | None = None,
     ) -> tuple[JobRecord, bool]:
         """Record a new PENDING job, or return the existing one for the same key / job id.
 
         Returns ``(record, created)``. Raises :class:`IdempotencyConflict` when the key or id is
-        already taken by a job with a different config.
+        already taken by a job with a different config. With ``submit_lease_s`` a new job is
+        created with the submit lease held (as :meth:`begin_submit` takes it), so the caller hands
+        it to the broker itself and the re-submitter cannot race it in between.
         """
         now = time.time()
         new_id = job_id or uuid.uuid4().hex
@@ -304,9 +307,9 @@ class JobStore:
                 return self._record(row), False
             conn.execute(
                 "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
-                " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (new_id, name, JobState.PENDING.value, _dumps(config), config_hash, idempotency_key,
-                 max_attempts, now, now),
+                 max_attempts, now, now, None if submit_lease_s is None else now + submit_lease_s),
             )
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (new_id,)).fetchone()
         return self._record(row), True
@@ -397,6 +400,48 @@ class JobStore:
         return {s.value: found.get(s.value, 0) for s in JobState}
 
     # --- the worker side -----------------------------------------------------------------------------
+    def _settle_row(self, conn: sqlite3.Connection, row: sqlite3.Row | None, now: float) -> ClaimOutcome | None:
+        """The outcome of a delivery that must not run (applied to the row), or None when it may run."""
+        if row is None:
+            return ClaimOutcome.MISSING
+        job_id = row["id"]
+        state = JobState(row["state"])
+        if state in TERMINAL:
+            return ClaimOutcome.TERMINAL
+        if state is JobState.RUNNING and _owner_alive(row["owner"], row["heartbeat_at"], now):
+            return ClaimOutcome.BUSY
+        if row["cancel_requested"]:
+            conn.execute(
+                "UPDATE jobs SET state=?, finished_at=?, updated_at=?, owner=NULL WHERE id=?",
+                (JobState.CANCELLED.value, now, now, job_id),
+            )
+            return ClaimOutcome.CANCELLED
+        if row["attempts"] >= row["max_attempts"]:
+            error = (
+                f"gave up after {row['attempts']} attempt(s): the worker running this job was lost each "
+                f"time (redelivery cap max_attempts={row['max_attempts']})"
+                + (f"; last error: {row['error']}" if row["error"] else "")
+            )
+            conn.execute(
+                "UPDATE jobs SET state=?, error=?, finished_at=?, updated_at=?, owner=NULL WHERE id=?",
+                (JobState.FAILED.value, error, now, now, job_id),
+            )
+            return ClaimOutcome.EXHAUSTED
+        return None
+
+    def settle(self, job_id: str) -> tuple[ClaimOutcome, JobRecord | None] | None:
+        """Decide a delivery that needs no training (the rules of :meth:`claim`, without taking
+        ownership): ``(outcome, record)`` when the job is missing, final, run by another live
+        process, cancelled or over its attempt cap; None when a runner should be started."""
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+            outcome = self._settle_row(conn, row, now)
+            if outcome is None:
+                return None
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return outcome, (None if row is None else self._record(row))
+
     def claim(self, job_id: str, owner: str) -> tuple[ClaimOutcome, JobRecord | None]:
         """Take ownership of a job for one attempt (attempts + 1, state RUNNING).
 
@@ -406,31 +451,10 @@ class JobStore:
         now = time.time()
         with self._write() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None:
-                return ClaimOutcome.MISSING, None
-            state = JobState(row["state"])
-            if state in TERMINAL:
-                return ClaimOutcome.TERMINAL, self._record(row)
-            if state is JobState.RUNNING and _owner_alive(row["owner"], row["heartbeat_at"], now):
-                return ClaimOutcome.BUSY, self._record(row)
-            if row["cancel_requested"]:
-                conn.execute(
-                    "UPDATE jobs SET state=?, finished_at=?, updated_at=?, owner=NULL WHERE id=?",
-                    (JobState.CANCELLED.value, now, now, job_id),
-                )
-                outcome = ClaimOutcome.CANCELLED
-            elif row["attempts"] >= row["max_attempts"]:
-                error = (
-                    f"gave up after {row['attempts']} attempt(s): the worker running this job was lost each "
-                    f"time (redelivery cap max_attempts={row['max_attempts']})"
-                    + (f"; last error: {row['error']}" if row["error"] else "")
-                )
-                conn.execute(
-                    "UPDATE jobs SET state=?, error=?, finished_at=?, updated_at=?, owner=NULL WHERE id=?",
-                    (JobState.FAILED.value, error, now, now, job_id),
-                )
-                outcome = ClaimOutcome.EXHAUSTED
-            else:
+            outcome = self._settle_row(conn, row, now)
+            if outcome is ClaimOutcome.MISSING:
+                return outcome, None
+            if outcome is None:
                 conn.execute(
                     "UPDATE jobs SET state=?, attempts=attempts+1, owner=?, heartbeat_at=?, updated_at=?,"
                     " started_at=COALESCE(started_at, ?), queued_at=COALESCE(queued_at, ?),"
@@ -440,6 +464,17 @@ class JobStore:
                 outcome = ClaimOutcome.RUN
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return outcome, self._record(row)
+
+    def unqueue(self, job_id: str, reason: str) -> bool:
+        """Put a QUEUED job whose delivery ended before any process claimed it back to PENDING, so
+        the re-submitter sends it again (its message is gone)."""
+        now = time.time()
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=? AND state=?",
+                (JobState.PENDING.value, reason, now, job_id, JobState.QUEUED.value),
+            )
+            return cur.rowcount == 1
 
     def heartbeat(
         self,

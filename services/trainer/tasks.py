@@ -1,24 +1,34 @@
-"""The training task: a thin shell over ``engine.train`` and ``publish``.
+"""The training task: Celery carries the message, a runner process trains, the job database records.
 
-One delivery = one attempt: claim the job in the job database (attempt + 1, RUNNING), train in
-``jobs_dir/<job_id>`` (the engine resumes from that folder's last epoch checkpoint, so a
-redelivered job continues where the lost worker stopped), publish the student (idempotent per
-job id) and mark the job COMPLETED. A background thread keeps the heartbeat, flushes progress to
-the job database and the Celery result backend, and polls the cancel flag, so the engine's
-per-step hooks cost a memory write and a flag read.
+One delivery = one attempt. The task body runs in the worker process (Celery ``threads`` pool) and
+only supervises:
 
-torch and the engine are imported inside the task: the worker parent never loads CUDA.
+1. settle without starting anything what needs no training: a job that is already final, cancelled
+   before it started, missing, or over its attempt cap is acknowledged at once (a queue of
+   cancelled jobs drains at the speed of a database read, not of a process start);
+2. otherwise start a runner (:mod:`lastkd.services.trainer.runner`) from the worker's fork server,
+   a non-daemonic process that may have children (DataLoader workers, the parse pool). The runner
+   claims the job (owner ``host:runner_pid``), trains in ``jobs_dir/<job_id>`` (resuming from the
+   last epoch checkpoint there), publishes once per job id and records the end state;
+3. wait for it and make the delivery's Celery result agree with the job: a FAILED job raises
+   :class:`JobFailed` (the result backend says FAILURE), a runner that died without recording an
+   end state puts the job back to PENDING for the API's re-submitter (attempts stay capped) and
+   raises :class:`RunnerLost`.
+
+The job database is the source of truth for state, progress and cancel; the result backend only
+keeps each delivery's outcome (no progress mirror). This module imports neither torch nor the
+engine: the worker process never loads them, the fork server does (see :func:`start_runner_server`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import multiprocessing
+import multiprocessing.forkserver
 import time
-import traceback
 from typing import TYPE_CHECKING, Any
 
-from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
+from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -26,152 +36,113 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TASK_NAME = "lastkd.train"  # the one task; the API and the worker address it by this name
-
-FLUSH_INTERVAL_S = 0.5  # progress/heartbeat/cancel-poll period of the reporter thread
-PROGRESS_STATE = "PROGRESS"
-
-
-class _Reporter(threading.Thread):
-    """Heartbeat + progress flush + cancel poll, every FLUSH_INTERVAL_S, off the training thread."""
-
-    def __init__(self, task: "Task", store: JobStore, job_id: str, owner: str) -> None:
-        super().__init__(name=f"lastkd-reporter-{job_id}", daemon=True)
-        self.task, self.store, self.job_id, self.owner = task, store, job_id, owner
-        self.cancel = threading.Event()
-        self._stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self._progress: dict[str, Any] | None = None
-        self._history: list[dict[str, Any]] = []
-        self._dirty = False
-        self._history_dirty = False
-        self.first_epoch: int | None = None
-
-    def on_progress(self, progress: Any) -> None:
-        """Engine hook: keep the latest snapshot (the thread writes it out)."""
-        snap = progress.as_dict() if hasattr(progress, "as_dict") else dict(progress)
-        with self._lock:
-            if self.first_epoch is None:
-                self.first_epoch = int(snap.get("epoch", 0))
-            self._progress = snap
-            self._dirty = True
-            if snap.get("phase") == "eval":
-                self._history.append({"epoch": snap["epoch"] + 1, "losses": snap.get("losses"), "val": snap.get("val")})
-                self._history_dirty = True
-
-    def should_cancel(self) -> bool:
-        """Engine hook: the cancel flag as last polled (at most FLUSH_INTERVAL_S old)."""
-        return self.cancel.is_set()
-
-    def flush(self) -> None:
-        """Write the heartbeat (and new progress/history) to the job DB, mirror progress to the
-        result backend, and pick up the cancel flag."""
-        with self._lock:
-            progress = self._progress if self._dirty else None
-            history = list(self._history) if self._history_dirty else None
-            self._dirty = self._history_dirty = False
-            first = self.first_epoch
-        try:
-            if self.store.heartbeat(self.job_id, self.owner, progress, history, resumed_from_epoch=first):
-                self.cancel.set()
-        except Exception:  # a busy or briefly unavailable DB must not kill training
-            log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
-        if progress is not None:
-            try:
-                self.task.update_state(state=PROGRESS_STATE, meta=progress)
-            except Exception:  # the result backend is a mirror; the job DB is the record
-                log.warning("job %s: result backend progress update failed", self.job_id, exc_info=True)
-
-    def run(self) -> None:
-        """Flush every FLUSH_INTERVAL_S until :meth:`stop`."""
-        while not self._stop_event.wait(FLUSH_INTERVAL_S):
-            self.flush()
-
-    def stop(self) -> None:
-        """Stop the thread and write the last state out."""
-        self._stop_event.set()
-        self.join(timeout=10)
-        self.flush()
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """The per-epoch records seen so far."""
-        with self._lock:
-            return list(self._history)
+# What the fork server imports once, before it forks any runner: torch, the engine, publish.
+RUNNER_PRELOAD = ["lastkd.services.trainer.tasks", "lastkd.services.trainer.runner"]
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types only (metrics may hold numpy scalars or arrays)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
-        return None
-    return obj
+class JobFailed(Exception):
+    """The job ended FAILED (its error is in the job record); recorded as FAILURE by Celery."""
+
+
+class RunnerLost(Exception):
+    """The runner process died before recording an end state; the job was put back to PENDING."""
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(RUNNER_PRELOAD)
+    return ctx
+
+
+def start_runner_server() -> int:
+    """Start the fork server that runners are forked from (preloading torch and the engine) and
+    return its pid. The worker calls this before it consumes, so the first job is as fast as the
+    rest; when it was not called, the first runner starts the server itself."""
+    _context()
+    multiprocessing.forkserver.ensure_running()
+    return int(multiprocessing.forkserver._forkserver._forkserver_pid)  # type: ignore[attr-defined]
+
+
+def _runner_entry(spec: dict[str, Any], conn: Any) -> None:
+    """Target of the runner process (a light function: the heavy module is preloaded)."""
+    from lastkd.services.trainer.runner import run_job as run_in_runner
+
+    run_in_runner(spec, conn)
 
 
 def run_job(task: "Task", job_id: str) -> dict[str, Any]:
-    """Execute one delivery of job ``job_id``; returns a small summary for the result backend."""
+    """Supervise one delivery of job ``job_id``; returns a small summary for the result backend."""
     runtime = task.app.lastkd  # type: ignore[attr-defined]
     store = JobStore(runtime.jobs_dir)
-    owner = owner_id()
-    outcome, record = store.claim(job_id, owner)
-    if outcome is not ClaimOutcome.RUN:
-        log.info("job %s: delivery not run (%s)", job_id, outcome.value)
+    settled = store.settle(job_id)
+    if settled is not None:
+        outcome, record = settled
+        log.info("job %s: acknowledged without running (%s)", job_id, outcome.value)
         return {"job_id": job_id, "outcome": outcome.value, "state": record.state.value if record else None}
-    assert record is not None
-    log.info("job %s: attempt %d/%d on %s", job_id, record.attempts, record.max_attempts, owner)
 
-    reporter = _Reporter(task, store, job_id, owner)
-    reporter.start()
+    ctx = _context()
+    ours, theirs = ctx.Pipe(duplex=True)
+    spec = {
+        "job_id": job_id,
+        "jobs_dir": str(runtime.jobs_dir),
+        "registry_dir": str(runtime.registry_dir),
+        "store_path": str(runtime.store_path),
+        "data_roots": [str(p) for p in runtime.data_roots],
+        "log_level": runtime.log_level,
+        "server_pid": getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+    }
+    proc = ctx.Process(target=_runner_entry, args=(spec, theirs), name=f"lastkd-runner-{job_id}", daemon=False)
+    started = time.monotonic()
+    proc.start()
+    theirs.close()  # our copy; the runner holds its own (EOF at our end when it exits)
+    claim: str | None = None
     try:
-        # Heavy imports here, in the per-job child process (never in the worker parent).
-        from lastkd.student.config import TrainConfig
-        from lastkd.student.training import RunState, TrainHooks, train
-        from lastkd.student.paths import confine_config_paths
-        from lastkd.student.publish import publish
+        while True:
+            kind, value = ours.recv()  # EOFError when the runner exits
+            if kind == "claim":
+                claim = value
+    except (EOFError, OSError):
+        pass
+    proc.join()
+    ours.close()
+    code = proc.exitcode
+    record = store.get(job_id)
+    state = record.state if record else None
+    log.info("job %s: runner pid %s exited %s after %.1fs (claim %s, job %s)", job_id, proc.pid, code,
+             time.monotonic() - started, claim, state.value if state else None)
+    if claim is not None and claim != ClaimOutcome.RUN.value:
+        return {"job_id": job_id, "outcome": claim, "state": state.value if state else None}
+    if record is not None and state is JobState.FAILED:
+        raise JobFailed(f"job {job_id} failed: {record.error}")
+    if record is not None and state in (JobState.COMPLETED, JobState.CANCELLED):
+        return {"job_id": job_id, "outcome": state.value.lower(), **(record.result or {})}
+    # The runner died without an end state (killed, out of memory, crashed in C code).
+    reason = f"runner process {proc.pid} died ({_describe_exit(code)}) before the job ended"
+    if state is JobState.RUNNING:
+        # It had claimed the job: the next delivery resumes from the last epoch checkpoint.
+        if store.requeue(job_id, f"{reason}; requeued"):
+            log.warning("job %s: %s; requeued", job_id, reason)
+        raise RunnerLost(f"job {job_id}: {reason}")
+    if code is not None and code < 0 and store.unqueue(job_id, f"{reason}; requeued"):
+        # Killed from outside before it claimed (a worker shutdown): the job waits for the next worker.
+        log.warning("job %s: %s; requeued", job_id, reason)
+        raise RunnerLost(f"job {job_id}: {reason}")
+    # It could not start the job at all (an error at start-up): a retry would fail the same way.
+    store.finish(job_id, None, JobState.FAILED, error=reason)
+    raise JobFailed(f"job {job_id} failed: {reason}")
 
-        config = TrainConfig.model_validate(record.config)
-        # Check the paths again on the worker: its data roots rule, and files may have moved.
-        config = confine_config_paths(config, runtime.data_roots)
-        run_dir = runtime.jobs_dir / job_id
-        result = train(
-            config,
-            run_dir,
-            store_path=runtime.store_path,
-            hooks=TrainHooks(on_progress=reporter.on_progress, should_cancel=reporter.should_cancel),
-            data_roots=runtime.data_roots,
-        )
-        reporter.stop()
-        history = _jsonable(result.history)
-        metrics = _jsonable(result.metrics)
-        if result.state is RunState.CANCELLED:
-            store.finish(job_id, owner, JobState.CANCELLED, metrics=metrics, history=history,
-                         error=None, result={"run_dir": str(run_dir), "epochs_completed": result.epochs_completed,
-                                             "partial_checkpoint": str(run_dir / "last.pt")})
-            log.info("job %s: cancelled after %d epoch(s)", job_id, result.epochs_completed)
-            return {"job_id": job_id, "outcome": "cancelled"}
-        published = publish(result, runtime.registry_dir, job_id=job_id)
-        summary = {
-            "name": published.name,
-            "version": published.version,
-            "path": str(published.path),
-            "run_dir": str(run_dir),
-            "epochs_completed": result.epochs_completed,
-        }
-        store.finish(job_id, owner, JobState.COMPLETED, result=summary, metrics=metrics, history=history)
-        log.info("job %s: completed, published %s v%d", job_id, published.name, published.version)
-        return {"job_id": job_id, "outcome": "completed", **summary}
-    except Exception as exc:
-        reporter.stop()
-        message = f"{type(exc).__name__}: {exc}"
-        log.error("job %s failed: %s\n%s", job_id, message, traceback.format_exc())
-        store.finish(job_id, owner, JobState.FAILED, error=message[:4000])
-        # Returned, not raised: the failure is recorded, and a raise would only add a traceback
-        # to the result backend (there is nothing to retry: the same input fails the same way).
-        return {"job_id": job_id, "outcome": "failed", "error": message[:4000]}
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "no exit status"
+    if code < 0:
+        import signal
+
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit status {code}"
 
 
 def register(app: "Celery") -> None:
@@ -179,8 +150,9 @@ def register(app: "Celery") -> None:
 
     # shared=False: the task belongs to this app only, so building a second app in one process
     # (the API builds one per broker it checks) registers it again instead of warning.
+    # throws: the two outcomes above are expected ends of a delivery, logged without a traceback.
     @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False,
-              shared=False)
+              shared=False, throws=(JobFailed, RunnerLost))
     def train_job(self: "Task", job_id: str) -> dict[str, Any]:
         return run_job(self, job_id)
 

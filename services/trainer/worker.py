@@ -1,7 +1,9 @@
 """``lastkd worker``: one Celery worker process for training jobs.
 
-A prefork worker with one child (``--concurrency``, default 1) that is replaced after every job,
-so each job starts in a fresh process and its GPU memory goes back to the driver when it ends.
+A Celery worker with a ``threads`` pool (``--concurrency`` jobs at once, default 1). Each job
+trains in a fresh runner process forked from this worker's fork server, which imported torch and
+the engine once at start-up (CUDA is never initialised in it nor in this process), so a job starts
+in a fraction of a second, may use DataLoader workers, and gives its GPU memory back when it ends.
 Run one worker per GPU (``CUDA_VISIBLE_DEVICES``), on as many hosts as share the broker, the
 job database volume and the registry.
 """
@@ -25,9 +27,8 @@ def worker_argv(queue: str, concurrency: int, hostname: str, loglevel: str) -> l
     return [
         "worker",
         f"--queues={queue}",
-        "--pool=prefork",
+        "--pool=threads",
         f"--concurrency={concurrency}",
-        "--max-tasks-per-child=1",
         "--prefetch-multiplier=1",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",
@@ -54,11 +55,14 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
         print(f"lastkd worker: --concurrency must be 1..64, got {args.concurrency}", file=sys.stderr)
         return 2
     app = create_celery_app(settings, queue=args.queue)
+    from lastkd.services.trainer.tasks import start_runner_server
+
+    server_pid = start_runner_server()  # torch + engine imported there once, before the first job
     hostname = args.name or f"lastkd-{os.getpid()}@{socket.gethostname()}"
     kind = broker_kind(settings.resolved_broker_url)
     print(
         f"lastkd worker {hostname}: broker {kind}, queue {args.queue!r}, concurrency {args.concurrency}, "
-        f"jobs in {settings.resolved_jobs_dir}",
+        f"jobs in {settings.resolved_jobs_dir}, runner fork server pid {server_pid}",
         file=sys.stderr,
         flush=True,
     )

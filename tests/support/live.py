@@ -60,16 +60,18 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
+             describe: Callable[[], str] | None = None) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned); AssertionError naming
-    ``what`` after ``timeout`` seconds. The predicate may raise to fail early."""
+    ``what`` (and what ``describe`` says then) after ``timeout`` seconds. The predicate may raise
+    to fail early."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{describe()}" if describe else ""))
 
 
 def wait_http(

@@ -88,6 +88,18 @@ def make_tiny_data(base: Path) -> TinyData:
     return TinyData(root, result.skeleton_dir, store_path, meta.set_id, list(result.names))
 
 
+def big_raw_folder(data: TinyData) -> tuple[str, int]:
+    """A new (so uncached) raw-NTU folder inside the data root with enough files for the parallel
+    parse pool; returns its path relative to the root and its file count."""
+    from lastkd.student.data.readers import POOL_MIN_FILES
+    from lastkd.student.synth import generate
+
+    name = f"big-{uuid.uuid4().hex[:8]}"
+    per_class = POOL_MIN_FILES // 2 + 2
+    result = generate(data.root / name, classes=2, samples_per_class=per_class, frames=36, video=False, seed=5)
+    return f"{name}/skeletons", len(result.names)
+
+
 # --------------------------------------------------------------------------------------------
 # processes
 # --------------------------------------------------------------------------------------------
@@ -122,12 +134,19 @@ class Proc:
         return self.proc.poll() is None
 
     def children(self) -> list[int]:
-        """Pids of this process's direct children (the Celery pool processes of a worker)."""
-        try:
-            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
+        """Pids of this process's direct children (a worker's fork server and resource tracker)."""
+        return _children(self.proc.pid)
+
+    def fork_server(self) -> int | None:
+        """The pid of a worker's runner fork server (the child that runs multiprocessing.forkserver)."""
+        servers = [pid for pid in self.children() if "forkserver" in cmdline(pid)]
+        assert len(servers) <= 1, servers
+        return servers[0] if servers else None
+
+    def runners(self) -> list[int]:
+        """Pids of a worker's runner processes (one per job in training), children of its fork server."""
+        server = self.fork_server()
+        return _children(server) if server is not None else []
 
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM the group (graceful), SIGKILL if it hangs."""
@@ -142,10 +161,26 @@ class Proc:
             os.killpg(self.proc.pid, signal.SIGKILL)  # any child left behind
 
     def kill(self) -> None:
-        """kill -9 the whole process group (parent and pool children)."""
+        """kill -9 the whole process group (parent, fork server, runners)."""
         with _suppress():
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ('' when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 class _suppress:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lastkd.datapaths import confine, confine_entries
+from lastkd.lifetime import die_with_parent
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.ntu import (
     MAX_FRAMES,
@@ -141,7 +142,8 @@ def _parse_job(job: tuple[str, str]) -> tuple[np.ndarray | None, int, str | None
 def _parse_all(paths: list[Path], mode: str, workers: int) -> Iterator[tuple[np.ndarray | None, int, str | None]]:
     jobs = [(str(p), mode) for p in paths]
     if workers > 1 and len(jobs) >= POOL_MIN_FILES:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # initializer: the parse workers die with their parent (kill -9 of a training run)
+        with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) as pool:
             yield from pool.map(_parse_job, jobs, chunksize=16)
     else:
         yield from map(_parse_job, jobs)

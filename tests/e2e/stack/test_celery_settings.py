@@ -1,6 +1,6 @@
 """The Celery settings of long GPU jobs, checked on the app the trainer really builds, and the
-rule that the worker parent never loads torch (so CUDA is never initialised before the fork of
-the per-job child)."""
+rule that the worker process never loads torch (its fork server does, and forks one runner
+process per job from there; CUDA is initialised in neither)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ def test_long_job_settings(tmp_path: Path, broker: str | None) -> None:
     assert broker_kind(conf.broker_url) == ("redis" if broker else "sqlite")
     assert conf.task_acks_late is True and conf.task_reject_on_worker_lost is True
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.worker_max_tasks_per_child == 1  # a fresh process (and GPU context) per job
-    assert conf.worker_concurrency == 1 and conf.worker_pool == "prefork"
+    # the task body supervises; the fresh process (and GPU context) per job is the runner
+    assert conf.worker_concurrency == 1 and conf.worker_pool == "threads"
     assert not conf.task_always_eager, "jobs must run in real worker processes"
     assert conf.task_time_limit is None  # a long job is never killed for its length
     assert conf.task_routes[TASK_NAME]["queue"] == "q-test" and conf.task_default_queue == "q-test"
@@ -43,7 +43,7 @@ def test_long_job_settings(tmp_path: Path, broker: str | None) -> None:
 def test_worker_argv_matches_the_app_settings() -> None:
     argv = worker_argv(DEFAULT_QUEUE, 1, "w@h", "INFO")
     assert f"--queues={DEFAULT_QUEUE}" in argv
-    assert "--max-tasks-per-child=1" in argv and "--prefetch-multiplier=1" in argv and "--pool=prefork" in argv
+    assert "--prefetch-multiplier=1" in argv and "--pool=threads" in argv
 
 
 def test_building_the_worker_app_imports_no_torch(tmp_path: Path) -> None:

@@ -10,7 +10,10 @@ import signal
 import uuid
 from collections.abc import Callable
 
-from tests.support.stack import Stack, TinyData, redis_url, require_redis, tiny_config, wait_for
+import pytest
+
+from tests.support.live import descendants, kill_all, running
+from tests.support.stack import Stack, TinyData, cmdline, redis_url, require_redis, tiny_config, wait_for
 
 
 def _wait_epoch(stack: Stack, job_id: str, epoch: int) -> dict:
@@ -30,7 +33,7 @@ def _published_versions(stack: Stack, name: str) -> list[tuple[int, str]]:
         return [(cp["version"], cp["job_id"]) for cp in c.get("/checkpoints").json()["checkpoints"] if cp["name"] == name]
 
 
-def test_kill_pool_child_resumes_from_checkpoint(stack_factory: Callable[..., Stack], tiny_data: TinyData) -> None:
+def test_kill_runner_resumes_from_checkpoint(stack_factory: Callable[..., Stack], tiny_data: TinyData) -> None:
     stack = stack_factory()
     stack.start_api()
     worker = stack.start_worker()
@@ -39,16 +42,16 @@ def test_kill_pool_child_resumes_from_checkpoint(stack_factory: Callable[..., St
     with stack.client() as c:
         job_id = c.post("/train", json=tiny_config(tiny_data, name, epochs=3)).json()["job_id"]
     _wait_epoch(stack, job_id, 1)
-    children = worker.children()
-    assert len(children) == 1, children
-    os.kill(children[0], signal.SIGKILL)  # the pool process running the job dies mid-epoch
+    runners = worker.runners()
+    assert len(runners) == 1, runners
+    os.kill(runners[0], signal.SIGKILL)  # the runner process training the job dies mid-epoch
 
     body = stack.wait_job(job_id, {"COMPLETED"}, timeout=300)
     assert body["attempts"] == 2
     assert body["resumed_from_epoch"] >= 1, "the second attempt started from scratch instead of the checkpoint"
     assert [h["epoch"] for h in body["history"]] == [1, 2, 3]
-    assert worker.alive(), "the worker parent should survive the loss of its child"
-    assert "WorkerLostError" in worker.log() or "signal 9" in worker.log()
+    assert worker.alive(), "the worker should survive the loss of its runner"
+    assert "signal 9 (SIGKILL)" in worker.log() and "requeued" in worker.log()
     assert _published_versions(stack, name) == [(1, job_id)]
 
 
@@ -62,7 +65,7 @@ def test_kill_whole_worker_then_restart_resumes(stack_factory: Callable[..., Sta
     with stack.client() as c:
         job_id = c.post("/train", json=tiny_config(tiny_data, name, epochs=3)).json()["job_id"]
     _wait_epoch(stack, job_id, 1)
-    first.kill()  # kill -9 of the parent and its pool child together: nobody acks or requeues
+    first.kill()  # kill -9 of the worker and its runner together: nobody acks or requeues
     assert not first.alive()
 
     second = stack.start_worker()
@@ -88,7 +91,7 @@ def test_redelivery_cap_fails_the_job(stack_factory: Callable[..., Stack], tiny_
         return body["state"] == "RUNNING" and bool(body["progress"])
 
     wait_for(running, 300, "the job to start training")
-    os.kill(worker.children()[0], signal.SIGKILL)
+    os.kill(worker.runners()[0], signal.SIGKILL)
     body = stack.wait_job(job_id, {"FAILED"}, timeout=120)
     assert body["attempts"] == 1
     assert "gave up after 1 attempt" in body["error"] and "max_attempts=1" in body["error"]
@@ -128,3 +131,63 @@ def test_concurrent_deliveries_claim_once(tmp_path: Path) -> None:
     # its owner has exited now: the next delivery takes over as attempt 2
     outcome, again = store.claim(record.id, "next-delivery")
     assert outcome.value == "run" and again is not None and again.attempts == 2
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (the tests start each worker in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.faults
+def test_kill_worker_leaves_no_runner_or_loader_processes(stack_factory: Callable[..., Stack],
+                                                          tiny_data: TinyData) -> None:
+    """kill -9 of the worker process alone (not its group): the fork server, the runner and the
+    runner's DataLoader workers all go with it, and the job is requeued for the next worker."""
+    stack = stack_factory()
+    stack.start_api()
+    worker = stack.start_worker()
+    stack.wait_worker_ready(worker)
+    name = f"orphans-{uuid.uuid4().hex[:6]}"
+    with stack.client() as c:
+        job_id = c.post("/train", json=tiny_config(tiny_data, name, epochs=200, workers=2)).json()["job_id"]
+    _wait_epoch(stack, job_id, 0)
+
+    def loaders_up() -> set[int] | None:
+        runners = worker.runners()
+        below = {p for r in runners for p in descendants(r)}
+        return (set(runners) | below) if runners and len(below) >= 2 else None
+
+    job_procs = wait_for(loaders_up, 120, "the runner's DataLoader workers to start", interval=0.05)
+    tree = descendants(worker.proc.pid)
+    assert job_procs <= tree and worker.fork_server() in tree
+    os.kill(worker.proc.pid, signal.SIGKILL)  # the worker only: its children are not signalled
+    worker.proc.wait(timeout=30)
+    # every process the worker ever started lives in its session (loader workers come and go)
+    try:
+        wait_for(lambda: not _session(worker.proc.pid), 20, "every process of the killed worker to exit",
+                 describe=lambda: "\n".join(f"{p}: {cmdline(p)[:150]} {Path(f'/proc/{p}/stat').read_text()[:80]}"
+                                            for p in _session(worker.proc.pid)))
+    finally:
+        kill_all(_session(worker.proc.pid))  # never leave them behind for the next test
+    assert not any(running(p) for p in tree)
+    # the job is not lost: the API requeues it once its runner is gone, and a new worker resumes it
+    second = stack.start_worker()
+    stack.wait_worker_ready(second)
+    def rerun() -> dict | None:
+        body = stack.job(job_id)
+        ok = body["attempts"] == 2 and body["state"] == "RUNNING" and body["resumed_from_epoch"] is not None
+        return body if ok else None
+
+    wait_for(rerun, 120, "the job to run again on the new worker")
+    with stack.client() as c:
+        c.post(f"/jobs/{job_id}/cancel")
+    stack.wait_job(job_id, {"CANCELLED"}, timeout=120)
