@@ -304,6 +304,74 @@ class FeatureStore:
 
         return self._write(f"the batch of {len(items)} vectors for {set_id!r}", write)
 
+    def put_if_absent(
+        self,
+        set_id: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        sha256s: Sequence[str],
+    ) -> list[str]:
+        """Store each vector under its id unless the id is taken; decide and write in ONE transaction.
+
+        The check and the write are one decision, so two writers (or two entries of one batch)
+        naming the same id for different content can never both be told "stored". Returns, per
+        entry in order: ``"added"`` (written now), ``"same"`` (the id already holds a vector of
+        the same content digest, here or earlier in this batch: nothing written) or
+        ``"conflict"`` (the id holds a vector of other content, or of unknown content: nothing
+        written). Ids may repeat inside the batch; the first occurrence decides. Every entry
+        needs its content digest. Bad input rejects the whole batch.
+        """
+        set_key = check_set_id(set_id)
+        pre = layout.prefix(set_key)
+        items, full_keys = encode_clip_ids(ids, unique=False, prefix=pre)
+        if not items:
+            raise InvalidFeatureError("empty batch: put_if_absent needs at least one id and vector")
+        shas = check_sha256_batch(sha256s, len(items))
+        if shas is None or any(s is None for s in shas):
+            raise InvalidFeatureError("put_if_absent needs the content sha256 of every entry")
+
+        def write(txn: lmdb.Transaction, handle: envs.EnvHandle) -> list[str]:
+            meta = self._meta(txn, handle, set_key)
+            arr = check_vectors(vectors, len(items), meta.dim, meta.np_dtype)
+            vecs, fwd, rev = (handle.dbs[n] for n in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA))
+            rb = meta.row_bytes
+            flat = memoryview(arr).cast("B")
+            decided: dict[bytes, bytes | None] = {}  # key -> digest it holds after this batch
+            outcome: list[str] = []
+            for i, key in enumerate(full_keys):
+                digest = shas[i].encode()  # type: ignore[union-attr]
+                if key not in decided:
+                    if txn.get(key, db=vecs) is None:
+                        txn.put(key, flat[i * rb : (i + 1) * rb], db=vecs)
+                        txn.put(pre + digest, key[len(pre) :], db=fwd, overwrite=False)
+                        txn.put(key, digest, db=rev)
+                        decided[key] = digest
+                        outcome.append("added")
+                        continue
+                    held = txn.get(key, db=rev)
+                    decided[key] = None if held is None else bytes(held)
+                outcome.append("same" if decided[key] == digest else "conflict")
+            added = outcome.count("added")
+            if added:
+                counts = handle.dbs[layout.DB_COUNTS]
+                txn.put(set_key, layout.pack_count(self._count(txn, handle, set_key) + added), db=counts)
+            return outcome
+
+        return self._write(f"the batch of {len(items)} vectors for {set_id!r}", write)
+
+    def clip_sha256(self, set_id: str, clip_id: str) -> tuple[bool, str | None]:
+        """``(present, digest)``: whether the set holds this clip id, and the content sha256 it
+        was stored with (None when absent or stored without one)."""
+        set_key = check_set_id(set_id)
+        key = layout.prefix(set_key) + check_clip_id(clip_id)
+        handle = self._h()
+        with handle.read_txn() as txn:
+            self._meta(txn, handle, set_key)
+            if txn.get(key, db=handle.dbs[layout.DB_VECTORS]) is None:
+                return False, None
+            digest = txn.get(key, db=handle.dbs[layout.DB_CLIP_SHA])
+            return True, None if digest is None else bytes(digest).decode("ascii")
+
     @staticmethod
     def _index_sha256(
         txn: lmdb.Transaction,

@@ -267,8 +267,10 @@ def serve(app: FastAPI, host: str, port: int, token: str | None, log_level: str 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
     server = uvicorn.Server(config)
     server.run()
-    # uvicorn sets started=False when the lifespan start-up failed (e.g. bad model settings).
-    return 0 if server.started else 1
+    # uvicorn sets started=False when the lifespan start-up failed; an app whose start-up
+    # continues behind an open port (the teacher's warm-up) sets app.state.exit_code instead.
+    failed = getattr(app.state, "exit_code", 0)
+    return failed or (0 if server.started else 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,11 +25,13 @@ unpickle :func:`_decode_clip` from it and have no use for torch.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import logging
 import multiprocessing
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -40,8 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lastkd.lifeline import die_with_parent, watch_process
 from lastkd.teacher.clip_ids import clip_id_from_filename
-from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
+from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, file_kind, normalize, prepare_clip
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ClipFailure",
+    "clip_id_conflict",
     "EmbedResult",
     "Embedder",
     "EngineConfig",
@@ -90,6 +94,15 @@ class ClipFailure(Exception):
         return f"{self.reason}: {self.message}"
 
 
+def clip_id_conflict(clip_id: str) -> ClipFailure:
+    """The failure of a clip whose id already names a feature of other bytes in the set."""
+    return ClipFailure(
+        "clip_id_conflict",
+        f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
+        "give this clip another id",
+    )
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     """Where a clip's feature now lives. ``cached`` means no forward pass was needed."""
@@ -115,6 +128,29 @@ class EngineConfig:
     decode_workers: int = 0  # 0 = default_decode_workers(device)
     store_dtype: str = "float32"
     seed: int = 0  # random-init teachers are seeded so that the same set id means the same weights
+
+    def __post_init__(self) -> None:
+        # The one place the engine settings are judged, before any model or store is touched:
+        # `lastkd embed` and `lastkd serve-teacher` both build this first and print the same
+        # message (exit 2) when it refuses.
+        from lastkd.models.videomae import check_model_name
+
+        try:
+            check_model_name(self.model_name)
+        except ValueError as exc:
+            raise EngineError(f"cannot build teacher {self.model_name!r}: {exc}") from None
+        if self.weights is None and not self.random_init:
+            raise EngineError(
+                f"no teacher weights configured for {self.model_name!r}: set LASTKD_TEACHER_WEIGHTS to an "
+                "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
+                "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
+            )
+        if self.weights is not None and self.random_init:
+            raise EngineError("teacher weights and random_init are both set; choose one")
+        if self.batch_size < 1:
+            raise EngineError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_wait_ms < 0:
+            raise EngineError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
@@ -167,7 +203,12 @@ def default_decode_workers(device_type: str) -> int:
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    # O_NONBLOCK: a fifo put in place of a file must not block the open; fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file: a {file_kind(mode)}", os.fspath(path))
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
@@ -201,7 +242,12 @@ def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _init_worker() -> None:
+def _init_worker(owner_pid: int) -> None:
+    # A decoder holds hundreds of MB: it must not outlive the service or CLI it decodes for,
+    # even after a kill -9. Its parent is the forkserver (killed with it: parent-death signal);
+    # its owner is the process that made the pool (watched through a pidfd).
+    die_with_parent()
+    watch_process(owner_pid)
     # One decoder per process: several threads each would oversubscribe the cores the pool
     # already spreads work over (and the inference thread's cores on CPU).
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -285,18 +331,6 @@ class Embedder:
     ) -> None:
         if model is not None and not config.random_init:
             raise EngineError("a prebuilt model is only accepted for random-init teachers (benchmarks)")
-        if config.batch_size < 1:
-            raise EngineError(f"batch_size must be >= 1, got {config.batch_size}")
-        if config.max_wait_ms < 0:
-            raise EngineError(f"max_wait_ms must be >= 0, got {config.max_wait_ms}")
-        if config.weights is None and not config.random_init:
-            raise EngineError(
-                f"no teacher weights configured for {config.model_name!r}: set LASTKD_TEACHER_WEIGHTS to an "
-                "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
-                "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
-            )
-        if config.weights is not None and config.random_init:
-            raise EngineError("teacher weights and random_init are both set; choose one")
         self.config = config
         self.preprocess = preprocess
         self.limits = limits
@@ -440,30 +474,24 @@ class Embedder:
             known = self.store.lookup_sha256(self.set_id, sha256)
             if item.clip_id is None:
                 item.clip_id = known or sha256
-            if known is not None:
-                if known == item.clip_id:
-                    self.counters.add(cached=1)
-                    future.set_result(self._result(item, cached=True))
-                elif self.store.contains(self.set_id, item.clip_id):
-                    self._fail(item, self._conflict(item.clip_id))
-                else:
-                    # Same bytes under a new id: copy the stored vector, no decode, no forward.
-                    item.source_id = known
-                    self._queue.put(item)
+            # Fast answers before any decoding. They only ever refuse or answer "cached"; the
+            # decision to store is taken in the write transaction (Store.put_if_absent), so
+            # concurrent submissions of one id for different bytes cannot both be stored.
+            present, held = self.store.clip_sha256(self.set_id, item.clip_id)
+            if present and held == sha256:
+                self.counters.add(cached=1)
+                future.set_result(self._result(item, cached=True))
                 return future
-            if self.store.contains(self.set_id, item.clip_id):
-                self._fail(item, self._conflict(item.clip_id))
+            if present:
+                self._fail(item, clip_id_conflict(item.clip_id))
+                return future
+            if known is not None:
+                # Same bytes under a new id: copy the stored vector, no decode, no forward.
+                item.source_id = known
+                self._queue.put(item)
                 return future
         self._submit_decode(item)
         return future
-
-    @staticmethod
-    def _conflict(clip_id: str) -> ClipFailure:
-        return ClipFailure(
-            "clip_id_conflict",
-            f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
-            "give this clip another id",
-        )
 
     def _release(self, _: cf.Future) -> None:
         with self._pending_lock:
@@ -486,6 +514,7 @@ class Embedder:
             max_workers=self.decode_workers,
             mp_context=multiprocessing.get_context(method),
             initializer=_init_worker,
+            initargs=(os.getpid(),),
         )
 
     def _current_pool(self) -> cf.ProcessPoolExecutor:
@@ -599,21 +628,25 @@ class Embedder:
                 else:  # the source vanished (set deleted meanwhile): nothing to copy
                     self._fail(item, ClipFailure("decode_failed", "the cached feature for these bytes disappeared"))
 
-        # Last write wins for an id submitted twice in one batch; both futures get the answer.
-        rows: dict[str, tuple[np.ndarray, str]] = {}
-        for item in batch:
-            if id(item) in vectors:
-                rows[item.clip_id] = (vectors[id(item)], item.sha256)
-        if rows:
-            ids = list(rows)
-            self.store.put_many(
-                self.set_id, ids, np.stack([rows[i][0] for i in ids]), sha256s=[rows[i][1] for i in ids]
+        # One transaction decides every id of the batch: the first clip naming an id is stored,
+        # a later one with the same bytes shares it, one with other bytes is a conflict.
+        stored = [item for item in batch if id(item) in vectors]
+        outcome: list[str] = []
+        if stored:
+            outcome = self.store.put_if_absent(
+                self.set_id,
+                [item.clip_id for item in stored],
+                np.stack([vectors[id(item)] for item in stored]),
+                sha256s=[item.sha256 for item in stored],
             )
-        for item in batch:
-            if id(item) in vectors and not item.future.done():
-                cached = item.source_id is not None
+        for item, status in zip(stored, outcome, strict=True):
+            if status == "conflict":
+                self._fail(item, clip_id_conflict(item.clip_id))
+            elif not item.future.done():
+                cached = item.source_id is not None or status == "same"
                 self.counters.add(**({"cached": 1} if cached else {"computed": 1}))
                 item.future.set_result(self._result(item, cached=cached))
+        for item in batch:
             item.frames = None
 
         elapsed = time.perf_counter() - start

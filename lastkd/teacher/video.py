@@ -66,6 +66,7 @@ __all__ = [
     "VideoInfo",
     "VideoLimits",
     "crop_offsets",
+    "file_kind",
     "load_clip",
     "multiview_indices",
     "normalize",
@@ -317,11 +318,31 @@ class _Source:
     info: VideoInfo
 
 
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "named pipe (fifo)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` describes, in words: ``"regular file"``, ``"named pipe (fifo)"``, ...
+
+    Only regular files are ever opened as clips: opening a fifo blocks until a writer appears,
+    and a device may never end.
+    """
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "special file")
+
+
 def _check_file(path: str | Path, limits: VideoLimits) -> tuple[Path, str]:
     p = Path(path)
     st = p.stat()  # FileNotFoundError / PermissionError name the path themselves
     if not stat.S_ISREG(st.st_mode):
-        raise VideoError("not_media", "not a regular file (a directory, device or pipe)")
+        raise VideoError("not_media", f"not a regular file: a {file_kind(st.st_mode)}")
     if st.st_size == 0:
         raise VideoError("not_media", "not a media file: the file is empty (0 bytes)")
     if st.st_size > limits.max_bytes:

@@ -17,8 +17,9 @@ Endpoints
     or raw little-endian float32 bytes with ``Accept: application/octet-stream``.
 ``GET /feature-sets``, ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``.
 
-The service is the single writer of the LMDB store; the model is loaded and warmed up in the
-lifespan, so ``/health/ready`` is 200 only once a forward pass has run.
+The service is the single writer of the LMDB store. The port opens at once and the model is
+loaded and warmed up behind it: ``/health/ready`` answers 503 ``{"status": "starting"}`` until a
+forward pass has run, then 200; a teacher that cannot start ends the process (exit 2).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import argparse
 import asyncio
 import logging
 import math
+import os
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -117,8 +120,28 @@ def create_app(settings: Settings) -> FastAPI:
 
     upload_dir = Path(settings.data_dir) / "tmp" / "uploads"
 
+    async def warm(embedder: Embedder, app: FastAPI) -> None:
+        """Load the model, start the decoders and run one forward pass, while the port is open
+        and /health/ready says 503 "starting". A teacher that cannot start stops the process."""
+        try:
+            await run_in_threadpool(embedder.start)
+            state["embedder"] = embedder
+            await run_in_threadpool(embedder.warm_up)
+        except Exception as exc:  # noqa: BLE001 - any start-up failure ends the service cleanly
+            message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            log.error("teacher start-up failed: %s", message)
+            state["failed"] = message
+            app.state.exit_code = 2
+            # uvicorn's own signal handling runs the orderly shutdown (lifespan exit included).
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        log.info(
+            "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",
+            settings.teacher_model, embedder.device, embedder.set_id, embedder.decode_workers,
+        )
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from lastkd.featurestore import FeatureStore
 
         upload_dir.mkdir(parents=True, exist_ok=True)
@@ -138,22 +161,13 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("teacher start-up failed: %s", exc)
             store.close()
             raise
-        try:
-            await run_in_threadpool(embedder.start)
-            state["embedder"] = embedder
-            await run_in_threadpool(embedder.warm_up)
-        except EngineError as exc:
-            log.error("teacher start-up failed: %s", exc)
-            embedder.close()
-            store.close()
-            raise
-        log.info(
-            "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",
-            settings.teacher_model, embedder.device, embedder.set_id, embedder.decode_workers,
-        )
+        # The port opens now; the model warms up behind it (compose healthchecks and `lastkd up`
+        # wait on /health/ready, which answers 503 "starting" until the warm-up is done).
+        warming = asyncio.create_task(warm(embedder, app))
         try:
             yield
         finally:
+            await asyncio.wait([warming])  # a start-up thread cannot be interrupted: let it finish
             await run_in_threadpool(embedder.close)
             store.close()
 
@@ -167,6 +181,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health/ready", tags=["health"])
     async def ready() -> JSONResponse:
         embedder: Embedder | None = state["embedder"]
+        if state.get("failed"):
+            return JSONResponse({"status": "failed", "reason": state["failed"]}, status_code=503)
         if not _ready(state) or embedder is None:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({
@@ -358,11 +374,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except BindRefusedError as exc:
         print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
-    if settings.teacher_weights is None and not settings.teacher_random_init:
-        print(
-            "lastkd serve-teacher: no teacher weights: set LASTKD_TEACHER_WEIGHTS to an official VideoMAE V2 "
-            "checkpoint, or LASTKD_TEACHER_RANDOM_INIT=true for a random-init teacher (tests/demo only)",
-            file=sys.stderr,
-        )
+    from lastkd.teacher.embedder import EngineConfig, EngineError
+
+    try:
+        EngineConfig.from_settings(settings)  # the model name and weights rule, before any loading
+    except EngineError as exc:
+        print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
     return serve(create_app(settings), host, port, settings.token(), settings.log_level)
