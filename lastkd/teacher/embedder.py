@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastkd.lifeline import die_with_parent, watch_process
 from lastkd.teacher.clip_ids import clip_id_from_filename
+from lastkd.teacher.decode_worker import init_decode_worker
 from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, file_kind, normalize, prepare_clip
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -240,18 +240,6 @@ def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
 # --------------------------------------------------------------------------------------------
 # decode workers (run in other processes)
 # --------------------------------------------------------------------------------------------
-
-
-def _init_worker(owner_pid: int) -> None:
-    # A decoder holds hundreds of MB: it must not outlive the service or CLI it decodes for,
-    # even after a kill -9. Its parent is the forkserver (killed with it: parent-death signal);
-    # its owner is the process that made the pool (watched through a pidfd).
-    die_with_parent()
-    watch_process(owner_pid)
-    # One decoder per process: several threads each would oversubscribe the cores the pool
-    # already spreads work over (and the inference thread's cores on CPU).
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
 
 
 def _ping() -> int:
@@ -513,7 +501,7 @@ class Embedder:
         return cf.ProcessPoolExecutor(
             max_workers=self.decode_workers,
             mp_context=multiprocessing.get_context(method),
-            initializer=_init_worker,
+            initializer=init_decode_worker,
             initargs=(os.getpid(),),
         )
 

@@ -181,13 +181,21 @@ def test_embed_skips_a_fifo_with_its_kind_and_does_not_hang(tmp_path: Path) -> N
 # ---- item 13: kill -9 leaves no decoder, forkserver or resource tracker ---------------------
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
 def _assert_tree_dies(pid: int, proc: subprocess.Popen, min_children: int) -> None:
     tree = wait_for(lambda: (lambda d: d if len(d) >= min_children else None)(descendants(pid)), 120,
                     f"{min_children} helper processes under {pid}")
     os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     try:
-        wait_for(lambda: not [p for p in tree if running(p)], 10, "every helper process to exit")
+        wait_for(lambda: not [p for p in tree if running(p)], 10, "every helper process to exit: "
+                 + "; ".join(f"{p}: {_cmdline(p)}" for p in tree if running(p)))
     finally:
         kill_all(p for p in tree if running(p))
 
