@@ -28,8 +28,6 @@ import argparse
 import asyncio
 import logging
 import math
-import os
-import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -130,10 +128,10 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:  # noqa: BLE001 - any start-up failure ends the service cleanly
             message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
             log.error("teacher start-up failed: %s", message)
-            state["failed"] = message
-            app.state.exit_code = 2
-            # uvicorn's own signal handling runs the orderly shutdown (lifespan exit included).
-            os.kill(os.getpid(), signal.SIGTERM)
+            state["failed"] = message  # /health/ready says so meanwhile
+            request_exit = getattr(app.state, "request_exit", None)
+            if request_exit is not None:  # under `lastkd serve-teacher`: stop serving, exit 2
+                request_exit(2)
             return
         log.info(
             "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",

@@ -271,3 +271,14 @@ def test_unknown_model_name_same_message_and_exit_code_for_both_commands(tmp_pat
         assert done.stderr.startswith(f"lastkd {command}: cannot build teacher 'resnet50': unknown VideoMAE V2 model")
     assert embed.stderr.split(": ", 1)[1] == serve.stderr.split(": ", 1)[1]
     assert not (tmp_path / "data" / "features.lmdb").exists()  # nothing opened or created
+
+
+def test_start_up_failure_behind_the_open_port_exits_2_without_traceback(tmp_path: Path) -> None:
+    weights = tmp_path / "garbage.pth"
+    weights.write_bytes(b"not a checkpoint at all")
+    env = teacher_env(tmp_path / "data", LASTKD_TEACHER_RANDOM_INIT="false", LASTKD_TEACHER_WEIGHTS=str(weights),
+                      LASTKD_TEACHER_PORT=str(free_port()))
+    done = run_cli(["serve-teacher"], env, cwd=tmp_path, timeout=180)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"teacher start-up failed: cannot load teacher weights {weights}" in done.stderr
