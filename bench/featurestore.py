@@ -120,7 +120,6 @@ def bench_dtype(workdir: Path, n: int, dim: int, dtype: str, batch: int, per_pas
     measure(fns, chunks[-1:], 1)  # warm the code paths
     rates = measure(fns, chunks[:-1], rounds)
     store.close()
-    del table
     return {
         "get_many_per_s": rates["get_many"],
         "raw_lmdb_per_s": rates["raw_lmdb"],

@@ -157,7 +157,7 @@ def sync(device: str) -> None:
 
 
 def time_forward(model, batch: int, reps: int, device: str = "cpu", precision: str = "fp32") -> float:
-    """Best seconds per clip of forward_features over ``reps`` timed batches (after one warm-up)."""
+    """Best seconds per clip of the teacher feature (embed) over ``reps`` timed batches (after one warm-up)."""
     import torch
 
     from lastkd.models.videomae import inference_context
@@ -165,11 +165,11 @@ def time_forward(model, batch: int, reps: int, device: str = "cpu", precision: s
     x = torch.randn(batch, 3, 16, 224, 224, device=device)
     best = float("inf")
     with inference_context(device, precision):
-        model.forward_features(x)
+        model.embed(x)
         sync(device)
         for _ in range(reps):
             start = time.perf_counter()
-            model.forward_features(x)
+            model.embed(x)
             sync(device)
             best = min(best, (time.perf_counter() - start) / batch)
     return best

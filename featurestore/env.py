@@ -25,6 +25,9 @@ import lmdb
 from lastkd.featurestore import layout
 from lastkd.featurestore.errors import FeatureStoreError, NotAStoreError
 
+# The named databases of a store, by name (layout.DB_*); lmdb calls their handle type _Database.
+Databases = dict[bytes, lmdb._Database]
+
 
 class RWLock:
     """Many holders of ``shared`` (transactions) or one of ``exclusive`` (remap, reopen, close).
@@ -77,7 +80,7 @@ class RWLock:
 
 def open_environment(
     path: Path, *, writable: bool, map_size: int, sync: bool = True, lock: bool = True
-) -> tuple[lmdb.Environment, dict[bytes, object]]:
+) -> tuple[lmdb.Environment, Databases]:
     """Open (or, when writable, create) a store's LMDB environment and its named databases.
 
     Raises :class:`NotAStoreError` for anything that is not a lastkd feature store.
@@ -126,7 +129,7 @@ def open_environment(
     return env, dbs
 
 
-def _open_layout(env: lmdb.Environment, path: Path, writable: bool) -> dict[bytes, object]:
+def _open_layout(env: lmdb.Environment, path: Path, writable: bool) -> Databases:
     try:
         with env.begin(write=writable) as txn:
             for key, _ in txn.cursor():
@@ -163,7 +166,7 @@ class EnvHandle:
         self.key = key
         self.pid = os.getpid()
         self.env: lmdb.Environment | None = None
-        self.dbs: dict[bytes, object] = {}
+        self.dbs: Databases = {}
         self.writable = False
         self.sync = True
         self.lock = RWLock()
@@ -206,7 +209,9 @@ class EnvHandle:
             with self.lock.shared():
                 env = self.require_env()
                 try:
-                    txn = env.begin(db=self.dbs[db] if db else None, buffers=buffers)
+                    handle = self.dbs[db] if db else None
+                    # Two calls, not buffers=buffers: lmdb's type stubs overload on the literal.
+                    txn = env.begin(db=handle, buffers=True) if buffers else env.begin(db=handle)
                 except lmdb.MapResizedError:
                     if attempt:
                         raise FeatureStoreError(f"feature store {self.path}: map keeps being resized") from None

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +23,7 @@ import lmdb
 import numpy as np
 
 from lastkd.featurestore import layout
-from lastkd.featurestore.env import open_environment
+from lastkd.featurestore.env import Databases, open_environment
 from lastkd.featurestore.errors import FeatureStoreError, NotAStoreError, SnapshotError
 from lastkd.featurestore.metadata import FeatureSetMeta
 from lastkd.featurestore.validation import check_set_id
@@ -135,18 +135,18 @@ def _rewrite_sets(store: "FeatureStore", out_dir: Path, set_ids: list[str]) -> N
             out_env.close()
 
 
-def _prefixed_items(txn: lmdb.Transaction, db: object, set_id: str):  # type: ignore[no-untyped-def]
+def _prefixed_items(txn: lmdb.Transaction, db: lmdb._Database, set_id: str) -> Iterator[tuple[bytes, bytes]]:
     pre = layout.prefix(set_id.encode())
     cursor = txn.cursor(db=db)
     if not cursor.set_range(pre):
         return
     for key, value in cursor:
-        if not key.startswith(pre):
+        if not bytes(key).startswith(pre):
             return
-        yield key, value
+        yield bytes(key), bytes(value)
 
 
-def _read_sets(data_dir: Path) -> tuple[lmdb.Environment, dict[bytes, object]]:
+def _read_sets(data_dir: Path) -> tuple[lmdb.Environment, Databases]:
     # lock=False: a snapshot is immutable and may live on read-only media; no lock file.
     return open_environment(data_dir, writable=False, map_size=1 << 20, lock=False)
 
@@ -277,7 +277,7 @@ def verify_snapshot(snapshot_dir: str | os.PathLike[str]) -> SnapshotReport:
 
 
 def _verify_contents(
-    txn: lmdb.Transaction, dbs: dict[bytes, object], expected: dict[str, Any], report: SnapshotReport
+    txn: lmdb.Transaction, dbs: Databases, expected: dict[str, Any], report: SnapshotReport
 ) -> list[str]:
     problems: list[str] = []
     stored = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=dbs[layout.DB_SETS])}
@@ -306,7 +306,7 @@ def _verify_contents(
 
 
 def _reread_vectors(
-    txn: lmdb.Transaction, db: object, set_key: bytes, meta: FeatureSetMeta
+    txn: lmdb.Transaction, db: lmdb._Database, set_key: bytes, meta: FeatureSetMeta
 ) -> tuple[int, list[str]]:
     pre = layout.prefix(set_key)
     cursor = txn.cursor(db=db)
@@ -327,7 +327,7 @@ def _reread_vectors(
     return seen, bad
 
 
-def _check_sha_index(txn: lmdb.Transaction, dbs: dict[bytes, object], set_key: bytes) -> list[str]:
+def _check_sha_index(txn: lmdb.Transaction, dbs: Databases, set_key: bytes) -> list[str]:
     pre = layout.prefix(set_key)
     cursor = txn.cursor(db=dbs[layout.DB_SHA])
     problems: list[str] = []

@@ -20,7 +20,17 @@ from lastkd.errors import LastkdError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["DEVICE_HELP", "DeviceError", "DeviceSpec", "GpuProbe", "check_device", "probe_gpus", "resolve_device"]
+__all__ = [
+    "DEVICE_HELP",
+    "DeviceError",
+    "DeviceSpec",
+    "GpuClaim",
+    "GpuProbe",
+    "check_device",
+    "claim_gpu",
+    "probe_gpus",
+    "resolve_device",
+]
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
 # ASCII digits only: str.isdigit() would also take digits such as "²" that torch cannot parse.
@@ -56,6 +66,7 @@ class GpuProbe:
     present: bool  # the kernel driver lists at least one GPU
     driver: str | None  # the driver's version line, when readable
     hidden: bool  # CUDA_VISIBLE_DEVICES hides every GPU on purpose
+    count: int = 0  # GPUs the kernel driver lists
 
 
 def probe_gpus(root: str | os.PathLike[str] = "/", environ: Mapping[str, str] | None = None) -> GpuProbe:
@@ -66,7 +77,8 @@ def probe_gpus(root: str | os.PathLike[str] = "/", environ: Mapping[str, str] | 
     env = os.environ if environ is None else environ
     base = Path(root) / "proc" / "driver" / "nvidia"
     gpus = base / "gpus"
-    present = gpus.is_dir() and any(gpus.iterdir())
+    count = sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0
+    present = count > 0
     driver = None
     try:
         driver = (base / "version").read_text(encoding="utf-8", errors="replace").splitlines()[0].strip()
@@ -74,7 +86,7 @@ def probe_gpus(root: str | os.PathLike[str] = "/", environ: Mapping[str, str] | 
         pass
     visible = env.get("CUDA_VISIBLE_DEVICES")
     hidden = visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles")
-    return GpuProbe(present, driver, hidden)
+    return GpuProbe(present, driver, hidden, count)
 
 
 def _unusable_reason(probe: GpuProbe) -> str:
@@ -123,3 +135,41 @@ def resolve_device(spec: str, *, local_rank: int = 0, probe: GpuProbe | None = N
     if index >= count:
         raise DeviceError(f"device {spec!r} requested but only {count} CUDA device(s) exist")
     return torch.device("cuda", index)
+
+
+@dataclass(frozen=True)
+class GpuClaim:
+    """A GPU this process holds among the workers of one host, until the process ends."""
+
+    index: int  # the driver's GPU index (what CUDA_VISIBLE_DEVICES names)
+    slot: int  # 0 when this process is the GPU's first holder, 1 for the second, ...
+    fd: int  # the flock'ed file that is the claim; closing it (or dying) releases it
+
+
+def claim_gpu(lock_dir: str | os.PathLike[str], candidates: list[int], max_per_gpu: int = 64) -> GpuClaim:
+    """Claim the least-used of ``candidates`` among the processes sharing ``lock_dir``.
+
+    Why: Docker gives every replica of a scaled service the same device reservation, so
+    ``docker compose up --scale trainer-worker=4`` on a 4-GPU host would put four workers on one
+    GPU. Each worker instead sees the host's GPUs and claims one here, before CUDA starts; claims
+    are ``flock``s on ``lock_dir/gpu<i>-<slot>.lock`` (released by the kernel when the process dies,
+    so a killed worker never leaks its GPU). Slots are tried as slot 0 of every GPU, then slot 1
+    of every GPU, ..., so replicas spread evenly and share only when they outnumber the GPUs.
+    """
+    import fcntl
+
+    if not candidates:
+        raise DeviceError("no GPU to claim: the list of candidate GPUs is empty")
+    folder = Path(lock_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for slot in range(max_per_gpu):
+        for index in candidates:
+            fd = os.open(folder / f"gpu{index}-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.set_inheritable(fd, False)
+            return GpuClaim(index, slot, fd)
+    raise DeviceError(f"all {max_per_gpu} slots of GPUs {candidates} are claimed in {folder}")

@@ -38,7 +38,7 @@ def parse_events(lines: Iterable[str]) -> Iterator[Event]:
     A ``data:`` line that is not JSON raises ValueError naming the event: the server only sends
     JSON, so anything else means the stream is not a lastkd event stream.
     """
-    name, data = "message", []
+    name, data = "message", list[str]()
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line:

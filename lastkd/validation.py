@@ -3,16 +3,25 @@
 Settings, training configs (YAML and HTTP), request bodies and job configs all validate with
 pydantic; they all report through :func:`problems` so a user reads the same words whether the
 mistake came through an environment variable, a file or an API call.
+
+:class:`StrictModel` is the one base of every job-config model (training config, data, distillation):
+unknown keys are refused, numbers are taken as numbers (an integer field takes an integer, not
+``true`` or ``"2"``; a float field takes an int or a float, not a boolean or a string) and NaN or
+infinity in any float field is "not a finite number". One base, so a field added later gets the
+same rule without anyone remembering it.
 """
 
 from __future__ import annotations
 
+import math
+import types
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
-__all__ = ["Problem", "problems", "summary"]
+__all__ = ["Problem", "StrictModel", "problems", "summary"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +61,54 @@ def problems(exc: ValidationError, *, prefix: str = "", root: str = "config") ->
 def summary(found: list[Problem]) -> str:
     """All problems on one line: ``a.b: msg; c: msg``."""
     return "; ".join(f"{p.field}: {p.msg}" for p in found) or "invalid input"
+
+
+def _kind(value: Any) -> str:
+    return "a boolean" if isinstance(value, bool) else "text" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+def _number_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is not a number of the kind ``annotation`` asks for (None when it is, or
+    when ``annotation`` is not numeric: pydantic validates everything else)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _number_problem(get_args(annotation)[0], value)
+    if origin in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if value is None or len(members) != 1:
+            return None
+        return _number_problem(members[0], value)
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        args = get_args(annotation)
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if origin is list:
+            item_types = [args[0]] * len(value) if args else []
+        for i, (item_type, item) in enumerate(zip(item_types, value)):
+            problem = _number_problem(item_type, item)
+            if problem:
+                return f"item {i} ({item!r}) {problem}"
+        return None
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, not {_kind(value)}"
+    if annotation is float and isinstance(value, (bool, str)):
+        return f"must be a number, not {_kind(value)}"
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        # said here, before pydantic's range check can answer "should be less than ..." for NaN
+        return "must be a finite number"
+    return None
+
+
+class StrictModel(BaseModel):
+    """Base of the job-config models: no unknown keys, frozen, numbers strict and finite."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode turns true into 1 and "2" into 2; a job config that says so is a mistake.
+        field = cls.model_fields.get(info.field_name or "")
+        problem = _number_problem(field.annotation, value) if field is not None else None
+        if problem:
+            raise PydanticCustomError("strict_number", problem)
+        return value

@@ -8,6 +8,7 @@ test gets the marker of its folder, so ``pytest -m "not e2e"`` is the fast loop.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from tests.support.paths import SHARED
 from tests.support.store import PREPROCESSING, WEIGHTS
 
 TIERS = ("unit", "integration", "e2e")
+
+# Bad-input and fault tests are found by `pytest -m faults`: marked explicitly, or named with the
+# words such tests use (a test of a refusal says so in its name). docs/reliability.md lists them.
+FAULT_WORDS = re.compile(
+    r"reject|refus|corrupt(?!ion)|truncat|malformed|hostile|garbage|invalid|bad_|_bad|kill|crash|"
+    r"disconnect|traversal|escape|outside|symlink|too_large|oversize|huge|nan_|not_finite|"
+    r"wrong|unknown|conflict|fifo|orphan|left_behind|survive|partial"
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -31,6 +40,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         parts = Path(item.fspath).resolve().relative_to(tests_dir).parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+        if FAULT_WORDS.search(item.originalname if isinstance(item, pytest.Function) else item.name):
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture(scope="session")

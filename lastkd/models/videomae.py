@@ -17,25 +17,19 @@ bias is implicitly zero). ``checkpoint_filter_fn`` fuses them as concat(q, 0, v)
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
-import os
-import pickle
-import re
-import tempfile
-import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from functools import partial
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import trunc_normal_
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
 __all__ = [
@@ -47,12 +41,9 @@ __all__ = [
     "create_videomae",
     "list_models",
     "checkpoint_filter_fn",
-    "load_checkpoint",
     "export_official_state_dict",
-    "save_official",
-    "sha256_file",
+    "names_for_error",
     "sinusoid_position_table",
-    "resolve_device",
     "inference_context",
 ]
 
@@ -60,7 +51,6 @@ _logger = logging.getLogger(__name__)
 
 HeadMode = Literal["auto", "keep", "drop", "replace"]
 _HEAD_MODES = ("auto", "keep", "drop", "replace")
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 # Prefixes left by wrappers around the encoder; stripped once each, in this order.
 _COMPILE_PREFIX = "_orig_mod."
 _MODULE_PREFIXES = ("backbone.", "encoder.")
@@ -161,6 +151,10 @@ class VideoMAEBlock(Block):
     allocation of a ~5-20 MB activation is a round of page faults and a pass over memory.
     """
 
+    # timm's Block builds these; declared so the lean path below type-checks.
+    attn: Attention
+    mlp: Mlp
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if (torch.is_grad_enabled() or self.training or attn_mask is not None or is_causal
@@ -176,9 +170,10 @@ class VideoMAEBlock(Block):
         # in place (float addition commutes, so this equals timm's x + proj(o) exactly).
         y = _add_residual(torch.addmm(attn.proj.bias, heads.transpose(1, 2).reshape(b * n, d), attn.proj.weight.t()),
                           rows)
-        hidden = torch.addmm(mlp.fc1.bias, self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
+        # Biases exist: _plain checked them (cast only tells the type checker).
+        hidden = torch.addmm(cast(torch.Tensor, mlp.fc1.bias), self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
         torch.ops.aten.gelu_(hidden)
-        return _add_residual(torch.addmm(mlp.fc2.bias, hidden, mlp.fc2.weight.t()), y).view(b, n, d)
+        return _add_residual(torch.addmm(cast(torch.Tensor, mlp.fc2.bias), hidden, mlp.fc2.weight.t()), y).view(b, n, d)
 
     @property
     def _plain(self) -> bool:
@@ -194,9 +189,13 @@ class VideoMAEBlock(Block):
 class VideoMAEv2(nn.Module):
     """VideoMAE V2 fine-tune ViT: tubelet embed + fixed sinusoid table + timm Blocks + mean pool + fc_norm.
 
-    ``forward_features`` returns the teacher feature (B, embed_dim); ``forward`` adds the linear head
-    (absent when ``num_classes == 0``, in which case ``forward`` returns the features).
+    timm's naming: ``forward_features`` returns the patch tokens (B, N, embed_dim);
+    ``forward_head(tokens, pre_logits=True)`` is the teacher feature (B, embed_dim) that the store
+    keeps; ``forward`` adds the linear head (absent when ``num_classes == 0``, in which case
+    ``forward`` returns the feature).
     """
+
+    pos_embed: torch.Tensor  # a buffer (register_buffer), declared for type checkers
 
     def __init__(
         self,
@@ -234,14 +233,16 @@ class VideoMAEv2(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
-        for key, value in dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                               drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate).items():
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        rates: dict[str, float] = dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                                       drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate)
+        for key, rate in rates.items():
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {rate!r}")
 
         self.config: dict[str, Any] = dict(ints, mlp_ratio=float(mlp_ratio), num_classes=num_classes)
         self.num_classes = num_classes
-        self.embed_dim = self.num_features = embed_dim
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.global_pool = "avg"
         self.num_frames = num_frames
         self.img_size = img_size
 
@@ -256,7 +257,8 @@ class VideoMAEv2(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
             VideoMAEBlock(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
-                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                  norm_layer=norm_layer,  # type: ignore[arg-type]  # timm only calls it: norm_layer(dim)
                   act_layer=nn.GELU)
             for i in range(depth)
         ])
@@ -286,10 +288,15 @@ class VideoMAEv2(nn.Module):
     def set_fused_attn(self, enabled: bool) -> None:
         """Switch every block between fused SDPA and the explicit softmax(q k^T) v path."""
         for blk in self.blocks:
-            blk.attn.fused_attn = bool(enabled)
+            # timm marks fused_attn Final (set once from its config); switching it per model is
+            # what timm's own set_fused_attn helpers do too.
+            cast(VideoMAEBlock, blk).attn.fused_attn = bool(enabled)  # type: ignore[misc]
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one (0 removes it)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the head with a freshly initialised one (0 removes it). Pooling is always the
+        token mean (``global_pool`` is accepted for timm's signature and must be None or 'avg')."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"VideoMAE V2 pools by the token mean only; global_pool={global_pool!r} is not supported")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {num_classes}")
         ref = self.fc_norm.weight
@@ -305,8 +312,8 @@ class VideoMAEv2(nn.Module):
             head.bias.mul_(self._init_scale)
         self.head = head
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-block patch tokens (B, N, D), no pooling."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-block patch tokens (B, N, D), no pooling (timm's meaning of the name)."""
         x = self.patch_embed(x)
         x = x + self.pos_embed.to(device=x.device, dtype=x.dtype)
         x = self.pos_drop(x)
@@ -314,13 +321,17 @@ class VideoMAEv2(nn.Module):
             x = blk(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher feature: fc_norm(mean over all patch tokens), shape (B, embed_dim)."""
-        return self.fc_norm(self.forward_tokens(x).mean(dim=1))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> ``fc_norm(mean over tokens)`` (the teacher feature, with ``pre_logits=True``)
+        -> logits (the identity when the model has no head)."""
+        x = self.fc_norm(x.mean(dim=1))
+        if pre_logits:
+            return x
+        return self.head(self.head_drop(x))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Classification logits from features (identity when the model has no head)."""
-        return self.head(self.head_drop(features))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher feature the store keeps, (B, embed_dim): ``forward_head(tokens, pre_logits=True)``."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -384,11 +395,95 @@ def create_videomae(name: str, **overrides: Any) -> VideoMAEv2:
 
 
 # ----------------------------------------------------------------------------------------
+# timm registration: timm.create_model("videomae_v2_vit_b", pretrained=True,
+#     pretrained_cfg_overlay=dict(file="vit_b_k710_dl_from_giant.pth"))
+# ----------------------------------------------------------------------------------------
+
+
+def _cfg(num_classes: int = 710, **kwargs: Any) -> dict[str, Any]:
+    # No download location: the official files are distributed by their authors on request / behind
+    # a licence form, and this project never downloads weights. A local file is given with
+    # pretrained_cfg_overlay=dict(file=...); it goes through checkpoint_filter_fn like any load.
+    return {
+        "url": "",
+        "num_classes": num_classes,
+        "input_size": (3, 224, 224),  # timm describes images: 16 frames is the model's num_frames
+        "pool_size": None,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "cc-by-nc-4.0",
+        "paper_ids": "arXiv:2303.16727",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "videomae_v2_vit_s.k710_distill_from_giant": _cfg(notes=("official file: vit_s_k710_dl_from_giant.pth",)),
+    "videomae_v2_vit_b.k710_distill_from_giant": _cfg(notes=("official file: vit_b_k710_dl_from_giant.pth",)),
+    "videomae_v2_vit_l": _cfg(),
+    "videomae_v2_vit_h": _cfg(),
+    "videomae_v2_vit_g.k710_ft": _cfg(notes=("official file: vit_g_hybrid_pt_1200e_k710_ft.pth",)),
+    "videomae_v2_tiny": _cfg(num_classes=10, notes=("the golden-fixture size (shared/reference)",)),
+})
+
+
+def _timm_filter(state_dict: Any, model: VideoMAEv2) -> OrderedDict[str, torch.Tensor]:
+    # timm re-initialises a head whose class count differs from the checkpoint's: "replace" does that.
+    return checkpoint_filter_fn(state_dict, model, head="replace")
+
+
+def _create_timm(variant: str, pretrained: bool, **kwargs: Any) -> VideoMAEv2:
+    return build_model_with_cfg(partial(create_videomae, variant), variant, pretrained,
+                                pretrained_filter_fn=_timm_filter, **kwargs)
+
+
+@register_model
+def videomae_v2_vit_s(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """VideoMAE V2 ViT-S/16, 16 frames x 224 (the official distilled small teacher)."""
+    return _create_timm("videomae_v2_vit_s", pretrained, **kwargs)
+
+
+@register_model
+def videomae_v2_vit_b(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """VideoMAE V2 ViT-B/16, 16 frames x 224 (lastkd's teacher: vit_b_k710_dl_from_giant)."""
+    return _create_timm("videomae_v2_vit_b", pretrained, **kwargs)
+
+
+@register_model
+def videomae_v2_vit_l(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """VideoMAE V2 ViT-L/16, 16 frames x 224."""
+    return _create_timm("videomae_v2_vit_l", pretrained, **kwargs)
+
+
+@register_model
+def videomae_v2_vit_h(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """VideoMAE V2 ViT-H/16, 16 frames x 224."""
+    return _create_timm("videomae_v2_vit_h", pretrained, **kwargs)
+
+
+@register_model
+def videomae_v2_vit_g(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """VideoMAE V2 ViT-g/14, 16 frames x 224 (the official giant)."""
+    return _create_timm("videomae_v2_vit_g", pretrained, **kwargs)
+
+
+@register_model
+def videomae_v2_tiny(pretrained: bool = False, **kwargs: Any) -> VideoMAEv2:
+    """The 2-block, 96-d golden-fixture size, for tests."""
+    return _create_timm("videomae_v2_tiny", pretrained, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------
 # checkpoint conversion
 # ----------------------------------------------------------------------------------------
 
 
-def _names(keys: Any) -> str:
+def names_for_error(keys: Any) -> str:
+    """Up to a dozen names joined for an error message, the rest summarised as a count."""
     keys = list(keys)
     shown = ", ".join(keys[:_MAX_NAMES_IN_ERROR])
     if len(keys) > _MAX_NAMES_IN_ERROR:
@@ -411,7 +506,7 @@ def _unwrap(checkpoint: Any) -> dict[str, torch.Tensor]:
     bad = [k for k, v in checkpoint.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(
-            f"checkpoint is not a state dict: entries {_names(map(repr, bad))} are not tensors "
+            f"checkpoint is not a state dict: entries {names_for_error(map(repr, bad))} are not tensors "
             f"(a training save? weights are expected at the top level or under 'model' / 'module')")
     return dict(checkpoint)
 
@@ -553,132 +648,6 @@ def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "a
     return ordered
 
 
-# ----------------------------------------------------------------------------------------
-# checkpoint files
-# ----------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_checkpoint_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a regular file")
-    if path.suffix.lower() not in _CHECKPOINT_SUFFIXES:
-        raise CheckpointError(f"checkpoint {path} has suffix {path.suffix!r}; expected one of "
-                              f"{', '.join(_CHECKPOINT_SUFFIXES)}")
-    data = path.read_bytes()
-    if not data:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
-    return data
-
-
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip() and "documentation" not in line]
-    return lines[-1] if lines else text
-
-
-def _load_torch_bytes(data: bytes, path: Path) -> Any:
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        unsafe: list[str] = []
-        with contextlib.suppress(Exception):  # zip-format files only; just improves the message
-            unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
-        unsafe += [g for g in _UNSUPPORTED_GLOBAL.findall(str(exc)) if g not in unsafe]
-        if not unsafe:
-            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (corrupt pickle data: "
-                                  f"{_last_line(str(exc))})") from exc
-        raise CheckpointError(
-            f"checkpoint {path} pickles objects that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
-            "Unsafe loading is never used. Fix: re-save only the weights, e.g. in a trusted Python session "
-            "`ck = torch.load(PATH, weights_only=False); torch.save({'model': ck['model']}, NEW_PATH)` "
-            "(or save them as .safetensors), then load NEW_PATH") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError,
-            AttributeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
-
-
-def _load_safetensors_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors
-
-    try:
-        return load_safetensors(data)
-    except (SafetensorError, RuntimeError, ValueError, OSError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
-    """Read a .pth/.pt (weights_only) or .safetensors file; returns (object, sha256 of the bytes read)."""
-    path = Path(path)
-    data = _read_checkpoint_bytes(path)
-    digest = hashlib.sha256(data).hexdigest()
-    if path.suffix.lower() == ".safetensors":
-        return _load_safetensors_bytes(data, path), digest
-    return _load_torch_bytes(data, path), digest
-
-
-def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strict: bool,
-                            source: str) -> dict[str, torch.Tensor]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if non_finite:
-        raise CheckpointError(f"{source}: tensors with NaN/inf values: {_names(non_finite)}")
-    if strict and (missing or unexpected or wrong_shape):
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
-        if wrong_shape:
-            parts.append(f"wrong shapes ({len(wrong_shape)}): {_names(wrong_shape)}")
-        raise CheckpointError(f"{source} does not match the model ({model.config.get('name', type(model).__name__)} "
-                              f"{model.config.get('embed_dim', '')}-d, depth {model.config.get('depth', '')}): "
-                              + "; ".join(parts))
-    if missing or unexpected or wrong_shape:
-        _logger.warning("non-strict load of %s: missing %s; unexpected %s; skipped for shape %s", source,
-                        _names(missing) or "-", _names(unexpected) or "-", _names(wrong_shape) or "-")
-    return {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
-
-
-def load_checkpoint(model: VideoMAEv2, path: str | os.PathLike[str], strict: bool = True,
-                    head: HeadMode = "auto") -> str:
-    """Load an official (or our own) checkpoint file into ``model``; returns the file's sha256.
-
-    Accepts ``.pth``/``.pt`` (read with ``torch.load(weights_only=True)``; files that pickle other
-    objects are refused with the fix spelled out) and ``.safetensors``. Keys go through
-    ``checkpoint_filter_fn`` (see there for ``head``). Strict by default: missing / unexpected keys
-    and wrong shapes raise ``CheckpointError`` naming them. The model is left untouched on any error.
-    """
-    path = Path(path)
-    obj, digest = read_checkpoint(path)
-    sd = checkpoint_filter_fn(obj, model, head=head)
-    usable = _validate_against_model(sd, model, strict, f"checkpoint {path}")
-    result = model.load_state_dict(usable, strict=strict)
-    if not strict and (result.missing_keys or result.unexpected_keys):
-        _logger.debug("load_state_dict report: %s", result)
-    _logger.info("loaded %s (sha256 %s) into %s", path, digest, model.config.get("name", "VideoMAEv2"))
-    return digest
-
-
 def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tensor]:
     """State dict in the official key names and order (``q_bias``/``v_bias`` before ``qkv.weight``).
 
@@ -702,59 +671,9 @@ def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tens
     return out
 
 
-def save_official(model: VideoMAEv2, path: str | os.PathLike[str]) -> str:
-    """Write the official-layout weights to ``.pth``/``.pt`` (``{'model': sd}``) or ``.safetensors``.
-
-    Written to a temporary file and renamed, so a failure leaves no partial file. Returns the sha256.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _CHECKPOINT_SUFFIXES:
-        raise ValueError(f"cannot save to {path}: suffix must be one of {', '.join(_CHECKPOINT_SUFFIXES)}")
-    sd = OrderedDict((k, v.detach().to("cpu").contiguous()) for k, v in export_official_state_dict(model).items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(dict(sd), tmp_name, metadata={"format": "pt", "layout": "videomae_v2_official"})
-        else:
-            torch.save({"model": sd}, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    return sha256_file(path)
-
-
 # ----------------------------------------------------------------------------------------
 # runtime helpers
 # ----------------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N`` -> torch.device."""
-    if not isinstance(spec, str):
-        raise ValueError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'cuda:0', got {spec!r}")
-    text = spec.strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if text == "cpu":
-        return torch.device("cpu")
-    if text == "cuda" or text.startswith("cuda:"):
-        index_text = text[5:]
-        if index_text and not index_text.isdigit():
-            raise ValueError(f"bad CUDA device {spec!r}; expected 'cuda' or 'cuda:N'")
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec!r} requested but CUDA is not available on this machine")
-        index = int(index_text) if index_text else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {spec!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return torch.device("cuda", index)
-    raise ValueError(f"unknown device {spec!r}; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lastkd.devices import DEVICE_HELP, DeviceSpec
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
+from lastkd.validation import StrictModel, problems
 
 # Registry names become directory names: keep them short, portable and free of path syntax.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -29,11 +30,7 @@ class ConfigError(ValueError):
     """A training config that cannot be read or does not validate; the message names each field."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     """Optimiser choice; momentum/nesterov apply to SGD only."""
 
     name: Literal["adamw", "sgd"] = "sgd"
@@ -49,7 +46,7 @@ class OptimizerConfig(_Strict):
         return self
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictModel):
     """Learning-rate schedule, stepped every optimiser step (warmup is linear from ~0)."""
 
     kind: Literal["cosine", "step", "constant"] = "cosine"
@@ -66,7 +63,7 @@ class ScheduleConfig(_Strict):
         return value
 
 
-class EvalConfig(_Strict):
+class EvalConfig(StrictModel):
     """What the final evaluation reports beyond top-1/top-5."""
 
     label_map: Path | None = Field(None, description="Text file, one class name per line (NTU label map).")
@@ -91,7 +88,7 @@ class EvalConfig(_Strict):
         return value
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """One training job: data, student variant, optimisation, distillation, evaluation."""
 
     name: str = Field(..., description="Registry name of the published student.")
@@ -156,36 +153,6 @@ class TrainConfig(_Strict):
         }
         return {k: v for k, v in found.items() if v is not None}
 
-    def with_paths_resolved(self, base: Path) -> "TrainConfig":
-        """A copy in which every relative path is taken relative to ``base`` (absolute, normalised)."""
-
-        def fix(p: Path | None) -> Path | None:
-            if p is None:
-                return None
-            p = Path(p).expanduser()
-            return (p if p.is_absolute() else Path(base) / p).resolve()
-
-        data = self.data.model_copy(
-            update={
-                "path": fix(self.data.path),
-                "label_path": fix(self.data.label_path),
-                "missing_skeletons": fix(self.data.missing_skeletons),
-                "cache_dir": fix(self.data.cache_dir),
-            }
-        )
-        ev = self.eval.model_copy(update={"label_map": fix(self.eval.label_map)})
-        return self.model_copy(update={"data": data, "eval": ev})
-
-    def paths_outside(self, roots: list[Path]) -> list[str]:
-        """Dotted names of path fields that do not lie inside one of ``roots`` (after resolving)."""
-        bad = []
-        resolved_roots = [Path(r).resolve() for r in roots]
-        for key, path in self.path_fields().items():
-            real = Path(path).resolve()
-            if not any(real == r or r in real.parents for r in resolved_roots):
-                bad.append(key)
-        return bad
-
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> "TrainConfig":
@@ -222,12 +189,5 @@ class TrainConfig(_Strict):
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``field.path: message (got value)``."""
-    lines = [f"{source}: invalid training config:"]
-    for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "config"
-        got = ""
-        if err.get("type") not in ("missing",) and "input" in err and not isinstance(err["input"], dict):
-            got = f" (got {err['input']!r:.80})"
-        lines.append(f"  {loc}: {err['msg']}{got}")
-    return "\n".join(lines)
+    """One line per problem: ``field.path: message (got value)`` (the words of every entry point)."""
+    return "\n".join([f"{source}: invalid training config:"] + [f"  {p.field}: {p.msg}" for p in problems(exc)])

@@ -15,8 +15,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
+
+from lastkd.validation import StrictModel
 
 Schedule = Literal["constant", "linear", "cosine"]
 DistillLossKind = Literal["mse", "cosine"]
@@ -25,14 +27,12 @@ TeacherNorm = Literal["none", "l2", "standardize"]
 _EPS = 1e-6
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(StrictModel):
     """Distillation settings (part of TrainConfig). ``feature_set=None`` switches distillation off.
 
     ``alpha`` is the weight of the distillation term; it moves from ``alpha_start`` (progress 0)
     to ``alpha_end`` (progress 1) along ``schedule`` ('constant' uses ``alpha_start`` throughout).
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     alpha_start: float = Field(0.5, ge=0.0, le=1.0)
     alpha_end: float = Field(0.0, ge=0.0, le=1.0)
@@ -41,14 +41,6 @@ class DistillConfig(BaseModel):
     teacher_norm: TeacherNorm = "none"
     projector_hidden: int = Field(512, ge=1, le=16384)
     feature_set: str | None = Field(None, min_length=1, max_length=256)
-
-    @field_validator("alpha_start", "alpha_end", mode="before")
-    @classmethod
-    def _no_bool(cls, value: Any) -> Any:
-        # pydantic would accept True as 1.0; a boolean alpha is always a config mistake.
-        if isinstance(value, bool):
-            raise ValueError("alpha must be a number in [0, 1], not a boolean")
-        return value
 
     @field_validator("feature_set")
     @classmethod

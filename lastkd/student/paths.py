@@ -1,81 +1,65 @@
 """Confine the filesystem paths of a training config to the operator's data roots.
 
-A config arriving over HTTP names files on the worker's disk, so every path field is resolved
-(relative paths against the first data root, ``..`` collapsed, symlinks followed) and must land
-inside one of the configured roots. The API checks this at submit time and the worker checks it
-again just before training (the filesystem may have changed in between).
+One rule (:func:`lastkd.datapaths.confine`) for every entry point: ``lastkd train`` applies it when
+it reads the config, the API when a job is submitted, the worker again just before training (the
+filesystem may have changed in between), and the readers to every file they open. So a path
+gets the same answer everywhere:
+
+* ``~`` is expanded and then confined like any other path (it grants nothing);
+* relative paths are taken from the first data root, ``..`` is collapsed, symlinks are followed;
+* the data folder, label files, missing-skeleton list and label map must exist (``missing``);
+  the parse cache folder need not (it is created on demand) but must lie inside the roots;
+* what is read counts, not only what is named: the data files inside the data folder (and the
+  LAST split sub-folder, the label folder) that are symlinks must resolve inside the roots too.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
+from lastkd.datapaths import DataPathError, confine, confine_entries
 from lastkd.student.config import TrainConfig
+from lastkd.student.data.cache import CACHE_FOLDER
+
+__all__ = ["MUST_EXIST", "DataPathError", "confine_config_paths"]
 
 # Fields that must exist when given; the parse cache is created on demand.
 MUST_EXIST = ("data.path", "data.label_path", "data.missing_skeletons", "eval.label_map")
 
 
-class DataPathError(ValueError):
-    """A config path that is outside the data roots (``forbidden``) or absent (``missing``)."""
-
-    def __init__(self, field: str, message: str, kind: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class _Resolved:
-    field: str
-    given: Path
-    real: Path
+def _data_folders(config: TrainConfig, real: dict[str, Path]) -> list[tuple[str, Path]]:
+    """The folders whose data files the job will read, with the field that names each."""
+    folders = []
+    data_path = real["data.path"]
+    if data_path.is_dir():
+        folders.append(("data.path", data_path))
+        if config.data.format == "last_npy" and (data_path / config.data.split).is_dir():
+            folders.append(("data.path", data_path / config.data.split))
+    label = real.get("data.label_path")
+    if label is not None and label.is_dir():
+        folders.append(("data.label_path", label))
+    return folders
 
 
-def _inside(real: Path, roots: list[Path]) -> bool:
-    return any(real == root or root in real.parents for root in roots)
+def confine_config_paths(config: TrainConfig, roots: Sequence[Path]) -> TrainConfig:
+    """A copy of ``config`` whose paths are absolute, real and inside ``roots``.
 
-
-def _resolve_one(field: str, given: Path, roots: list[Path]) -> _Resolved:
-    text = os.fspath(given)
-    if "\x00" in text:
-        raise DataPathError(field, "path contains a NUL byte", "invalid")
-    if text.startswith("~"):
-        raise DataPathError(field, f"{text!r}: '~' is not expanded; give a path inside the data roots", "forbidden")
-    candidate = given if given.is_absolute() else roots[0] / given
-    # resolve() collapses '..' and follows every symlink, so a link pointing out of a root is caught
-    real = candidate.resolve()
-    if not _inside(real, roots):
-        listing = ", ".join(str(r) for r in roots)
-        raise DataPathError(
-            field,
-            f"{text!r} resolves to {real}, which is outside the configured data roots ({listing})",
-            "forbidden",
-        )
-    return _Resolved(field, given, real)
-
-
-def confine_config_paths(config: TrainConfig, roots: list[Path], *, check_exists: bool = True) -> TrainConfig:
-    """A copy of ``config`` whose paths are absolute, resolved and inside ``roots``.
-
-    Raises :class:`DataPathError` naming the first offending field: ``kind='forbidden'`` for a
-    path outside every root, ``'missing'`` for a required file or folder that does not exist.
+    Raises :class:`~lastkd.datapaths.DataPathError` naming the first offending field (and file):
+    ``forbidden`` (403) outside every root, ``missing`` (422) for a required file or folder that
+    does not exist, ``invalid`` (422) for a path no filesystem accepts (NUL byte, too long).
     """
-    real_roots = [Path(r).resolve() for r in roots]
-    if not real_roots:
-        raise DataPathError("data.path", "no data roots are configured (set LASTKD_DATA_ROOTS)", "forbidden")
-    resolved = {field: _resolve_one(field, path, real_roots) for field, path in config.path_fields().items()}
-    if check_exists:
-        for field in MUST_EXIST:
-            item = resolved.get(field)
-            if item is not None and not item.real.exists():
-                raise DataPathError(field, f"{os.fspath(item.given)!r} does not exist under the data roots", "missing")
+    real = {
+        field: confine(path, roots, field=field, must_exist=field in MUST_EXIST)
+        for field, path in config.path_fields().items()
+    }
+    for field, folder in _data_folders(config, real):
+        confine_entries(folder, roots, field=field)
+    if "data.cache_dir" not in real and real["data.path"].is_dir():
+        # the default cache lives inside the data folder; a link there must not lead out either
+        confine(real["data.path"] / CACHE_FOLDER, roots, field="data.cache_dir")
     data = config.data.model_copy(
-        update={
-            key.split(".", 1)[1]: item.real for key, item in resolved.items() if key.startswith("data.")
-        }
+        update={key.split(".", 1)[1]: path for key, path in real.items() if key.startswith("data.")}
     )
-    ev = config.eval.model_copy(update={"label_map": resolved["eval.label_map"].real} if "eval.label_map" in resolved else {})
+    ev = config.eval.model_copy(update={"label_map": real["eval.label_map"]} if "eval.label_map" in real else {})
     return config.model_copy(update={"data": data, "eval": ev})

@@ -39,6 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lastkd.student.config import NAME_RE
+from lastkd.student.data.dataset import DataInfo
 from lastkd.student.training import RunState, TrainResult
 from lastkd.models.last_v2 import LASTv2, num_parameters
 
@@ -222,6 +223,15 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
 
+def _skipped_lines(info: DataInfo) -> list[str]:
+    if not info.skipped:
+        return ["- skipped source files: none"]
+    shown = len(info.skipped_first)
+    first = f"the first {shown}" if shown < info.skipped else "all"
+    lines = [f"- **skipped {info.skipped} unusable source file(s)/sample(s)** ({first} below, also in `metrics.json`):"]
+    return lines + [f"  - `{reason}`" for reason in info.skipped_first]
+
+
 def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, Any], warnings: list[str]) -> str:
     """Markdown summary of one published student."""
     cfg, m, info = result.config, result.metrics, result.data_info
@@ -242,6 +252,7 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
         f"- dataset `{cfg.data.dataset}`, split `{cfg.data.split}`, format `{cfg.data.format}`, streams mode "
         f"`{cfg.data.streams_mode}`",
         f"- train {info.train_size} / val {info.val_size} samples; data hash `{info.data_hash}`",
+        *_skipped_lines(info),
         f"- teacher feature set: `{cfg.distill.feature_set or 'none (plain cross-entropy baseline)'}`"
         + (f"; coverage train {_pct(info.coverage_train)}, val {_pct(info.coverage_val)}" if cfg.distill.enabled else ""),
         "",
@@ -377,7 +388,12 @@ def publish(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": STUDENT_FORMAT, "variant": cfg.variant})
         _write_json(tmp / "student.json", student)
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-        _write_json(tmp / "metrics.json", {"final": result.metrics, "history": result.history})
+        # data_skipped is the data's report, not a metric: one copy, at the top of metrics.json
+        final = {k: v for k, v in result.metrics.items() if k != "data_skipped"}
+        _write_json(
+            tmp / "metrics.json",
+            {"final": final, "history": result.history, "data_skipped": result.data_info.data_skipped()},
+        )
 
         feature_set = cfg.distill.feature_set if cfg.distill.enabled else None
         warnings = []

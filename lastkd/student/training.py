@@ -42,6 +42,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
+from lastkd.datapaths import confine
+from lastkd.devices import DeviceError, resolve_device
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student.config import TrainConfig
@@ -137,22 +139,6 @@ def dist_info() -> DistInfo:
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))  # set by torchrun; edge knowledge
         return DistInfo(dist.get_rank(), dist.get_world_size(), local)
     return DistInfo()
-
-
-def resolve_device(spec: str, di: DistInfo = DistInfo()) -> torch.device:
-    """``auto`` -> CUDA when present (the rank's local GPU under DDP), else CPU; clear error for a
-    CUDA device that does not exist."""
-    if spec == "cpu":
-        return torch.device("cpu")
-    has_cuda = torch.cuda.is_available()
-    if spec == "auto":
-        return torch.device("cuda", di.local_rank) if has_cuda else torch.device("cpu")
-    if not has_cuda:
-        raise TrainError(f"device {spec!r} requested but CUDA is not available on this host")
-    index = di.local_rank if spec == "cuda" else int(spec.split(":", 1)[1])
-    if index >= torch.cuda.device_count():
-        raise TrainError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return torch.device("cuda", index)
 
 
 def seed_everything(seed: int) -> None:
@@ -364,7 +350,10 @@ class TrainingRun:
         self.config, self.run_dir, self.hooks = config, Path(run_dir), hooks
         self.data_roots = data_roots
         self.di = dist_info()
-        self.device = resolve_device(config.device, self.di)
+        try:
+            self.device = resolve_device(config.device, local_rank=self.di.local_rank)
+        except DeviceError as exc:
+            raise TrainError(str(exc)) from None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
@@ -400,11 +389,19 @@ class TrainingRun:
         )
         if di.active and di.is_main:
             dist.barrier()
+        if self.info.skipped and di.is_main:
+            log.warning(
+                "%d data file(s)/sample(s) skipped as unusable; first: %s",
+                self.info.skipped, "; ".join(self.info.skipped_first),
+            )
         if self.distilling and self.info.coverage_train == 0.0:
             raise TrainError(
                 f"feature set {cfg.distill.feature_set!r} covers none of the {self.info.train_size} training samples"
             )
-        self.names = ev.class_names(self.info.num_classes, cfg.eval.label_map)
+        label_map = cfg.eval.label_map
+        if label_map is not None and self.data_roots is not None:  # what is read is confined, like the data
+            label_map = confine(label_map, self.data_roots, field="eval.label_map", must_exist=True)
+        self.names = ev.class_names(self.info.num_classes, label_map)
 
         self.model = create_last_v2(cfg.variant, num_classes=self.info.num_classes).to(self.device)
         self.projector: nn.Module | None = None
@@ -693,6 +690,7 @@ class TrainingRun:
                 log.info("cancelled during epoch %d; %s keeps epoch %d", epoch + 1, CHECKPOINT_NAME, epoch)
                 last = self.history[-1] if self.history else {}
                 metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+                metrics["data_skipped"] = self.info.data_skipped()
                 return self.result(RunState.CANCELLED, metrics, epoch)
             self.save_checkpoint(epoch + 1)
         self._emit(
@@ -701,6 +699,9 @@ class TrainingRun:
         metrics = self.final_metrics()
         metrics["coverage_train"] = self.info.coverage_train
         metrics["coverage_val"] = self.info.coverage_val
+        # skipped source files travel with the metrics: the job record, metrics.json and the
+        # model card all carry them, and `lastkd train` prints them
+        metrics["data_skipped"] = self.info.data_skipped()
         result = self.result(RunState.COMPLETED, metrics, cfg.epochs)
         if self.di.is_main:
             save_result(result)

@@ -25,13 +25,10 @@ unpickle :func:`_decode_clip` from it and have no use for torch.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import errno
-import hashlib
 import logging
 import multiprocessing
 import os
 import queue
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -42,9 +39,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lastkd.hashing import sha256_file
 from lastkd.teacher.clip_ids import clip_id_from_filename
 from lastkd.teacher.decode_worker import init_decode_worker
-from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, file_kind, normalize, prepare_clip
+from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -66,7 +64,6 @@ __all__ = [
     "planned_set_id",
     "preprocess_from_settings",
     "preprocessing_record",
-    "sha256_file",
 ]
 
 RANDOM_INIT = "random-init"
@@ -198,20 +195,6 @@ def default_decode_workers(device_type: str) -> int:
     """One decoder per core with a GPU; on CPU the model needs cores too, so half of them."""
     cores = available_cores()
     return max(1, cores if device_type == "cuda" else cores // 2)
-
-
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    # O_NONBLOCK: a fifo put in place of a file must not block the open; fstat then refuses it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file: a {file_kind(mode)}", os.fspath(path))
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def preprocessing_record(preprocess: PreprocessConfig) -> dict[str, Any]:
@@ -379,7 +362,7 @@ class Embedder:
         size, frames = self.preprocess.size, self.preprocess.num_frames
         x = torch.zeros((1, 3, frames, size, size), device=self.device)
         with inference_context(self.device, self.config.precision):
-            out = self.model.forward_features(x)
+            out = self.model.embed(x)
         if tuple(out.shape) != (1, self.dim) or not bool(torch.isfinite(out.float()).all()):
             raise EngineError(f"warm-up forward produced {tuple(out.shape)} or non-finite values")
         pool = self._current_pool()
@@ -664,7 +647,7 @@ class Embedder:
             for lo in range(0, rows.shape[0], step):
                 x = torch.as_tensor(normalize(rows[lo : lo + step], self.preprocess))
                 x = x.to(self.device, non_blocking=True)
-                outputs.append(self.model.forward_features(x).float().cpu())
+                outputs.append(self.model.embed(x).float().cpu())
         if self._threads_now != self._cpu_threads:  # leave the process-wide setting as found
             torch.set_num_threads(self._cpu_threads)
             self._threads_now = self._cpu_threads
@@ -709,7 +692,9 @@ class Embedder:
     def _build_model(self) -> None:
         import torch
 
-        from lastkd.models.videomae import create_videomae, load_checkpoint, resolve_device
+        from lastkd.devices import resolve_device
+        from lastkd.models.checkpoint_io import load_checkpoint
+        from lastkd.models.videomae import create_videomae
 
         cfg = self.config
         try:

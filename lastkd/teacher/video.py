@@ -58,6 +58,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lastkd.hashing import file_kind
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -66,7 +68,6 @@ __all__ = [
     "VideoInfo",
     "VideoLimits",
     "crop_offsets",
-    "file_kind",
     "load_clip",
     "multiview_indices",
     "normalize",
@@ -316,26 +317,6 @@ class _Source:
     demuxer: str
     stream_index: int
     info: VideoInfo
-
-
-_KINDS = (
-    (stat.S_ISDIR, "directory"),
-    (stat.S_ISFIFO, "named pipe (fifo)"),
-    (stat.S_ISSOCK, "socket"),
-    (stat.S_ISCHR, "character device"),
-    (stat.S_ISBLK, "block device"),
-)
-
-
-def file_kind(mode: int) -> str:
-    """What an ``st_mode`` describes, in words: ``"regular file"``, ``"named pipe (fifo)"``, ...
-
-    Only regular files are ever opened as clips: opening a fifo blocks until a writer appears,
-    and a device may never end.
-    """
-    if stat.S_ISREG(mode):
-        return "regular file"
-    return next((kind for test, kind in _KINDS if test(mode)), "special file")
 
 
 def _check_file(path: str | Path, limits: VideoLimits) -> tuple[Path, str]:

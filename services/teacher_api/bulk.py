@@ -84,7 +84,7 @@ def discover(paths: list[Path]) -> tuple[list[Path], list[str], list[NotAFile]]:
     A file named on the command line is always tried; inside folders only files with a video
     extension are taken (hidden files and folders are ignored).
     """
-    from lastkd.teacher.video import file_kind
+    from lastkd.hashing import file_kind
 
     found: list[Path] = []
     missing: list[str] = []
@@ -173,7 +173,7 @@ def embed_files(
             sha = None
             if clip_id is None:
                 # Without an NTU name the id is the content hash: needed now to skip stored clips.
-                from lastkd.teacher.embedder import sha256_file
+                from lastkd.hashing import sha256_file
 
                 try:
                     sha = sha256_file(path)
@@ -192,7 +192,7 @@ def embed_files(
             present, held = store.clip_sha256(set_id, clip_id)
             if present:
                 if sha is None and held is not None:
-                    from lastkd.teacher.embedder import sha256_file
+                    from lastkd.hashing import sha256_file
 
                     try:
                         sha = sha256_file(path)

@@ -55,7 +55,8 @@ from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
 from lastkd.student.config import MAX_CONFIG_BYTES, NAME_RE, TrainConfig
 from lastkd.services.trainer.jobs import JOB_ID_RE, IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
-from lastkd.student.paths import DataPathError, confine_config_paths
+from lastkd.datapaths import DataPathError
+from lastkd.student.paths import confine_config_paths
 from lastkd.services.trainer.tasks import enqueue
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ def create_app(
 
     def _job_body(record: JobRecord, request: Request) -> dict[str, Any]:
         body = record.public()
+        # the readers' report of skipped source files, lifted out of the metrics so nobody misses it
+        body["data_skipped"] = (record.metrics or {}).get("data_skipped")
         body["status_url"] = str(request.url_for("get_job", job_id=record.id))
         return body
 
@@ -239,9 +242,8 @@ def create_app(
             raise _validation_problem(exc) from None
         try:
             config = await run_in_threadpool(confine_config_paths, config, data_roots)
-        except DataPathError as exc:
-            status = 403 if exc.kind == "forbidden" else 422
-            raise ApiError(status, f"path_{exc.kind}", str(exc), field=exc.field) from None
+        except DataPathError as exc:  # 403 forbidden, 422 missing/invalid (the error carries both)
+            raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from None
         store = _store()
         try:
             record, created = await run_in_threadpool(

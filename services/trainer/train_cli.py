@@ -1,8 +1,9 @@
 """``lastkd train CONFIG.yaml``: train a student in the foreground and publish it.
 
 Relative paths in the config are taken relative to the first configured data root
-(``LASTKD_DATA_ROOTS``, default ``<data_dir>/datasets``) and every data path must lie inside the
-data roots. The feature store and the checkpoint registry come from the settings. The run
+(``LASTKD_DATA_ROOTS``, default ``<data_dir>/datasets``), ``~`` is expanded, and every data path
+(and every data file read through a symlink) must lie inside the data roots: the same rule
+(``lastkd.datapaths.confine``) as ``POST /train`` and the worker. The feature store and the checkpoint registry come from the settings. The run
 directory defaults to ``<jobs_dir>/cli/<name>-<config hash>``, so running the same command again
 resumes an interrupted run (or just re-publishes a finished one, which is idempotent).
 Ctrl-C stops at the next step and keeps the last epoch checkpoint. ``--ddp N`` runs the same
@@ -78,10 +79,23 @@ def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, r
     return subprocess.run(cmd, check=False).returncode
 
 
+def _print_skipped(report: dict[str, Any]) -> None:
+    """Say which source files the readers skipped (they are not in the training data)."""
+    if not report["count"]:
+        return
+    shown = len(report["first"])
+    head = f"the first {shown}" if shown < report["count"] else "all"
+    print(f"warning: {report['count']} unusable data file(s)/sample(s) were skipped ({head} below):", file=sys.stderr)
+    for reason in report["first"]:
+        print(f"  {reason}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, settings: "Settings") -> int:
     """Run ``lastkd train``; returns the process exit code (0 ok, 2 bad input, 3 cancelled)."""
     from lastkd.student import training as engine
+    from lastkd.datapaths import DataPathError
     from lastkd.student.config import ConfigError, TrainConfig
+    from lastkd.student.paths import confine_config_paths
     from lastkd.student.publish import PublishError, publish
 
     def fail(msg: str) -> int:
@@ -95,12 +109,11 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     if not 1 <= args.ddp <= 1024:
         return fail(f"--ddp must be between 1 and 1024, got {args.ddp}")
     roots = settings.resolved_data_roots
-    config = config.with_paths_resolved(roots[0])
-    outside = config.paths_outside(roots)
-    if outside:
-        return fail(
-            f"{', '.join(outside)} outside the data roots {[str(r) for r in roots]} (set LASTKD_DATA_ROOTS)"
-        )
+    try:
+        # the same rule as POST /train and the worker (lastkd.datapaths.confine)
+        config = confine_config_paths(config, roots)
+    except DataPathError as exc:
+        return fail(str(exc))
     run_dir = args.run_dir or settings.resolved_jobs_dir / "cli" / f"{config.name}-{config.config_hash()[:12]}"
     store = settings.resolved_store_path if config.distill.enabled else None
     print(f"run directory: {run_dir}", file=sys.stderr)
@@ -142,10 +155,12 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     except (engine.TrainError, ValueError, OSError) as exc:
         return fail(str(exc))
     if result.state is engine.RunState.CANCELLED:
+        _print_skipped(result.data_info.data_skipped())
         print(f"cancelled after {result.epochs_completed} epoch(s); run the same command again to resume", file=sys.stderr)
         return EXIT_CANCELLED
     m = result.metrics
     print(f"val top-1 {100 * m['top1']:.2f}%  top-5 {100 * m['top5']:.2f}%  ({m['num_samples']} clips)")
+    _print_skipped(result.data_info.data_skipped())
     if args.no_publish:
         print(f"not published; result in {run_dir / engine.RESULT_NAME}")
         return EXIT_OK

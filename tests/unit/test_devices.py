@@ -68,3 +68,8 @@ def test_hidden_gpus_mean_the_cpu_for_auto(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     probe = probe_gpus(_driver_tree(tmp_path), environ={"CUDA_VISIBLE_DEVICES": "-1"})
     assert resolve_device("auto", probe=probe) == torch.device("cpu")
+
+
+def test_probe_counts_the_gpus(tmp_path: Path) -> None:
+    assert probe_gpus(_driver_tree(tmp_path, gpus=3), environ={}).count == 3
+    assert probe_gpus(tmp_path / "none", environ={}).count == 0

@@ -26,15 +26,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lastkd.datapaths import confine
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.ntu import NUM_JOINTS, NUM_SLOTS, BodyAssignment, read_missing_list
-from lastkd.student.data.readers import DataSourceError, list_skeleton_files, open_npy, read_ntu_folder
+from lastkd.student.data.readers import DataRoots, DataSourceError, list_skeleton_files, open_npy, read_ntu_folder
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1  # bump when parsing or the cache layout changes: old caches are then ignored
 CACHE_FOLDER = ".lastkd_cache"
 STALE_TMP_SECONDS = 24 * 3600
+CACHE_FILES = ("index.json", "data.npy", "labels.npy", "lengths.npy")
 
 
 def fingerprint(
@@ -141,6 +143,7 @@ def load_ntu_folder(
     cache_dir: Path | None = None,
     workers: int = 1,
     split: str | None = None,
+    roots: DataRoots = None,
 ) -> SkeletonCollection:
     """The whole raw folder as a collection, from the parse cache when it is current.
 
@@ -149,20 +152,28 @@ def load_ntu_folder(
 
     Builds the cache on first use (or after any source file changed). When the cache location is
     not writable the folder is parsed in memory and a warning is logged.
+
+    With ``roots`` every source file and every cache file read must resolve inside them
+    (:class:`~lastkd.datapaths.DataPathError` names the file): a cache folder or cache file that
+    is a symlink out of the roots is refused, not read.
     """
     folder = Path(folder)
-    files = list_skeleton_files(folder)
+    files = list_skeleton_files(folder, roots)
     if not files:
         raise DataSourceError(f"{folder}: no .skeleton files")
     missing = read_missing_list(missing_path) if missing_path is not None else frozenset()
     fp = fingerprint(files, body_assignment=body_assignment, dataset=dataset, missing=missing, split=split)
     root = cache_root(folder, cache_dir)
     target = root / fp[:24]
+    if roots is not None:
+        for item in (root, target, *(target / name for name in CACHE_FILES)):
+            confine(item, roots, field="data.cache_dir")
     cached = _load(target, fp)
     if cached is not None:
         return cached
     kwargs = {
         "body_assignment": body_assignment, "dataset": dataset, "missing": missing, "workers": workers, "split": split,
+        "roots": roots,
     }
     try:
         root.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from lastkd.validation import StrictModel
 
 SourceFormat = Literal["ntu_raw", "ctrgcn_npz", "pyskl", "last_npy"]
 Split = Literal["xsub", "xview", "xsub120", "xset120"]
@@ -16,11 +18,7 @@ StreamsMode = Literal["standard", "reference"]
 STREAMS = ("joint", "velocity", "bone")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     """Training-time augmentations; each one can be switched off on its own."""
 
     rotate: bool = True
@@ -46,7 +44,7 @@ class AugmentConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Where the skeletons come from and how they become model input."""
 
     format: SourceFormat = "ntu_raw"

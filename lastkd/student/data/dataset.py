@@ -18,7 +18,8 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,9 @@ class DataInfo:
 
     ``coverage_*`` are fractions of samples with a teacher feature (0.0 without a store);
     ``feature_dim`` is 0 without a store; ``data_hash`` fingerprints sources + stream settings.
+    ``skipped`` counts the source files (or stored samples) the readers skipped as unusable and
+    ``skipped_first`` gives the first :data:`SKIPPED_SHOWN` reasons (``"file:line: reason"``), so
+    that a job on a partly corrupt folder says so instead of completing in silence.
     """
 
     num_classes: int
@@ -319,6 +323,22 @@ class DataInfo:
     coverage_val: float
     feature_dim: int
     data_hash: str
+    skipped: int = 0
+    skipped_first: list[str] = field(default_factory=list)
+
+    def data_skipped(self) -> dict[str, Any]:
+        """``{"count": n, "first": [reasons]}``: the report shown in job metrics, metrics.json,
+        the model card and by ``lastkd train``."""
+        return {"count": self.skipped, "first": list(self.skipped_first)}
+
+
+SKIPPED_SHOWN = 10
+
+
+def skipped_reasons(train_col: SkeletonCollection, val_col: SkeletonCollection) -> list[str]:
+    """Every skipped file or sample of both sides, once (a raw folder reports the same list on
+    both sides; the other formats report each side's own samples)."""
+    return list(dict.fromkeys([*train_col.malformed, *val_col.malformed]))
 
 
 def data_hash(cfg: DataConfig, train_col: SkeletonCollection, val_col: SkeletonCollection, feature_set: str | None) -> str:
@@ -351,6 +371,7 @@ def build_datasets(
     if teacher_store_path is not None:
         t_train = TeacherFeatures.from_store(teacher_store_path, feature_set, train_col.names)
         t_val = TeacherFeatures.from_store(teacher_store_path, feature_set, val_col.names)
+    skipped = skipped_reasons(train_col, val_col)
     train_ds = SkeletonDataset(train_col, cfg, train=True, teacher=t_train, seed=seed)
     val_ds = SkeletonDataset(val_col, cfg, train=False, teacher=t_val, seed=seed)
     info = DataInfo(
@@ -361,5 +382,7 @@ def build_datasets(
         coverage_val=t_val.coverage.fraction if t_val else 0.0,
         feature_dim=t_train.dim if t_train else 0,
         data_hash=data_hash(cfg, train_col, val_col, feature_set),
+        skipped=len(skipped),
+        skipped_first=skipped[:SKIPPED_SHOWN],
     )
     return train_ds, val_ds, info

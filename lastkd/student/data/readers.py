@@ -7,13 +7,17 @@
 
 Every reader validates what it opens and raises :class:`DataSourceError` with a message that names
 the file and the problem. Pickles are loaded through a restricted unpickler that only rebuilds
-plain containers and numpy arrays, on top of the data-root check the caller must supply.
+plain containers and numpy arrays, on top of the data-root rule the caller must supply.
+
+Data roots: readers take ``roots`` (the operator's data roots, or None when the caller trusts
+the path, e.g. a test or a benchmark on its own files) and confine every file they open with
+:func:`lastkd.datapaths.confine`, so a symlink inside a root that points out of it is refused with
+the file named, whichever entry point started the read. Pickles are refused without roots.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lastkd.datapaths import confine, confine_entries
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.ntu import (
     MAX_FRAMES,
@@ -43,7 +48,7 @@ NUM_CLASSES = {"ntu60": 60, "ntu120": 120}
 POOL_MIN_FILES = 64  # below this a process pool costs more than it saves
 SCAN_CHUNK = 256  # samples per chunk when scanning big arrays for empty samples
 
-RootCheck = Callable[[Path], Path]
+DataRoots = Sequence[Path] | None
 Allocate = Callable[[int, int], np.ndarray]
 
 
@@ -97,11 +102,19 @@ def _as_row_array(rows: list[np.ndarray], frames: Sequence[int]) -> np.ndarray:
 # raw NTU folder
 
 
-def list_skeleton_files(folder: Path) -> list[Path]:
-    """The ``*.skeleton`` files of a folder (not recursive), sorted by name."""
+def list_skeleton_files(folder: Path, roots: DataRoots = None) -> list[Path]:
+    """The ``*.skeleton`` files of a folder (not recursive), sorted by name.
+
+    With ``roots``, a ``.skeleton`` entry that is a symlink resolving outside them is refused
+    (:class:`~lastkd.datapaths.DataPathError` naming the file), whether or not it is parsed later.
+    """
     if not folder.is_dir():
         raise DataSourceError(f"{folder}: not a folder of .skeleton files")
-    return sorted((p for p in folder.iterdir() if p.name.endswith(".skeleton") and p.is_file()), key=lambda p: p.name)
+    if roots is not None:
+        entries = confine_entries(folder, roots, field="data.path", suffixes=(".skeleton",))
+    else:
+        entries = sorted((p for p in folder.iterdir() if p.name.endswith(".skeleton")), key=lambda p: p.name)
+    return [p for p in entries if p.is_file()]
 
 
 def _declared_frames(path: Path) -> int:
@@ -121,7 +134,7 @@ def _parse_job(job: tuple[str, str]) -> tuple[np.ndarray | None, int, str | None
     try:
         parsed = parse_skeleton_file(path, mode)  # type: ignore[arg-type]
     except SkeletonParseError as exc:
-        return None, 0, f"{Path(exc.path).name}:{exc.line}: {exc.reason}"
+        return None, 0, f"{exc.line}: {exc.reason}"  # the caller prefixes the name in the folder
     return parsed.coords, parsed.frames, None
 
 
@@ -144,6 +157,7 @@ def read_ntu_folder(
     allocate: Allocate | None = None,
     source_hash: str = "",
     split: str | None = None,
+    roots: DataRoots = None,
 ) -> SkeletonCollection:
     """Parse every ``.skeleton`` file of ``folder`` (sorted by name) into one collection.
 
@@ -155,14 +169,15 @@ def read_ntu_folder(
     and listed in ``malformed`` as ``"file:line: reason"``. A sample name outside the dataset's
     ranges (e.g. action 61 in NTU60) is a configuration error and raises.
     ``allocate(n, frames)`` provides the (n, 3, frames, 25, 2) output array (e.g. a memmap of the
-    parse cache); the returned ``data`` is its first ``len(names)`` rows.
+    parse cache); the returned ``data`` is its first ``len(names)`` rows. With ``roots`` every
+    file is confined to them (see :func:`list_skeleton_files`) and read through its real path.
     """
     _num_classes(dataset)
     malformed: list[str] = []
     excluded = 0
     todo: list[tuple[Path, str, int]] = []
     out_of_range: list[str] = []
-    for path in list_skeleton_files(folder):
+    for path in list_skeleton_files(folder, roots):
         name = path.name[: -len(".skeleton")]
         if name in missing:
             excluded += 1
@@ -177,6 +192,8 @@ def read_ntu_folder(
         except SampleNameError:
             out_of_range.append(name)
             continue
+        if roots is not None:  # open the checked real file, not the link (which could be swapped)
+            path = confine(path, roots, field="data.path")
         todo.append((path, name, sample.label))
     if out_of_range:
         raise DataSourceError(
@@ -198,14 +215,14 @@ def read_ntu_folder(
     results = _parse_all([p for p, _, _ in todo], body_assignment, workers)
     for (path, name, label), (coords, frames, error) in zip(todo, results):
         if error is not None:
-            malformed.append(error)
+            malformed.append(f"{name}.skeleton:{error}")
             continue
         assert coords is not None
         if frames == 0:
-            malformed.append(f"{path.name}:1: no frames")
+            malformed.append(f"{name}.skeleton:1: no frames")
             continue
         if not coords.any():
-            malformed.append(f"{path.name}:0: no bodies in any frame")
+            malformed.append(f"{name}.skeleton:0: no bodies in any frame")
             continue
         if frames > frames_cap:  # the file changed between the two passes
             raise DataSourceError(f"{path}: changed while being read (now {frames} frames); retry")
@@ -377,7 +394,7 @@ def read_ctrgcn_npz(
         lengths = _valid_lengths(data)
         names = [f"npz_{side}_{i:06d}" for i in range(data.shape[0])]
         empty = np.flatnonzero(lengths == 0)
-        malformed = [f"{path.name}:x_{side}[{i}]: all-zero sample" for i in empty[:1000]]
+        malformed = [f"{path.name}:x_{side}[{i}]: all-zero sample" for i in empty]
         coll = SkeletonCollection(names, labels, data, lengths, source_hash, malformed=malformed)
         if empty.size:
             coll = coll.subset(np.flatnonzero(lengths > 0))
@@ -414,14 +431,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain data and numpy arrays are allowed")
 
 
-def load_pickle(path: Path, root_check: RootCheck | None, what: str) -> object:
-    """Load a data pickle: the path must pass ``root_check`` (operator-configured data roots)."""
-    if root_check is None:
+def load_pickle(path: Path, roots: DataRoots, what: str, field: str = "data.path") -> object:
+    """Load a data pickle: the path must lie inside ``roots`` (operator-configured data roots)."""
+    if roots is None:
         raise DataSourceError(
             f"{path}: refusing to load a pickle ({what}) without configured data roots; pickles run code "
             "when loaded, so they are read only from folders the operator configured (LASTKD_DATA_ROOTS)"
         )
-    resolved = root_check(Path(path))
+    resolved = confine(path, roots, field=field)
     if not resolved.is_file():
         raise DataSourceError(f"{path}: no such {what} file")
     if resolved.stat().st_size == 0:
@@ -464,15 +481,15 @@ def read_pyskl(
     split: str,
     dataset: str = "ntu60",
     missing: frozenset[str] = frozenset(),
-    root_check: RootCheck | None,
+    roots: DataRoots,
     source_hash: str = "",
 ) -> tuple[SkeletonCollection, SkeletonCollection]:
     """(train, val) from a PYSKL annotation pickle (``split`` + ``annotations``).
 
-    Refused unless ``root_check`` accepts the path. Names on the ``missing`` list are excluded and
+    Refused unless the path lies inside ``roots``. Names on the ``missing`` list are excluded and
     counted; a split that names a sample without annotation is an error.
     """
-    obj = load_pickle(path, root_check, "PYSKL annotation")
+    obj = load_pickle(path, roots, "PYSKL annotation")
     if not isinstance(obj, dict) or "split" not in obj or "annotations" not in obj:
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise DataSourceError(f"{path}: expected a dict with 'split' and 'annotations', got {keys}")
@@ -557,7 +574,7 @@ def read_last_npy(
     dataset: str = "ntu60",
     label_dir: Path | None = None,
     missing: frozenset[str] = frozenset(),
-    root_check: RootCheck | None,
+    roots: DataRoots,
     source_hash: str = "",
 ) -> tuple[SkeletonCollection, SkeletonCollection]:
     """(train, val) from LAST stream files (spec 7.4), memory-mapped; sets ``streams``, not ``data``.
@@ -575,8 +592,8 @@ def read_last_npy(
         streams: dict[str, np.ndarray] = {}
         for stream in STREAM_NAMES:
             path = _last_file(root, split_type, f"{side}_{stream}.npy")
-            if root_check is not None:
-                path = root_check(path)
+            if roots is not None:
+                path = confine(path, roots, field="data.path")
             if not path.is_file():
                 raise DataSourceError(f"{root}: missing {side}_{stream}.npy (looked in {root / split_type} and {root})")
             arr = open_npy(path, f"{stream} stream")
@@ -591,7 +608,8 @@ def read_last_npy(
         label_name = f"{side}_label.pkl"
         label_path = label_dir / label_name if label_dir else _last_file(root, split_type, label_name)
         where = str(label_path)
-        names, labels = _last_labels(load_pickle(label_path, root_check, "label"), where)
+        label_field = "data.label_path" if label_dir else "data.path"
+        names, labels = _last_labels(load_pickle(label_path, roots, "label", label_field), where)
         n = streams["joint"].shape[0]
         if len(labels) != n:
             raise DataSourceError(f"{where}: {len(labels)} labels for {n} samples in {side}_joint.npy")
@@ -602,7 +620,7 @@ def read_last_npy(
             labels, None, np.full(n, t, dtype=np.int64), source_hash, streams=streams,
         )
         keep = _valid_lengths(streams["joint"]) > 0
-        malformed = [f"{side}_joint.npy:{i}: all-zero sample" for i in np.flatnonzero(~keep)[:1000]]
+        malformed = [f"{side}_joint.npy:{i}: all-zero sample" for i in np.flatnonzero(~keep)]
         excluded = 0
         if names is not None and missing:
             on_list = np.asarray([nm in missing for nm in names], dtype=bool)
@@ -616,15 +634,3 @@ def read_last_npy(
             raise DataSourceError(f"{root}: {side} split has no non-empty samples")
         sides.append(coll)
     return sides[0], sides[1]
-
-
-def check_path_inside(path: Path, roots: Sequence[Path]) -> Path:
-    """Resolve ``path`` (symlinks included) and require it to lie inside one of ``roots``."""
-    resolved = Path(os.path.realpath(path))
-    for root in roots:
-        if resolved == Path(os.path.realpath(root)) or resolved.is_relative_to(os.path.realpath(root)):
-            return resolved
-    raise DataSourceError(
-        f"{path}: outside the configured data roots ({', '.join(str(r) for r in roots) or 'none configured'}); "
-        "add its folder to LASTKD_DATA_ROOTS to allow it"
-    )

@@ -2,8 +2,9 @@
 
 Picks the reader for ``cfg.format``, applies the split (raw folders: from sample names; the other
 formats carry their split), drops samples on the missing-skeleton list and caps each side at
-``cfg.max_samples``. Paths are checked against the operator's data roots when a check is given;
-pickle formats are refused without one.
+``cfg.max_samples``. Paths are confined to the operator's data roots when they are given (the one
+rule, :func:`lastkd.datapaths.confine`, applied to every file read); pickle formats are refused
+without them.
 """
 
 from __future__ import annotations
@@ -11,36 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from lastkd.datapaths import confine
 from lastkd.student.data.cache import load_ntu_folder
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.config import DataConfig
 from lastkd.student.data.ntu import parse_sample_name, read_missing_list
 from lastkd.student.data.readers import (
+    DataRoots,
     DataSourceError,
-    RootCheck,
-    check_path_inside,
     read_ctrgcn_npz,
     read_last_npy,
     read_pyskl,
 )
 from lastkd.student.data.splits import is_train
 
-DataRootCheck = Callable[[Path], Path] | Sequence[Path] | None
 MAX_PARSE_WORKERS = 8
-
-
-def _root_check(check: DataRootCheck) -> RootCheck | None:
-    if check is None or callable(check):
-        return check
-    roots = [Path(r) for r in check]
-    if not roots:
-        raise DataSourceError("no data roots configured: set LASTKD_DATA_ROOTS")
-    return lambda path: check_path_inside(path, roots)
 
 
 def _rows(coll: SkeletonCollection, start: int, stop: int) -> SkeletonCollection:
@@ -91,46 +82,56 @@ def _split_raw(full: SkeletonCollection, split: str, where: Path) -> tuple[Skele
 
 
 def load_splits(
-    cfg: DataConfig, data_root_check: DataRootCheck = None, *, workers: int | None = None
+    cfg: DataConfig, data_roots: DataRoots = None, *, workers: int | None = None
 ) -> tuple[SkeletonCollection, SkeletonCollection]:
     """(train, val) collections for ``cfg``, whatever the source format.
 
-    ``data_root_check`` is either a callable that resolves a path and raises when it lies outside
-    the configured data roots, or the list of those roots. When given, every source path is
-    checked; pickle sources (PYSKL, LAST labels) are refused without it. ``workers`` parse raw
+    ``data_roots`` are the configured data roots. When given, every path named by ``cfg`` and
+    every file read (each ``.skeleton`` of a folder, the parse cache, each array and pickle) must
+    resolve inside them (:class:`~lastkd.datapaths.DataPathError` naming the field and file);
+    pickle sources (PYSKL, LAST labels) are refused without them. ``workers`` parse raw
     folders in parallel (default: up to 8 processes, used only for big folders).
 
     Raw folders: both sides are slices of one memory-mapped parse cache, and both carry the
     folder-wide ``malformed`` list and ``excluded_missing`` count. The npz and PYSKL/LAST formats
     define the split themselves (``cfg.split`` picks the PYSKL split key / LAST sub-folder).
     """
-    check = _root_check(data_root_check)
-    path = check(cfg.path) if check else cfg.path
-    label_dir = cfg.label_path
-    if label_dir is not None and check:
-        label_dir = check(label_dir)
-    missing = read_missing_list(cfg.missing_skeletons) if cfg.missing_skeletons else frozenset()
+    roots = None if data_roots is None else [Path(r) for r in data_roots]
+    if roots is not None and not roots:
+        raise DataSourceError("no data roots configured: set LASTKD_DATA_ROOTS")
+
+    def real(value: Path | None, field: str, must_exist: bool = True) -> Path | None:
+        if value is None or roots is None:
+            return value
+        return confine(value, roots, field=field, must_exist=must_exist)
+
+    path = real(cfg.path, "data.path")
+    label_dir = real(cfg.label_path, "data.label_path")
+    missing_path = real(cfg.missing_skeletons, "data.missing_skeletons")
+    cache_dir = real(cfg.cache_dir, "data.cache_dir", must_exist=False)
+    missing = read_missing_list(missing_path) if missing_path else frozenset()
     options = {"format": cfg.format, "dataset": cfg.dataset, "split": cfg.split, "missing": sorted(missing)}
     if cfg.format == "ntu_raw":
         full = load_ntu_folder(
             Path(path),
             body_assignment="reference" if cfg.streams_mode == "reference" else "tracked",
             dataset=cfg.dataset,
-            missing_path=cfg.missing_skeletons,
-            cache_dir=cfg.cache_dir,
+            missing_path=missing_path,
+            cache_dir=cache_dir,
             workers=workers if workers is not None else min(MAX_PARSE_WORKERS, os.cpu_count() or 1),
             split=cfg.split,
+            roots=roots,
         )
         train, val = _split_raw(full, cfg.split, Path(path))
     elif cfg.format == "ctrgcn_npz":
         train, val = read_ctrgcn_npz(Path(path), dataset=cfg.dataset, source_hash=_files_hash([Path(path)], options))
     elif cfg.format == "pyskl":
-        if check is None:
+        if roots is None:
             raise DataSourceError(
                 f"{path}: refusing to load a PYSKL pickle without configured data roots (pickles run code when loaded)"
             )
         train, val = read_pyskl(
-            Path(path), split=cfg.split, dataset=cfg.dataset, missing=missing, root_check=check,
+            Path(path), split=cfg.split, dataset=cfg.dataset, missing=missing, roots=roots,
             source_hash=_files_hash([Path(path)], options),
         )
     elif cfg.format == "last_npy":
@@ -138,7 +139,7 @@ def load_splits(
         files = sorted(p for pattern in ("*.npy", "*.pkl", "*/*.npy", "*/*.pkl") for p in root.glob(pattern))
         train, val = read_last_npy(
             root, split_type=cfg.split, dataset=cfg.dataset, label_dir=label_dir, missing=missing,
-            root_check=check, source_hash=_files_hash(files, options),
+            roots=roots, source_hash=_files_hash(files, options),
         )
     else:  # unreachable through a validated DataConfig
         raise DataSourceError(f"unknown data format {cfg.format!r}")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lastkd.services import cli
 from lastkd.student import training as engine
 from lastkd.student.config import TrainConfig
+from lastkd.student.paths import confine_config_paths
 from lastkd.models.last_v2 import create_last_v2
 from lastkd.student.publish import list_published, load_student
 from lastkd.student.synth import generate
@@ -45,7 +46,7 @@ def test_ddp_two_processes_matches_single_process(tmp_path, monkeypatch, capsys)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(config.to_yaml())
 
-    single = engine.train(config.with_paths_resolved(roots), tmp_path / "single")
+    single = engine.train(confine_config_paths(config, [roots]), tmp_path / "single")
 
     monkeypatch.setenv("LASTKD_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("LASTKD_DATA_ROOTS", f'["{roots}"]')

@@ -14,7 +14,9 @@ import torch
 from lastkd.featurestore import FeatureStore
 from lastkd.teacher.embedder import ClipFailure, Embedder, EngineConfig, EngineError, _ping
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
-from lastkd.models.videomae import create_videomae, save_official
+from lastkd.hashing import sha256_file
+from lastkd.models.checkpoint_io import save_official
+from lastkd.models.videomae import create_videomae
 from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support import media
 
@@ -31,11 +33,11 @@ def _direct_features(path: Path, cfg: PreprocessConfig, weights: Path | None = N
     torch.manual_seed(0)  # the engine documents seed 0 for random-init teachers
     model = create_videomae(TINY, num_frames=cfg.num_frames, img_size=cfg.size, num_classes=0).eval()
     if weights is not None:
-        from lastkd.models.videomae import load_checkpoint
+        from lastkd.models.checkpoint_io import load_checkpoint
 
         load_checkpoint(model, weights)
     with torch.inference_mode():
-        return model.forward_features(load_clip(path, cfg, VideoLimits())).numpy()
+        return model.embed(load_clip(path, cfg, VideoLimits())).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +92,6 @@ def test_bad_clip_fails_alone_and_writes_nothing(engine: Embedder, clip_dir: Pat
 
 
 def test_same_bytes_new_id_is_copied_and_conflicts_refused(engine: Embedder, clip_dir: Path) -> None:
-    from lastkd.teacher.embedder import sha256_file
-
     path = clip_dir / "clip0.mp4"
     sha = sha256_file(path)
     first = engine.submit(path, "twin-a", sha).result(timeout=60)

@@ -205,4 +205,4 @@ def test_lastkd_train_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     outside = tmp_path / "outside.yaml"
     outside.write_text("name: x\nepochs: 1\ndata: {path: /etc}\n")
     assert cli.main(["train", str(outside)]) == 2
-    assert "data.path outside the data roots" in capsys.readouterr().err
+    assert "data.path: '/etc' resolves to /etc, which is outside the configured data roots" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lastkd.datapaths import DataPathError
 from lastkd.student.data import readers
 from lastkd.student.data.config import DataConfig
 from lastkd.student.data.ntu import parse_skeleton_file
@@ -210,13 +211,13 @@ def test_raw_folder_errors(tmp_path: Path) -> None:
 def test_data_roots_refuse_paths_outside(tmp_path: Path, raw_folder: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with pytest.raises(DataSourceError, match="outside the configured data roots"):
-        load_splits(_cfg(raw_folder), data_root_check=[elsewhere])
+    with pytest.raises(DataPathError, match="outside the configured data roots"):
+        load_splits(_cfg(raw_folder), data_roots=[elsewhere])
     link = elsewhere / "sneaky"
     link.symlink_to(raw_folder)
-    with pytest.raises(DataSourceError, match="outside the configured data roots"):
-        load_splits(_cfg(link), data_root_check=[elsewhere])
-    train, _ = load_splits(_cfg(raw_folder, cache_dir=tmp_path / "c"), data_root_check=[tmp_path])
+    with pytest.raises(DataPathError, match="outside the configured data roots"):
+        load_splits(_cfg(link), data_roots=[elsewhere])
+    train, _ = load_splits(_cfg(raw_folder, cache_dir=tmp_path / "c"), data_roots=[tmp_path])
     assert len(train) > 0
 
 
@@ -363,7 +364,7 @@ def _dump(path: Path, obj: object) -> Path:
 def test_pyskl_reads_keypoints(tmp_path: Path) -> None:
     obj = _pyskl()
     path = _dump(tmp_path / "ntu60_3danno.pkl", obj)
-    train, val = load_splits(_cfg(path, format="pyskl"), data_root_check=[tmp_path])
+    train, val = load_splits(_cfg(path, format="pyskl"), data_roots=[tmp_path])
     assert train.names == obj["split"]["xsub_train"] and val.names == obj["split"]["xsub_val"]
     assert train.labels.tolist() == [0, 1, 2] and val.labels.tolist() == [3, 4]
     for coll, anns in ((train, obj["annotations"][:3]), (val, obj["annotations"][3:])):
@@ -380,7 +381,7 @@ def test_pyskl_missing_list_excludes(tmp_path: Path) -> None:
     path = _dump(tmp_path / "a.pkl", obj)
     missing = tmp_path / "missing.txt"
     missing.write_text(obj["split"]["xsub_train"][1] + "\n")
-    train, _ = load_splits(_cfg(path, format="pyskl", missing_skeletons=missing), data_root_check=[tmp_path])
+    train, _ = load_splits(_cfg(path, format="pyskl", missing_skeletons=missing), data_roots=[tmp_path])
     assert len(train) == 2 and train.excluded_missing == 1
 
 
@@ -390,8 +391,8 @@ def test_pyskl_refused_outside_roots_or_without_roots(tmp_path: Path) -> None:
         load_splits(_cfg(path, format="pyskl"))
     other = tmp_path / "roots"
     other.mkdir()
-    with pytest.raises(DataSourceError, match="outside the configured data roots"):
-        load_splits(_cfg(path, format="pyskl"), data_root_check=[other])
+    with pytest.raises(DataPathError, match="outside the configured data roots"):
+        load_splits(_cfg(path, format="pyskl"), data_roots=[other])
 
 
 class _Evil:
@@ -405,7 +406,7 @@ def test_pyskl_code_in_pickle_is_not_run(tmp_path: Path, monkeypatch: pytest.Mon
     obj["annotations"][0]["extra"] = _Evil()
     path = _dump(tmp_path / "evil.pkl", obj)
     with pytest.raises(DataSourceError, match=r"refusing to load (posix|os)\.system"):
-        load_splits(_cfg(path, format="pyskl"), data_root_check=[tmp_path])
+        load_splits(_cfg(path, format="pyskl"), data_roots=[tmp_path])
     assert not (tmp_path / "pwned_by_pickle").exists()
 
 
@@ -451,7 +452,7 @@ def test_pyskl_structure_errors(tmp_path: Path, case: str) -> None:
     obj, expect = _break(_pyskl(), case)
     path = _dump(tmp_path / "bad.pkl", obj)
     with pytest.raises(DataSourceError, match=expect):
-        load_splits(_cfg(path, format="pyskl"), data_root_check=[tmp_path])
+        load_splits(_cfg(path, format="pyskl"), data_roots=[tmp_path])
 
 
 @pytest.mark.parametrize("content,expect", [(b"", "empty file"), (b"\x80\x04\x95\x10\x00", "truncated")])
@@ -461,7 +462,7 @@ def test_pyskl_empty_or_truncated(tmp_path: Path, content: bytes, expect: str) -
         content = pickle.dumps(_pyskl(), protocol=4)[:300]
     path.write_bytes(content)
     with pytest.raises(DataSourceError, match=expect):
-        load_splits(_cfg(path, format="pyskl"), data_root_check=[tmp_path])
+        load_splits(_cfg(path, format="pyskl"), data_roots=[tmp_path])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +486,7 @@ def _last_dir(root: Path, labels: dict[str, object], n: dict[str, int], sub: str
 
 def test_last_npy_streams_memory_mapped(tmp_path: Path) -> None:
     arrays = _last_dir(tmp_path, {"train": [3, 1, 4], "val": [1, 5]}, {"train": 3, "val": 2})
-    train, val = load_splits(_cfg(tmp_path, format="last_npy"), data_root_check=[tmp_path])
+    train, val = load_splits(_cfg(tmp_path, format="last_npy"), data_roots=[tmp_path])
     assert train.data is None and train.streams is not None
     assert isinstance(train.streams["joint"], np.memmap)
     assert train.labels.tolist() == [3, 1, 4] and val.labels.tolist() == [1, 5]
@@ -503,7 +504,7 @@ def test_last_npy_names_missing_and_zero_samples(tmp_path: Path) -> None:
     missing = tmp_path / "m.txt"
     missing.write_text("S001C002P005R002A008\n")
     cfg = _cfg(tmp_path, format="last_npy", missing_skeletons=missing)
-    train, val = load_splits(cfg, data_root_check=[tmp_path])  # files directly in the root (fallback)
+    train, val = load_splits(cfg, data_roots=[tmp_path])  # files directly in the root (fallback)
     assert train.names == [names[0], names[2]] and train.excluded_missing == 1
     assert train.labels.tolist() == [3, 4]
     assert len(val) == 1 and val.malformed == ["val_joint.npy:1: all-zero sample"]
@@ -515,7 +516,7 @@ def test_last_npy_label_path_folder(tmp_path: Path) -> None:
     labels.mkdir()
     _dump(labels / "train_label.pkl", [9, 8])
     _dump(labels / "val_label.pkl", [7])
-    train, val = load_splits(_cfg(tmp_path / "data", format="last_npy", label_path=labels), data_root_check=[tmp_path])
+    train, val = load_splits(_cfg(tmp_path / "data", format="last_npy", label_path=labels), data_roots=[tmp_path])
     assert train.labels.tolist() == [9, 8] and val.labels.tolist() == [7]
 
 
@@ -573,7 +574,7 @@ def test_last_npy_errors(tmp_path: Path, case: str) -> None:
     _last_dir(tmp_path, {"train": [3, 1, 4], "val": [1, 5]}, {"train": 3, "val": 2})
     expect = _break_last(tmp_path, case)
     with pytest.raises(DataSourceError, match=expect):
-        load_splits(_cfg(tmp_path, format="last_npy"), data_root_check=[tmp_path])
+        load_splits(_cfg(tmp_path, format="last_npy"), data_roots=[tmp_path])
 
 
 def test_last_npy_label_pickle_needs_roots(tmp_path: Path) -> None:

@@ -61,21 +61,90 @@ def test_worker_scales(compose: dict) -> None:
     assert "ports" not in worker
 
 
+def _mounts(service: dict) -> list[dict]:
+    """Every volume of a service in compose's long form (type, source, target, read_only)."""
+    out = []
+    for spec in service.get("volumes", []):
+        if isinstance(spec, dict):
+            out.append({"read_only": False, **spec})
+            continue
+        source, target, *mode = spec.split(":")
+        kind = "bind" if source.startswith((".", "/", "$")) else "volume"
+        out.append({"type": kind, "source": source, "target": target, "read_only": mode == ["ro"]})
+    return out
+
+
+def _lastkd_services(compose: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in compose["services"].items() if svc.get("image") == "lastkd:latest"}
+
+
 def test_shared_volumes(compose: dict) -> None:
     def mounts(name: str) -> dict[str, str]:
-        out = {}
-        for spec in compose["services"][name]["volumes"]:
-            volume, target = spec.split(":")[:2]
-            out[volume] = target
-        return out
+        return {m["source"]: m["target"] for m in _mounts(compose["services"][name]) if m["type"] == "volume"}
 
     teacher, api, worker = mounts("teacher-api"), mounts("trainer-api"), mounts("trainer-worker")
     assert teacher["store"] == worker["store"] == "/data/store"
     assert api["registry"] == worker["registry"]
     assert api["jobs"] == worker["jobs"]
-    assert "datasets" in teacher and "datasets" in worker
-    for volume in ("store", "registry", "jobs", "datasets"):
+    for volume in ("store", "registry", "jobs"):
         assert volume in compose["volumes"]
+
+
+def test_datasets_and_weights_are_read_only_host_folders(compose: dict) -> None:
+    # Users put NTU RGB+D and the checkpoint in plain host folders, movable from .env.
+    expected = {
+        "/data/datasets": "${LASTKD_DATASETS_DIR:-./datasets}",
+        "/data/weights": "${LASTKD_WEIGHTS_DIR:-./weights}",
+    }
+    seen: dict[str, set[str]] = {}
+    for name, service in _lastkd_services(compose).items():
+        for mount in _mounts(service):
+            if mount["target"] in expected:
+                assert mount["type"] == "bind", (name, mount)
+                assert mount["source"] == expected[mount["target"]], (name, mount)
+                assert mount["read_only"] is True, (name, mount)
+                seen.setdefault(mount["target"], set()).add(name)
+    assert seen["/data/datasets"] == {"teacher-api", "trainer-api", "trainer-worker"}
+    assert seen["/data/weights"] == {"teacher-api"}
+    assert "datasets" not in compose["volumes"] and "weights" not in compose["volumes"]
+    env_example = (ROOT / ".env.example").read_text()
+    for variable in ("LASTKD_DATASETS_DIR", "LASTKD_WEIGHTS_DIR"):
+        assert variable in env_example
+    for folder in ("datasets", "weights"):
+        # Never sent to the build context, never committed.
+        assert f"/{folder}/" in (ROOT / ".gitignore").read_text().split()
+        assert folder in (ROOT / ".dockerignore").read_text().split()
+
+
+def _dockerfile_owned_dirs() -> tuple[set[str], set[str]]:
+    """Directories the Dockerfile creates (`mkdir -p`) and hands to lastkd (`chown -R`)."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    created: set[str] = set()
+    owned: set[str] = set()
+    for line in text.splitlines():
+        if not line.startswith("RUN "):
+            continue
+        for command in line[4:].split("&&"):
+            words = command.split()
+            if words[:2] == ["mkdir", "-p"]:
+                created.update(words[2:])
+            elif words[:3] == ["chown", "-R", "lastkd:lastkd"]:
+                owned.update(words[3:])
+    return created, owned
+
+
+def test_every_volume_target_is_created_and_owned_in_the_image(compose: dict) -> None:
+    created, owned = _dockerfile_owned_dirs()
+    assert created, "the Dockerfile creates no directory"
+    targets = {m["target"] for svc in _lastkd_services(compose).values() for m in _mounts(svc)}
+    assert targets, "no lastkd service mounts anything"
+    for target in sorted(targets):
+        assert target in created, f"{target} is mounted but not created in the image (Docker would make it root-owned)"
+        assert any(target == d or target.startswith(d.rstrip("/") + "/") for d in owned), (
+            f"{target} is created but not owned by lastkd in the image"
+        )
+    # The user the services run as is the owner.
+    assert "USER lastkd" in (ROOT / "docker" / "Dockerfile").read_text()
 
 
 def test_broker_is_redis(compose: dict) -> None:
@@ -125,7 +194,7 @@ def test_redis_keeps_its_queue_across_restarts(compose: dict) -> None:
     redis = compose["services"]["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
-    assert any(spec.split(":")[1] == "/data" for spec in redis["volumes"])  # the AOF lives on a volume
+    assert any(m["target"] == "/data" for m in _mounts(redis))  # the AOF lives on a volume
 
 
 def test_job_database_and_registry_are_shared_volumes(compose: dict) -> None:
@@ -136,5 +205,5 @@ def test_job_database_and_registry_are_shared_volumes(compose: dict) -> None:
     assert env["LASTKD_JOBS_DIR"] == worker_env["LASTKD_JOBS_DIR"] == "/data/jobs"
     assert env["LASTKD_REGISTRY_DIR"] == worker_env["LASTKD_REGISTRY_DIR"] == "/data/registry"
     for name in ("trainer-api", "trainer-worker"):
-        targets = {spec.split(":")[1] for spec in compose["services"][name]["volumes"]}
+        targets = {m["target"] for m in _mounts(compose["services"][name])}
         assert {"/data/jobs", "/data/registry", "/data/store"} <= targets, name

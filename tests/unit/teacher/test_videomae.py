@@ -24,11 +24,9 @@ from lastkd.models.videomae import (
     export_official_state_dict,
     inference_context,
     list_models,
-    load_checkpoint,
-    resolve_device,
-    save_official,
-    sha256_file,
 )
+from lastkd.hashing import sha256_file
+from lastkd.models.checkpoint_io import load_checkpoint, save_official
 from tests.support.paths import REFERENCE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -81,8 +79,8 @@ def _tiny(**overrides) -> VideoMAEv2:
 
 def _run(model: VideoMAEv2, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        feats = model.forward_features(x)
-        return feats, model.forward_head(feats)
+        tokens = model.forward_features(x)
+        return model.forward_head(tokens, pre_logits=True), model.forward_head(tokens)
 
 
 def _save_pth(obj, path: Path) -> Path:
@@ -166,7 +164,7 @@ def test_inference_path_is_bitwise_the_timm_block_path(golden: dict, monkeypatch
     model.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], model), strict=True)
     x = torch.cat([golden["input"], golden["input"].flip(-1)])
     with torch.enable_grad():
-        timm_path = model.forward_features(x).detach()
+        timm_path = model.embed(x).detach()
     timm_forward = timm.models.vision_transformer.Block.forward
 
     def _no_timm(*args, **kwargs):
@@ -174,8 +172,8 @@ def test_inference_path_is_bitwise_the_timm_block_path(golden: dict, monkeypatch
 
     monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", _no_timm)
     with torch.inference_mode():
-        lean = model.forward_features(x)
-        single = model.forward_features(x[1:])
+        lean = model.embed(x)
+        single = model.embed(x[1:])
     monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", timm_forward)
     assert torch.equal(lean, timm_path)
     assert torch.allclose(single, lean[1:], atol=1e-6, rtol=0)  # batch rows are independent
@@ -184,7 +182,7 @@ def test_inference_path_is_bitwise_the_timm_block_path(golden: dict, monkeypatch
     with pytest.raises(AssertionError, match="fell back"):
         monkeypatch.setattr(timm.models.vision_transformer.Block, "forward", _no_timm)
         with torch.inference_mode():
-            _tiny(fused_attn=False).forward_features(x)
+            _tiny(fused_attn=False).embed(x)
 
 
 def test_patch_embed_gemm_equals_conv3d(golden: dict) -> None:
@@ -316,7 +314,7 @@ class TestHeadModes:
         assert not any(k.startswith("head.") for k in model.state_dict())
         feats, out = _run(model, golden["input"])
         assert _max_err(feats, golden["features"]) <= FEATURE_ATOL
-        assert torch.equal(out, feats)  # no head: forward_head is the identity
+        assert torch.equal(out, feats)  # no head: the logits are the pooled feature
 
     def test_drop_into_model_with_head_is_an_error(self, tmp_path: Path, official_sd: OrderedDict) -> None:
         with pytest.raises(CheckpointError, match="head='drop' needs a model built with num_classes=0"):
@@ -549,10 +547,10 @@ def test_vit_b_export_matches_reference_layout(vit_b: VideoMAEv2) -> None:
     assert sum(p.numel() for p in vit_b.parameters()) == 86_773_190 + 12 * 768
 
 
-def test_vit_b_forward_features(vit_b: VideoMAEv2) -> None:
+def test_vit_b_embed(vit_b: VideoMAEv2) -> None:
     x = torch.randn(1, 3, 16, 224, 224, generator=torch.Generator().manual_seed(0))
     with inference_context(torch.device("cpu")):
-        feats = vit_b.forward_features(x)
+        feats = vit_b.embed(x)
     assert feats.shape == (1, 768) and feats.dtype == torch.float32
     assert bool(torch.isfinite(feats).all())
 
@@ -577,7 +575,9 @@ def test_registry_names_and_sizes() -> None:
     names = list_models()
     assert names == sorted(["videomae_v2_vit_s", "videomae_v2_vit_b", "videomae_v2_vit_l",
                             "videomae_v2_vit_h", "videomae_v2_vit_g", "videomae_v2_tiny"])
-    assert not set(names) & set(timm.list_models())  # no clash with timm's image ViTs
+    # Registered with timm under the same names, and no clash with timm's own models.
+    assert set(timm.list_models("videomae_v2_*")) == set(names)
+    assert all(timm.models.get_pretrained_cfg(n) is not None for n in names)
     # Sizes from the spec table (1.2).
     expected = {"videomae_v2_vit_s": (16, 384, 12, 6), "videomae_v2_vit_b": (16, 768, 12, 12),
                 "videomae_v2_vit_l": (16, 1024, 24, 16), "videomae_v2_vit_h": (16, 1280, 32, 16),
@@ -604,26 +604,60 @@ def test_registry_rejects_bad_requests() -> None:
         create_videomae("videomae_v2_tiny", num_classes=-1)
 
 
-def test_resolve_device() -> None:
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    for bad in ("gpu", "cuda:x", "", "cuda:999"):
-        with pytest.raises(ValueError):
-            resolve_device(bad)
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            resolve_device("cuda")
-
-
 def test_inference_context_on_cpu_is_fp32_inference_mode(golden: dict) -> None:
     model = _tiny()
     model.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], model))
     with inference_context(torch.device("cpu"), dtype="bf16"):
         assert torch.is_inference_mode_enabled()
-        feats = model.forward_features(golden["input"])
+        feats = model.embed(golden["input"])
     assert feats.dtype == torch.float32 and feats.is_inference()
     assert _max_err(feats, golden["features"]) <= FEATURE_ATOL
     with pytest.raises(ValueError, match="dtype must be one of"):
         with inference_context("cpu", dtype="int8"):
             pass
 
+
+
+# --------------------------------------------------------------------------------------------
+# timm: create_model with a local official file, timm's method names
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_create_model_loads_an_official_file(tmp_path: Path, golden: dict, suffix: str) -> None:
+    path = tmp_path / f"official{suffix}"
+    if suffix == ".pth":
+        torch.save(golden["checkpoint"], path)  # the official wrapper: {"module": q_bias/v_bias names}
+    else:
+        source = _tiny()
+        source.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], source))
+        save_official(source, path)
+    model = timm.create_model("videomae_v2_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert isinstance(model, VideoMAEv2) and model.pretrained_cfg["architecture"] == "videomae_v2_tiny"
+    with torch.no_grad():
+        tokens = model.forward_features(golden["input"])
+        feats = model.forward_head(tokens, pre_logits=True)
+        logits = model(golden["input"])
+    assert tokens.shape == (1, model.num_patches, 96)
+    assert _max_err(feats, golden["features"]) <= FEATURE_ATOL
+    assert _max_err(logits, golden["logits"]) <= LOGIT_ATOL
+    # A head-less model from the same file gives the stored feature as its output.
+    headless = timm.create_model("videomae_v2_tiny", pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(path))).eval()
+    with torch.no_grad():
+        assert _max_err(headless(golden["input"]), golden["features"]) <= FEATURE_ATOL
+
+
+def test_timm_create_model_refuses_a_pretraining_checkpoint(tmp_path: Path, official_sd: OrderedDict) -> None:
+    official_sd["decoder.blocks.0.norm1.weight"] = torch.ones(96)
+    path = _save_pth({"model": official_sd}, tmp_path / "pt.pth")
+    with pytest.raises(CheckpointError, match="pre-training checkpoint"):
+        timm.create_model("videomae_v2_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_reset_classifier_takes_timms_signature() -> None:
+    model = _tiny()
+    model.reset_classifier(3, global_pool="avg")
+    assert model.num_classes == 3 and model.head.out_features == 3
+    with pytest.raises(ValueError, match="token mean"):
+        model.reset_classifier(3, global_pool="token")

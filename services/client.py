@@ -1,0 +1,237 @@
+"""A typed client for both lastkd APIs: the teacher (``POST /embed``, features) and the trainer
+(``POST /train``, jobs, events, checkpoints).
+
+What every caller needs and would otherwise write again: the bearer token, retries on transport
+errors and on "busy" answers (503 with ``Retry-After``), an ``Idempotency-Key`` on job
+submission (so a retried POST never makes a second job), the server-sent event stream read with
+the one parser (:mod:`lastkd.sse`), and server errors turned into :class:`ApiError` with the
+server's code and message. Used by the demo, the benchmarks and the tests.
+
+Any ``httpx.Client`` can carry the requests (``http=``): a Starlette ``TestClient`` runs them
+against an in-process app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lastkd.sse import Event, parse_events
+
+__all__ = ["TERMINAL_STATES", "ApiError", "TeacherClient", "TrainerClient"]
+
+# The job states after which nothing changes (the trainer API's JobState values).
+TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+_MAX_RETRY_AFTER_S = 10.0
+
+
+class ApiError(Exception):
+    """A request the server refused or could not answer: HTTP status, the server's error code
+    (``transport`` when no answer came) and its message."""
+
+    def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
+        super().__init__(f"{code}: {message}" if status == 0 else f"HTTP {status} {code}: {message}")
+        self.status, self.code, self.message, self.body = status, code, message, body
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        """The server's ``{"error": {"code", "message"}}`` when it sent one, else the raw text."""
+        try:
+            body = response.json()
+        except ValueError:
+            return cls(response.status_code, f"http_{response.status_code}", response.text[:300])
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            return cls(response.status_code, str(err.get("code", response.status_code)), str(err.get("message", "")), body)
+        return cls(response.status_code, f"http_{response.status_code}", response.text[:300], body)
+
+
+def retry_after(response: httpx.Response, default: float = 2.0) -> float:
+    """The server's ``Retry-After`` in seconds (capped), or ``default`` when absent or not a number."""
+    try:
+        return min(_MAX_RETRY_AFTER_S, max(0.0, float(response.headers.get("retry-after", default))))
+    except ValueError:
+        return default
+
+
+class _Client:
+    """Shared mechanics: one ``httpx.Client``, auth header, retries."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        busy_timeout: float = 600.0,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.busy_timeout = busy_timeout
+        self._own = http is None
+        self.http = http or httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0))
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def close(self) -> None:
+        """Close the connection pool (only when this client made it)."""
+        if self._own:
+            self.http.close()
+
+    def __enter__(self) -> _Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        ok: Sequence[int] = (200,),
+        headers: dict[str, str] | None = None,
+        body: Callable[[], dict[str, Any]] | None = None,
+    ) -> httpx.Response:
+        """One request with retries: transport errors up to ``retries`` times, 503 answers until
+        ``busy_timeout``. ``body`` builds the keyword arguments of each try (files are re-opened).
+        Statuses outside ``ok`` raise :class:`ApiError`."""
+        deadline = time.monotonic() + self.busy_timeout
+        failures = 0
+        while True:
+            with contextlib.ExitStack() as stack:
+                kwargs = body() if body is not None else {}
+                for handle in kwargs.pop("_close", []):
+                    stack.callback(handle.close)
+                try:
+                    response = self.http.request(method, self._url(path), headers={**self._headers, **(headers or {})},
+                                                 **kwargs)
+                except httpx.TransportError as exc:
+                    failures += 1
+                    if failures > self.retries:
+                        raise ApiError(0, "transport", f"{method} {self._url(path)}: {type(exc).__name__}: {exc}") from None
+                    time.sleep(min(5.0, 0.5 * 2**failures))
+                    continue
+            if response.status_code == 503 and time.monotonic() < deadline:
+                time.sleep(retry_after(response))
+                continue
+            if response.status_code not in ok:
+                raise ApiError.from_response(response)
+            return response
+
+    def ready(self) -> bool:
+        """True when ``/health/ready`` answers 200 (no retries: a probe)."""
+        try:
+            return self.http.get(self._url("/health/ready"), timeout=5.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """Block until :meth:`ready`, or raise :class:`ApiError` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ApiError(0, "not_ready", f"{self.base_url} was not ready within {timeout:.0f} s")
+            time.sleep(interval)
+
+
+class TeacherClient(_Client):
+    """The teacher API: embed clips, read features and feature sets."""
+
+    def embed(self, paths: Sequence[str | Path], clip_ids: Sequence[str] | None = None,
+              content_type: str = "application/octet-stream") -> dict[str, Any]:
+        """``POST /embed`` of ``paths`` (one request); the answer has one result per file, each
+        with either ``feature_set``/``cached`` or an ``error``. A request whose clips all failed
+        (422) is returned too: the per-clip reasons are in it."""
+        if clip_ids is not None and len(clip_ids) != len(paths):
+            raise ValueError(f"{len(clip_ids)} clip ids for {len(paths)} files")
+
+        def body() -> dict[str, Any]:
+            handles = [open(p, "rb") for p in paths]  # noqa: SIM115 - closed by request() after the try
+            files = [("files", (Path(p).name, h, content_type)) for p, h in zip(paths, handles, strict=True)]
+            data = {"clip_ids": list(clip_ids)} if clip_ids is not None else None
+            return {"files": files, "data": data, "_close": handles}
+
+        response = self.request("POST", "/embed", ok=(200, 422), body=body)
+        answer = response.json()
+        if response.status_code == 422 and "results" not in answer:
+            raise ApiError.from_response(response)
+        return answer
+
+    def feature_sets(self) -> list[dict[str, Any]]:
+        """``GET /feature-sets``: the sets in the store with their metadata."""
+        return self.request("GET", "/feature-sets").json()["feature_sets"]
+
+    def feature(self, set_id: str, clip_id: str) -> dict[str, Any]:
+        """``GET /features/{set}/{clip}``: one stored vector with its metadata."""
+        return self.request("GET", f"/features/{set_id}/{clip_id}").json()
+
+
+class TrainerClient(_Client):
+    """The trainer API: submit, follow and cancel jobs, list checkpoints."""
+
+    def submit(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+        """``POST /train``; the job record. Retries carry the same ``Idempotency-Key`` (made here
+        when not given), so a lost answer never creates a second job."""
+        key = idempotency_key or f"client-{uuid.uuid4().hex}"
+        return self.request("POST", "/train", ok=(200, 202), headers={"Idempotency-Key": key},
+                            body=lambda: {"json": config}).json()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{id}``."""
+        return self.request("GET", f"/jobs/{job_id}").json()
+
+    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+        """``GET /jobs`` (optionally one state)."""
+        params = {"state": state} if state else None
+        return self.request("GET", "/jobs", body=lambda: {"params": params}).json()["jobs"]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """``POST /jobs/{id}/cancel``: 202 while the worker has still to notice, 200 once cancelled."""
+        return self.request("POST", f"/jobs/{job_id}/cancel", ok=(200, 202)).json()
+
+    def events(self, job_id: str) -> Iterator[Event]:
+        """The job's server-sent events (``progress`` ..., then one ``end``) as they come."""
+        with self.http.stream("GET", self._url(f"/jobs/{job_id}/events"), headers=self._headers) as response:
+            if response.status_code != 200:
+                response.read()
+                raise ApiError.from_response(response)
+            yield from parse_events(response.iter_lines())
+
+    def follow(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, *,
+               timeout: float = 24 * 3600.0, poll_s: float = 1.0) -> dict[str, Any]:
+        """Follow a job to a terminal state and return its final record: over the event stream,
+        then by polling ``GET /jobs/{id}`` if the stream breaks. ``on_update`` sees every state
+        the stream or the polling delivers (it may raise to stop following)."""
+        deadline = time.monotonic() + timeout
+        try:
+            for event in self.events(job_id):
+                if on_update is not None and isinstance(event.data, dict):
+                    on_update(event.data)
+                if event.event == "end":
+                    break
+        except (httpx.TransportError, ApiError):
+            pass  # the stream broke or is not offered: poll
+        while True:
+            record = self.job(job_id)
+            if record.get("state") in TERMINAL_STATES:
+                return record
+            if on_update is not None:
+                on_update(record)
+            if time.monotonic() > deadline:
+                raise ApiError(0, "timeout", f"job {job_id} did not finish within {timeout:.0f} s")
+            time.sleep(poll_s)
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """``GET /checkpoints``: the published students."""
+        return self.request("GET", "/checkpoints").json()["checkpoints"]
