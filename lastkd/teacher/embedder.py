@@ -8,7 +8,7 @@ vectors for the same clip.
 
 Data flow::
 
-    submit(path) --> ProcessPoolExecutor (spawn/forkserver): sha256 + prepare_clip -> uint8 frames
+    submit(path) --> ProcessPoolExecutor (spawn/forkserver): sha256 + decode_clip -> uint8 frames
                           | done-callback
                           v
                      inference queue --> one inference thread: wait for up to batch_size clips
@@ -42,7 +42,7 @@ import numpy as np
 from lastkd.hashing import sha256_file
 from lastkd.teacher.clip_ids import clip_id_from_filename
 from lastkd.teacher.decode_worker import init_decode_worker
-from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
+from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, decode_clip, normalize
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -77,7 +77,7 @@ class ClipFailure(Exception):
     """One clip could not be embedded; ``reason`` is a stable machine-readable code.
 
     Reasons: the :class:`~lastkd.teacher.video.VideoError` reasons (``not_media``,
-    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_large``, ``too_long``, ``resolution``),
+    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_short``, ``too_large``, ``too_long``, ``resolution``),
     plus ``decode_failed`` (an unexpected decoder error), ``decode_crashed`` (the decoder process
     died), ``clip_id_conflict`` and ``shutdown``.
     """
@@ -109,6 +109,9 @@ class EmbedResult:
     feature_set: str
     dim: int
     cached: bool
+    # Distinct real frames of the clip the feature was computed from (below num_frames when
+    # the clip is shorter and frames were repeated); None when answered from the store.
+    frames_used: int | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,10 @@ class EngineConfig:
 def limits_from_settings(settings: Settings) -> VideoLimits:
     """The input limits (bytes, seconds, pixels) of the typed Settings."""
     return VideoLimits(
-        max_bytes=settings.max_upload_bytes, max_seconds=settings.max_clip_seconds, max_pixels=settings.max_clip_pixels
+        max_bytes=settings.max_upload_bytes,
+        max_seconds=settings.max_clip_seconds,
+        max_pixels=settings.max_clip_pixels,
+        min_frames=settings.min_clip_frames,
     )
 
 
@@ -232,15 +238,15 @@ def _ping() -> int:
 def _decode_clip(
     path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool
 ) -> tuple[Any, ...]:
-    """Worker body: ("ok", frames uint8 (V,T,S,S,3), sha256|None) or ("error", reason, message).
+    """Worker body: ("ok", frames uint8 (V,T,S,S,3), sha256|None, frames_used) or ("error", reason, message).
 
     Errors are returned, not raised: exception classes with custom constructors do not always
     survive pickling back to the parent.
     """
     try:
         sha = sha256_file(path) if want_sha else None
-        frames = prepare_clip(Path(path), cfg, limits, threads=threads)
-        return ("ok", np.ascontiguousarray(frames), sha)
+        clip = decode_clip(Path(path), cfg, limits, threads=threads)
+        return ("ok", np.ascontiguousarray(clip.views), sha, clip.frames_used)
     except VideoError as exc:
         return ("error", str(exc.reason), str(getattr(exc, "message", exc)))
     except MemoryError:
@@ -262,6 +268,7 @@ class _Item:
     sha256: str | None
     future: cf.Future
     frames: np.ndarray | None = None
+    frames_used: int | None = None
     source_id: str | None = None  # copy this stored vector instead of computing (same bytes)
     path: str = ""
 
@@ -470,7 +477,9 @@ class Embedder:
 
     def _result(self, item: _Item, cached: bool) -> EmbedResult:
         assert item.clip_id is not None and item.sha256 is not None
-        return EmbedResult(item.clip_id, item.sha256, self.set_id, self.dim, cached)
+        return EmbedResult(
+            item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used  # None unless decoded here
+        )
 
     def _fail(self, item: _Item, failure: BaseException) -> None:
         self.counters.add(failed=1)
@@ -539,7 +548,7 @@ class Embedder:
         if outcome[0] == "error":
             self._fail(item, ClipFailure(outcome[1], outcome[2]))
             return
-        _, frames, sha = outcome
+        _, frames, sha, item.frames_used = outcome
         if item.sha256 is None:
             item.sha256 = sha
         if item.clip_id is None:

@@ -5,7 +5,7 @@ Endpoints
 ``POST /embed``  (bearer token when configured) multipart ``files`` parts (one per clip) and
     optional ``clip_ids`` text parts in the same order. Answers per clip, in order::
 
-        {"filename", "clip_id", "sha256", "feature_set", "dim", "cached"}        # embedded
+        {"filename", "clip_id", "sha256", "feature_set", "dim", "cached", "frames_used"}  # embedded
         {"filename", "clip_id", "sha256", "error": {"code", "message"}}        # this clip failed
 
     Status: 200 when at least one clip succeeded (the others carry their own error); 422 with the
@@ -311,7 +311,13 @@ async def _embed_form(embedder: Embedder, form: Any, queue_size: int) -> JSONRes
         if isinstance(outcome, BaseException):
             results[i] = {**base, "error": _clip_error(outcome)}
         else:
-            results[i] = {**base, "feature_set": outcome.feature_set, "dim": outcome.dim, "cached": outcome.cached}
+            results[i] = {
+                **base,
+                "feature_set": outcome.feature_set,
+                "dim": outcome.dim,
+                "cached": outcome.cached,
+                "frames_used": outcome.frames_used,
+            }
 
     done = [r for r in results if r is not None]
     failed = [r for r in done if "error" in r]

@@ -59,6 +59,7 @@ def test_embed_round_trip_json_and_octet_stream(live_teacher: LiveTeacher, clips
     assert result["clip_id"] == "S002C003P004R001A005"  # parsed from the NTU file name
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
     assert result["dim"] == 96 and result["cached"] is False
+    assert result["frames_used"] == 16  # 16 distinct frames sampled from the 18 of the clip
     assert "random-init" in result["feature_set"] and result["feature_set"].startswith("videomae_v2_tiny-")
     assert live_teacher.active_set()["count"] == before + 1
 

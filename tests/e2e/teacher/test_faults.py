@@ -178,6 +178,24 @@ def test_embed_skips_a_fifo_with_its_kind_and_does_not_hang(tmp_path: Path) -> N
     assert alone.returncode == 2 and "named pipe (fifo)" in alone.stderr and "no such file" not in alone.stderr
 
 
+# ---- item 10: frames used, and a minimum --------------------------------------------------
+
+
+def test_min_clip_frames_setting_refuses_a_one_frame_clip_in_lastkd_embed(tmp_path: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    media.make_clip(clips / "one.mp4", frames=1, size=(96, 64))
+    media.make_clip(clips / "many.mp4", frames=12, size=(96, 64))
+    report = tmp_path / "report.json"
+    done = run_cli(["embed", str(clips), "--report", str(report), "--no-progress"],
+                   teacher_env(tmp_path / "data", LASTKD_MIN_CLIP_FRAMES="2"), cwd=tmp_path, timeout=240)
+    assert done.returncode == 1, done.stderr  # one clip failed, the other was embedded
+    body = json.loads(report.read_text())
+    assert body["embedded"] == 1 and [f["code"] for f in body["failures"]] == ["too_short"]
+    assert body["failures"][0]["path"] == str(clips / "one.mp4")
+    assert "1 frame(s)" in body["failures"][0]["message"] and "minimum of 2" in body["failures"][0]["message"]
+
+
 # ---- item 13: kill -9 leaves no decoder, forkserver or resource tracker ---------------------
 
 

@@ -63,6 +63,7 @@ def test_engine_matches_direct_computation_and_batches(engine: Embedder, clip_di
     futures = [engine.submit(p, f"direct-{i}") for i, p in enumerate(paths)]
     results = [f.result(timeout=120) for f in futures]
     assert [r.cached for r in results] == [False] * 3
+    assert [r.frames_used for r in results] == [12, 15, 16]  # 16 sampled of 18; shorter clips repeat
     arr, found = engine.store.get_many(engine.set_id, [f"direct-{i}" for i in range(3)])
     assert found.all()
     for i, path in enumerate(paths):
@@ -206,3 +207,11 @@ def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) ->
     assert (cfg.sampling, cfg.protocol, cfg.spatial_crops, cfg.num_views) == ("multiview", "official_extraction", 1, 5)
     flags = preprocess_from_settings(official, sampling="uniform", protocol="imagenet")
     assert flags == PreprocessConfig()
+
+
+def test_min_clip_frames_setting_reaches_the_limits(tmp_path: Path) -> None:
+    from lastkd.services.settings import load_settings
+    from lastkd.teacher.embedder import limits_from_settings
+
+    assert limits_from_settings(load_settings(data_dir=tmp_path)).min_frames == 1  # today's behaviour
+    assert limits_from_settings(load_settings(data_dir=tmp_path, min_clip_frames=8)).min_frames == 8
