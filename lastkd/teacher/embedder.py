@@ -110,7 +110,8 @@ class EmbedResult:
     dim: int
     cached: bool
     # Distinct real frames of the clip the feature was computed from (below num_frames when
-    # the clip is shorter and frames were repeated); None when answered from the store.
+    # the clip is shorter and frames were repeated); stored with the vector and answered again
+    # for cached clips (None only for clips stored before it was recorded).
     frames_used: int | None = None
 
 
@@ -458,6 +459,7 @@ class Embedder:
             present, held = self.store.clip_sha256(self.set_id, item.clip_id)
             if present and held == sha256:
                 self.counters.add(cached=1)
+                item.frames_used = self._stored_frames_used(item.clip_id)
                 future.set_result(self._result(item, cached=True))
                 return future
             if present:
@@ -475,10 +477,15 @@ class Embedder:
         with self._pending_lock:
             self._pending -= 1
 
+    def _stored_frames_used(self, clip_id: str) -> int | None:
+        """The frames_used stored with a clip (None for clips stored before it was recorded)."""
+        info = self.store.clip_info(self.set_id, clip_id)
+        return None if info is None else info.get("frames_used")
+
     def _result(self, item: _Item, cached: bool) -> EmbedResult:
         assert item.clip_id is not None and item.sha256 is not None
         return EmbedResult(
-            item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used  # None unless decoded here
+            item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used
         )
 
     def _fail(self, item: _Item, failure: BaseException) -> None:
@@ -605,6 +612,7 @@ class Embedder:
             for item, row, ok in zip(copies, arr, found, strict=True):
                 if ok:
                     vectors[id(item)] = np.asarray(row, dtype=np.float32)
+                    item.frames_used = self._stored_frames_used(item.source_id)  # same bytes, same frames
                 else:  # the source vanished (set deleted meanwhile): nothing to copy
                     self._fail(item, ClipFailure("decode_failed", "the cached feature for these bytes disappeared"))
 
@@ -618,6 +626,7 @@ class Embedder:
                 [item.clip_id for item in stored],
                 np.stack([vectors[id(item)] for item in stored]),
                 sha256s=[item.sha256 for item in stored],
+                infos=[None if item.frames_used is None else {"frames_used": item.frames_used} for item in stored],
             )
         for item, status in zip(stored, outcome, strict=True):
             if status == "conflict":

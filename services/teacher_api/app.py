@@ -13,7 +13,7 @@ Endpoints
     507 or 500 when they failed because of the server); 400/413/415 when the request itself is
     malformed or over a limit (no clip is looked at, nothing is kept); 503 + Retry-After when the
     queue cannot take the request's clips now.
-``GET /features/{set_id}/{clip_id}``  JSON ``{"feature_set", "clip_id", "dim", "dtype", "vector"}``,
+``GET /features/{set_id}/{clip_id}``  JSON ``{"feature_set", "clip_id", "dim", "dtype", "frames_used", "vector"}``,
     or raw little-endian float32 bytes with ``Accept: application/octet-stream``.
 ``GET /feature-sets``, ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``.
 
@@ -219,6 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             meta = store.get_set(set_id)
             arr, found = store.get_many(set_id, [clip_id])
+            info = store.clip_info(set_id, clip_id) if bool(found[0]) else None
         except UnknownFeatureSetError:
             raise ApiError(404, "unknown_feature_set", f"no feature set {set_id!r}") from None
         except InvalidFeatureError as exc:
@@ -233,7 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
             return Response(vector.tobytes(), media_type="application/octet-stream", headers=headers)
         return JSONResponse(
             {"feature_set": set_id, "clip_id": clip_id, "dim": meta.dim, "dtype": meta.dtype,
-             "vector": vector.tolist()},
+             "frames_used": (info or {}).get("frames_used"), "vector": vector.tolist()},
             headers=headers,
         )
 

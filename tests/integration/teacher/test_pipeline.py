@@ -99,6 +99,10 @@ def test_same_bytes_new_id_is_copied_and_conflicts_refused(engine: Embedder, cli
     computed = engine.counters.computed
     second = engine.submit(path, "twin-b", sha).result(timeout=60)
     assert second.cached is True and engine.counters.computed == computed
+    # frames_used is stored with the vector: the copy and a repeat answer it too (clip0 has 12)
+    assert first.frames_used == second.frames_used == 12
+    assert engine.store.clip_info(engine.set_id, "twin-b") == {"frames_used": 12}
+    assert engine.submit(path, "twin-a", sha).result(timeout=60).frames_used == 12
     arr, found = engine.store.get_many(engine.set_id, ["twin-a", "twin-b"])
     assert found.all() and np.array_equal(arr[0], arr[1])
     assert first.sha256 == second.sha256 == sha
