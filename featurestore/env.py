@@ -144,7 +144,13 @@ def _open_layout(env: lmdb.Environment, path: Path, writable: bool) -> Databases
                     txn.put(layout.FORMAT_KEY, layout.FORMAT, db=dbs[layout.DB_INFO])
         if not writable:
             # Handles opened inside a read transaction die with it: let py-lmdb open them.
-            dbs = {name: env.open_db(name, create=False) for name in layout.ALL_DBS}
+            dbs = {}
+            for name in layout.ALL_DBS:
+                try:
+                    dbs[name] = env.open_db(name, create=False)
+                except lmdb.NotFoundError:
+                    if name not in layout.OPTIONAL_DBS:
+                        raise
         with env.begin() as txn:
             marker = txn.get(layout.FORMAT_KEY, db=dbs[layout.DB_INFO])
         if marker != layout.FORMAT:

@@ -9,6 +9,8 @@ in set or clip ids, so prefixes never collide):
 - ``vectors``   set id NUL clip id -> raw little-endian vector bytes
 - ``sha256``    set id NUL content sha256 (hex) -> clip id (dedupe index)
 - ``clip_sha``  set id NUL clip id -> content sha256 (reverse, keeps the index exact on overwrite)
+- ``clip_info`` set id NUL clip id -> canonical JSON facts about how the vector was made (e.g. the
+  teacher's ``frames_used``); optional: stores written before it existed open without it
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ DB_COUNTS = b"counts"
 DB_VECTORS = b"vectors"
 DB_SHA = b"sha256"
 DB_CLIP_SHA = b"clip_sha"
-ALL_DBS = (DB_INFO, DB_SETS, DB_COUNTS, DB_VECTORS, DB_SHA, DB_CLIP_SHA)
+DB_CLIP_INFO = b"clip_info"
+ALL_DBS = (DB_INFO, DB_SETS, DB_COUNTS, DB_VECTORS, DB_SHA, DB_CLIP_SHA, DB_CLIP_INFO)
+OPTIONAL_DBS = (DB_CLIP_INFO,)  # added after format 1 shipped: a read-only open tolerates its absence
 
 MAX_DBS = 8
 MAX_READERS = 1024

@@ -126,7 +126,9 @@ def _rewrite_sets(store: "FeatureStore", out_dir: Path, set_ids: list[str]) -> N
                     for set_id in set_ids:
                         key = set_id.encode()
                         wtxn.put(key, rtxn.get(key, db=handle.dbs[name]), db=out_dbs[name])
-                for name in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA):
+                for name in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA, layout.DB_CLIP_INFO):
+                    if name not in handle.dbs:  # an optional table the source store predates
+                        continue
                     out_cursor = wtxn.cursor(db=out_dbs[name])
                     for set_id in set_ids:
                         out_cursor.putmulti(_prefixed_items(rtxn, handle.dbs[name], set_id), append=True)

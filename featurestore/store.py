@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -249,7 +249,7 @@ class FeatureStore:
             if txn.get(set_key, db=handle.dbs[layout.DB_SETS]) is None:
                 raise self._unknown(txn, handle, set_key)
             deleted = 0
-            for name in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA):
+            for name in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA, layout.DB_CLIP_INFO):
                 cursor = txn.cursor(db=handle.dbs[name])
                 if not cursor.set_range(pre):
                     continue
@@ -304,6 +304,94 @@ class FeatureStore:
 
         return self._write(f"the batch of {len(items)} vectors for {set_id!r}", write)
 
+    def put_if_absent(
+        self,
+        set_id: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        sha256s: Sequence[str],
+        infos: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[str]:
+        """Store each vector under its id unless the id is taken; decide and write in ONE transaction.
+
+        The check and the write are one decision, so two writers (or two entries of one batch)
+        naming the same id for different content can never both be told "stored". Returns, per
+        entry in order: ``"added"`` (written now), ``"same"`` (the id already holds a vector of
+        the same content digest, here or earlier in this batch: nothing written) or
+        ``"conflict"`` (the id holds a vector of other content, or of unknown content: nothing
+        written). Ids may repeat inside the batch; the first occurrence decides. Every entry
+        needs its content digest. ``infos`` (aligned, optional): JSON facts about how each vector
+        was made, stored with an ``"added"`` entry and read back by :meth:`clip_info`. Bad input
+        rejects the whole batch.
+        """
+        set_key = check_set_id(set_id)
+        pre = layout.prefix(set_key)
+        items, full_keys = encode_clip_ids(ids, unique=False, prefix=pre)
+        if not items:
+            raise InvalidFeatureError("empty batch: put_if_absent needs at least one id and vector")
+        shas = check_sha256_batch(sha256s, len(items))
+        if shas is None or any(s is None for s in shas):
+            raise InvalidFeatureError("put_if_absent needs the content sha256 of every entry")
+        if infos is not None and len(infos) != len(items):
+            raise InvalidFeatureError(f"infos has {len(infos)} entries for {len(items)} ids")
+        info_bytes = [None if not info else _info_json(info) for info in (infos or [None] * len(items))]
+
+        def write(txn: lmdb.Transaction, handle: envs.EnvHandle) -> list[str]:
+            meta = self._meta(txn, handle, set_key)
+            arr = check_vectors(vectors, len(items), meta.dim, meta.np_dtype)
+            vecs, fwd, rev = (handle.dbs[n] for n in (layout.DB_VECTORS, layout.DB_SHA, layout.DB_CLIP_SHA))
+            rb = meta.row_bytes
+            flat = memoryview(arr).cast("B")
+            decided: dict[bytes, bytes | None] = {}  # key -> digest it holds after this batch
+            outcome: list[str] = []
+            for i, key in enumerate(full_keys):
+                digest = shas[i].encode()  # type: ignore[union-attr]
+                if key not in decided:
+                    if txn.get(key, db=vecs) is None:
+                        txn.put(key, flat[i * rb : (i + 1) * rb], db=vecs)
+                        txn.put(pre + digest, key[len(pre) :], db=fwd, overwrite=False)
+                        txn.put(key, digest, db=rev)
+                        if info_bytes[i] is not None:
+                            txn.put(key, info_bytes[i], db=handle.dbs[layout.DB_CLIP_INFO])
+                        decided[key] = digest
+                        outcome.append("added")
+                        continue
+                    held = txn.get(key, db=rev)
+                    decided[key] = None if held is None else bytes(held)
+                outcome.append("same" if decided[key] == digest else "conflict")
+            added = outcome.count("added")
+            if added:
+                counts = handle.dbs[layout.DB_COUNTS]
+                txn.put(set_key, layout.pack_count(self._count(txn, handle, set_key) + added), db=counts)
+            return outcome
+
+        return self._write(f"the batch of {len(items)} vectors for {set_id!r}", write)
+
+    def clip_sha256(self, set_id: str, clip_id: str) -> tuple[bool, str | None]:
+        """``(present, digest)``: whether the set holds this clip id, and the content sha256 it
+        was stored with (None when absent or stored without one)."""
+        set_key = check_set_id(set_id)
+        key = layout.prefix(set_key) + check_clip_id(clip_id)
+        handle = self._h()
+        with handle.read_txn() as txn:
+            self._meta(txn, handle, set_key)
+            if txn.get(key, db=handle.dbs[layout.DB_VECTORS]) is None:
+                return False, None
+            digest = txn.get(key, db=handle.dbs[layout.DB_CLIP_SHA])
+            return True, None if digest is None else bytes(digest).decode("ascii")
+
+    def clip_info(self, set_id: str, clip_id: str) -> dict[str, Any] | None:
+        """The facts stored with a clip by :meth:`put_if_absent` (None when absent or none)."""
+        set_key = check_set_id(set_id)
+        key = layout.prefix(set_key) + check_clip_id(clip_id)
+        handle = self._h()
+        with handle.read_txn() as txn:
+            self._meta(txn, handle, set_key)
+            if layout.DB_CLIP_INFO not in handle.dbs:  # a read-only store older than the table
+                return None
+            raw = txn.get(key, db=handle.dbs[layout.DB_CLIP_INFO])
+            return None if raw is None else json.loads(bytes(raw))
+
     @staticmethod
     def _index_sha256(
         txn: lmdb.Transaction,
@@ -317,6 +405,8 @@ class FeatureStore:
         fwd, rev = handle.dbs[layout.DB_SHA], handle.dbs[layout.DB_CLIP_SHA]
         for i, key in enumerate(keys):
             clip_key = pre + key
+            if clip_key in existing:  # an overwritten vector's facts no longer describe it
+                txn.delete(clip_key, db=handle.dbs[layout.DB_CLIP_INFO])
             new = shas[i].encode() if shas is not None and shas[i] is not None else None
             if clip_key in existing:
                 old = txn.get(clip_key, db=rev)
@@ -446,6 +536,13 @@ class FeatureStore:
         from lastkd.featurestore.snapshot import export_snapshot
 
         return export_snapshot(self, Path(dest_dir), set_ids)
+
+
+def _info_json(info: Mapping[str, Any]) -> bytes:
+    try:
+        return canonical_json(dict(info)).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise InvalidFeatureError(f"clip info must be JSON data with finite numbers: {exc}") from None
 
 
 def _json_copy(value: dict[str, Any]) -> dict[str, Any]:

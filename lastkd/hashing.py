@@ -5,17 +5,46 @@ Torch-free on purpose: the teacher's decoder processes hash uploads and never im
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 from typing import Any
 
-__all__ = ["sha256_file", "sha256_json", "canonical_json"]
+__all__ = ["sha256_file", "sha256_json", "canonical_json", "file_kind"]
+
+_KINDS = (
+    (stat.S_ISDIR, "directory"),
+    (stat.S_ISFIFO, "named pipe (fifo)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What an ``st_mode`` describes, in words: ``"regular file"``, ``"named pipe (fifo)"``, ...
+
+    Only regular files are ever read as content: opening a fifo blocks until a writer appears,
+    and a device may never end.
+    """
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "special file")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (``hashlib.file_digest``: chunked, no Python loop)."""
-    with open(path, "rb") as fh:
+    """Hex sha256 of a regular file's bytes (``hashlib.file_digest``: chunked, no Python loop).
+
+    Raises ``OSError(EINVAL)`` naming the kind for anything else (fifo, socket, device, folder).
+    """
+    # O_NONBLOCK: a fifo put in place of a file must not block the open; fstat then refuses it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"not a regular file: a {file_kind(mode)}", os.fspath(path))
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 

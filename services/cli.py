@@ -12,6 +12,7 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from lastkd.lifeline import follow_owner_from_env
 from lastkd.services.settings import SettingsError, load_settings
 
 # command name -> module implementing it (see the module docstrings for what each does)
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script: parse, load and validate the settings once, run the
     command. Returns the exit status (2 for usage errors and invalid settings)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Started by `lastkd up`: shut down in order when it dies, even by kill -9.
+    follow_owner_from_env()
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -266,9 +266,18 @@ def serve(app: FastAPI, host: str, port: int, token: str | None, log_level: str 
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), access_log=False)
     server = uvicorn.Server(config)
+
+    def request_exit(code: int) -> None:
+        # For start-up that continues behind the open port: an orderly shutdown, then exit `code`.
+        app.state.exit_code = code
+        server.should_exit = True
+
+    app.state.request_exit = request_exit
     server.run()
-    # uvicorn sets started=False when the lifespan start-up failed (e.g. bad model settings).
-    return 0 if server.started else 1
+    # uvicorn sets started=False when the lifespan start-up failed; an app whose start-up
+    # continues behind an open port (the teacher's warm-up) sets app.state.exit_code instead.
+    failed = getattr(app.state, "exit_code", 0)
+    return failed or (0 if server.started else 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(512 * MiB, ge=1, le=1 << 40)
     max_clip_seconds: float = Field(600.0, gt=0, le=86_400)
     max_clip_pixels: int = Field(4096 * 2160, ge=1, le=1 << 30)
+    # Clips with fewer real frames are refused (reason too_short); 1 embeds even a one-frame
+    # video by repeating it (the answer's frames_used shows how many real frames were used).
+    min_clip_frames: int = Field(1, ge=1, le=100_000)
     max_clips_per_request: int = Field(64, ge=1, le=10_000)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

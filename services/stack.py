@@ -42,6 +42,7 @@ from typing import IO, Any
 import httpx
 from pydantic import SecretStr
 
+from lastkd.lifeline import LIFELINE_ENV
 from lastkd.services.settings import Settings
 
 __all__ = [
@@ -322,7 +323,9 @@ class Stack:
         log_path = self.log_dir / f"{name}.log"
         log_path.write_bytes(b"")
         proc = subprocess.Popen(
-            argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            # LIFELINE_ENV: the child shuts itself down if this process dies without stopping
+            # it (kill -9), so a killed `lastkd up` leaves no service running.
+            argv, cwd=self.cwd, env={**self.env, LIFELINE_ENV: str(os.getpid())}, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             # Own process group: the terminal's Ctrl-C reaches `up` only, which then stops the
             # children in order; and killpg reaches a child's own sub-processes too.

@@ -37,6 +37,7 @@ __all__ = [
     "VideoMAEBlock",
     "VideoMAEv2",
     "MODEL_CONFIGS",
+    "check_model_name",
     "create_videomae",
     "list_models",
     "checkpoint_filter_fn",
@@ -360,14 +361,24 @@ def list_models() -> list[str]:
     return sorted(MODEL_CONFIGS)
 
 
+def check_model_name(name: str) -> str:
+    """``name`` when it is a registered model, else ValueError listing the known ones.
+
+    The one model-name rule: the engine config (``lastkd embed``, ``lastkd serve-teacher``) checks
+    it before anything is loaded, and :func:`create_videomae` again for direct callers.
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown VideoMAE V2 model {name!r}; known: {', '.join(list_models())}")
+    return name
+
+
 def create_videomae(name: str, **overrides: Any) -> VideoMAEv2:
     """Build a registered VideoMAE V2 size, e.g. ``create_videomae("videomae_v2_vit_b", num_classes=0)``.
 
     Overrides may change the input geometry (num_frames, img_size, tubelet_size, in_chans), the head
     (num_classes; 0 = no head), drop rates, init_scale and fused_attn, but not the architecture size.
     """
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown VideoMAE V2 model {name!r}; known: {', '.join(list_models())}")
+    check_model_name(name)
     arch = sorted(_ARCH_KEYS & overrides.keys())
     if arch:
         raise ValueError(f"{', '.join(arch)} define the size of {name!r} and cannot be overridden; "

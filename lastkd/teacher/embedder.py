@@ -8,7 +8,7 @@ vectors for the same clip.
 
 Data flow::
 
-    submit(path) --> ProcessPoolExecutor (spawn/forkserver): sha256 + prepare_clip -> uint8 frames
+    submit(path) --> ProcessPoolExecutor (spawn/forkserver): sha256 + decode_clip -> uint8 frames
                           | done-callback
                           v
                      inference queue --> one inference thread: wait for up to batch_size clips
@@ -41,7 +41,8 @@ import numpy as np
 
 from lastkd.hashing import sha256_file
 from lastkd.teacher.clip_ids import clip_id_from_filename
-from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, normalize, prepare_clip
+from lastkd.teacher.decode_worker import init_decode_worker
+from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, decode_clip, normalize
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ClipFailure",
+    "clip_id_conflict",
     "EmbedResult",
     "Embedder",
     "EngineConfig",
@@ -75,7 +77,7 @@ class ClipFailure(Exception):
     """One clip could not be embedded; ``reason`` is a stable machine-readable code.
 
     Reasons: the :class:`~lastkd.teacher.video.VideoError` reasons (``not_media``,
-    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_large``, ``too_long``, ``resolution``),
+    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_short``, ``too_large``, ``too_long``, ``resolution``),
     plus ``decode_failed`` (an unexpected decoder error), ``decode_crashed`` (the decoder process
     died), ``clip_id_conflict`` and ``shutdown``.
     """
@@ -89,6 +91,15 @@ class ClipFailure(Exception):
         return f"{self.reason}: {self.message}"
 
 
+def clip_id_conflict(clip_id: str) -> ClipFailure:
+    """The failure of a clip whose id already names a feature of other bytes in the set."""
+    return ClipFailure(
+        "clip_id_conflict",
+        f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
+        "give this clip another id",
+    )
+
+
 @dataclass(frozen=True)
 class EmbedResult:
     """Where a clip's feature now lives. ``cached`` means no forward pass was needed."""
@@ -98,6 +109,10 @@ class EmbedResult:
     feature_set: str
     dim: int
     cached: bool
+    # Distinct real frames of the clip the feature was computed from (below num_frames when
+    # the clip is shorter and frames were repeated); stored with the vector and answered again
+    # for cached clips (None only for clips stored before it was recorded).
+    frames_used: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,29 @@ class EngineConfig:
     decode_workers: int = 0  # 0 = default_decode_workers(device)
     store_dtype: str = "float32"
     seed: int = 0  # random-init teachers are seeded so that the same set id means the same weights
+
+    def __post_init__(self) -> None:
+        # The one place the engine settings are judged, before any model or store is touched:
+        # `lastkd embed` and `lastkd serve-teacher` both build this first and print the same
+        # message (exit 2) when it refuses.
+        from lastkd.models.videomae import check_model_name
+
+        try:
+            check_model_name(self.model_name)
+        except ValueError as exc:
+            raise EngineError(f"cannot build teacher {self.model_name!r}: {exc}") from None
+        if self.weights is None and not self.random_init:
+            raise EngineError(
+                f"no teacher weights configured for {self.model_name!r}: set LASTKD_TEACHER_WEIGHTS to an "
+                "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
+                "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
+            )
+        if self.weights is not None and self.random_init:
+            raise EngineError("teacher weights and random_init are both set; choose one")
+        if self.batch_size < 1:
+            raise EngineError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_wait_ms < 0:
+            raise EngineError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
@@ -134,7 +172,10 @@ class EngineConfig:
 def limits_from_settings(settings: Settings) -> VideoLimits:
     """The input limits (bytes, seconds, pixels) of the typed Settings."""
     return VideoLimits(
-        max_bytes=settings.max_upload_bytes, max_seconds=settings.max_clip_seconds, max_pixels=settings.max_clip_pixels
+        max_bytes=settings.max_upload_bytes,
+        max_seconds=settings.max_clip_seconds,
+        max_pixels=settings.max_clip_pixels,
+        min_frames=settings.min_clip_frames,
     )
 
 
@@ -191,13 +232,6 @@ def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _init_worker() -> None:
-    # One decoder per process: several threads each would oversubscribe the cores the pool
-    # already spreads work over (and the inference thread's cores on CPU).
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-
-
 def _ping() -> int:
     return os.getpid()
 
@@ -205,15 +239,15 @@ def _ping() -> int:
 def _decode_clip(
     path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool
 ) -> tuple[Any, ...]:
-    """Worker body: ("ok", frames uint8 (V,T,S,S,3), sha256|None) or ("error", reason, message).
+    """Worker body: ("ok", frames uint8 (V,T,S,S,3), sha256|None, frames_used) or ("error", reason, message).
 
     Errors are returned, not raised: exception classes with custom constructors do not always
     survive pickling back to the parent.
     """
     try:
         sha = sha256_file(path) if want_sha else None
-        frames = prepare_clip(Path(path), cfg, limits, threads=threads)
-        return ("ok", np.ascontiguousarray(frames), sha)
+        clip = decode_clip(Path(path), cfg, limits, threads=threads)
+        return ("ok", np.ascontiguousarray(clip.views), sha, clip.frames_used)
     except VideoError as exc:
         return ("error", str(exc.reason), str(getattr(exc, "message", exc)))
     except MemoryError:
@@ -235,6 +269,7 @@ class _Item:
     sha256: str | None
     future: cf.Future
     frames: np.ndarray | None = None
+    frames_used: int | None = None
     source_id: str | None = None  # copy this stored vector instead of computing (same bytes)
     path: str = ""
 
@@ -275,18 +310,6 @@ class Embedder:
     ) -> None:
         if model is not None and not config.random_init:
             raise EngineError("a prebuilt model is only accepted for random-init teachers (benchmarks)")
-        if config.batch_size < 1:
-            raise EngineError(f"batch_size must be >= 1, got {config.batch_size}")
-        if config.max_wait_ms < 0:
-            raise EngineError(f"max_wait_ms must be >= 0, got {config.max_wait_ms}")
-        if config.weights is None and not config.random_init:
-            raise EngineError(
-                f"no teacher weights configured for {config.model_name!r}: set LASTKD_TEACHER_WEIGHTS to an "
-                "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
-                "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
-            )
-        if config.weights is not None and config.random_init:
-            raise EngineError("teacher weights and random_init are both set; choose one")
         self.config = config
         self.preprocess = preprocess
         self.limits = limits
@@ -430,38 +453,40 @@ class Embedder:
             known = self.store.lookup_sha256(self.set_id, sha256)
             if item.clip_id is None:
                 item.clip_id = known or sha256
-            if known is not None:
-                if known == item.clip_id:
-                    self.counters.add(cached=1)
-                    future.set_result(self._result(item, cached=True))
-                elif self.store.contains(self.set_id, item.clip_id):
-                    self._fail(item, self._conflict(item.clip_id))
-                else:
-                    # Same bytes under a new id: copy the stored vector, no decode, no forward.
-                    item.source_id = known
-                    self._queue.put(item)
+            # Fast answers before any decoding. They only ever refuse or answer "cached"; the
+            # decision to store is taken in the write transaction (Store.put_if_absent), so
+            # concurrent submissions of one id for different bytes cannot both be stored.
+            present, held = self.store.clip_sha256(self.set_id, item.clip_id)
+            if present and held == sha256:
+                self.counters.add(cached=1)
+                item.frames_used = self._stored_frames_used(item.clip_id)
+                future.set_result(self._result(item, cached=True))
                 return future
-            if self.store.contains(self.set_id, item.clip_id):
-                self._fail(item, self._conflict(item.clip_id))
+            if present:
+                self._fail(item, clip_id_conflict(item.clip_id))
+                return future
+            if known is not None:
+                # Same bytes under a new id: copy the stored vector, no decode, no forward.
+                item.source_id = known
+                self._queue.put(item)
                 return future
         self._submit_decode(item)
         return future
-
-    @staticmethod
-    def _conflict(clip_id: str) -> ClipFailure:
-        return ClipFailure(
-            "clip_id_conflict",
-            f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
-            "give this clip another id",
-        )
 
     def _release(self, _: cf.Future) -> None:
         with self._pending_lock:
             self._pending -= 1
 
+    def _stored_frames_used(self, clip_id: str) -> int | None:
+        """The frames_used stored with a clip (None for clips stored before it was recorded)."""
+        info = self.store.clip_info(self.set_id, clip_id)
+        return None if info is None else info.get("frames_used")
+
     def _result(self, item: _Item, cached: bool) -> EmbedResult:
         assert item.clip_id is not None and item.sha256 is not None
-        return EmbedResult(item.clip_id, item.sha256, self.set_id, self.dim, cached)
+        return EmbedResult(
+            item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used
+        )
 
     def _fail(self, item: _Item, failure: BaseException) -> None:
         self.counters.add(failed=1)
@@ -475,7 +500,8 @@ class Embedder:
         return cf.ProcessPoolExecutor(
             max_workers=self.decode_workers,
             mp_context=multiprocessing.get_context(method),
-            initializer=_init_worker,
+            initializer=init_decode_worker,
+            initargs=(os.getpid(),),
         )
 
     def _current_pool(self) -> cf.ProcessPoolExecutor:
@@ -529,7 +555,7 @@ class Embedder:
         if outcome[0] == "error":
             self._fail(item, ClipFailure(outcome[1], outcome[2]))
             return
-        _, frames, sha = outcome
+        _, frames, sha, item.frames_used = outcome
         if item.sha256 is None:
             item.sha256 = sha
         if item.clip_id is None:
@@ -586,24 +612,30 @@ class Embedder:
             for item, row, ok in zip(copies, arr, found, strict=True):
                 if ok:
                     vectors[id(item)] = np.asarray(row, dtype=np.float32)
+                    item.frames_used = self._stored_frames_used(item.source_id)  # same bytes, same frames
                 else:  # the source vanished (set deleted meanwhile): nothing to copy
                     self._fail(item, ClipFailure("decode_failed", "the cached feature for these bytes disappeared"))
 
-        # Last write wins for an id submitted twice in one batch; both futures get the answer.
-        rows: dict[str, tuple[np.ndarray, str]] = {}
-        for item in batch:
-            if id(item) in vectors:
-                rows[item.clip_id] = (vectors[id(item)], item.sha256)
-        if rows:
-            ids = list(rows)
-            self.store.put_many(
-                self.set_id, ids, np.stack([rows[i][0] for i in ids]), sha256s=[rows[i][1] for i in ids]
+        # One transaction decides every id of the batch: the first clip naming an id is stored,
+        # a later one with the same bytes shares it, one with other bytes is a conflict.
+        stored = [item for item in batch if id(item) in vectors]
+        outcome: list[str] = []
+        if stored:
+            outcome = self.store.put_if_absent(
+                self.set_id,
+                [item.clip_id for item in stored],
+                np.stack([vectors[id(item)] for item in stored]),
+                sha256s=[item.sha256 for item in stored],
+                infos=[None if item.frames_used is None else {"frames_used": item.frames_used} for item in stored],
             )
-        for item in batch:
-            if id(item) in vectors and not item.future.done():
-                cached = item.source_id is not None
+        for item, status in zip(stored, outcome, strict=True):
+            if status == "conflict":
+                self._fail(item, clip_id_conflict(item.clip_id))
+            elif not item.future.done():
+                cached = item.source_id is not None or status == "same"
                 self.counters.add(**({"cached": 1} if cached else {"computed": 1}))
                 item.future.set_result(self._result(item, cached=cached))
+        for item in batch:
             item.frames = None
 
         elapsed = time.perf_counter() - start

@@ -58,6 +58,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from lastkd.hashing import file_kind
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -69,6 +71,8 @@ __all__ = [
     "load_clip",
     "multiview_indices",
     "normalize",
+    "PreparedClip",
+    "decode_clip",
     "prepare_clip",
     "probe",
     "resized_size",
@@ -87,7 +91,9 @@ MAX_FRAMES_PER_SECOND = 1000
 
 PIPELINE_VERSION = "lastkd.video/1"
 
-Reason = Literal["not_media", "corrupt", "no_video_stream", "no_frames", "too_large", "too_long", "resolution"]
+Reason = Literal[
+    "not_media", "corrupt", "no_video_stream", "no_frames", "too_short", "too_large", "too_long", "resolution"
+]
 
 
 class PreprocessConfig(BaseModel):
@@ -143,8 +149,13 @@ class VideoLimits:
     max_bytes: int = 512 * 1024**2
     max_seconds: float = 600.0
     max_pixels: int = 4096 * 2160
+    # Clips with fewer real frames are refused (``too_short``). 1 keeps the historical
+    # behaviour: a short clip is embedded by repeating its frames (``frames_used`` says so).
+    min_frames: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_frames, bool) or not isinstance(self.min_frames, int) or self.min_frames < 1:
+            raise ValueError(f"VideoLimits.min_frames must be an int >= 1, got {self.min_frames!r}")
         for name in ("max_bytes", "max_seconds", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -321,7 +332,7 @@ def _check_file(path: str | Path, limits: VideoLimits) -> tuple[Path, str]:
     p = Path(path)
     st = p.stat()  # FileNotFoundError / PermissionError name the path themselves
     if not stat.S_ISREG(st.st_mode):
-        raise VideoError("not_media", "not a regular file (a directory, device or pipe)")
+        raise VideoError("not_media", f"not a regular file: a {file_kind(st.st_mode)}")
     if st.st_size == 0:
         raise VideoError("not_media", "not a media file: the file is empty (0 bytes)")
     if st.st_size > limits.max_bytes:
@@ -508,15 +519,41 @@ def _crop(img: np.ndarray, offset: int, size: int) -> np.ndarray:
     return img[offset : offset + size, :]
 
 
+@dataclass(frozen=True)
+class PreparedClip:
+    """A decoded clip: its views, and how many distinct real frames of the file they show.
+
+    ``frames_used`` is below ``num_frames`` when the clip is shorter than the sampling plan:
+    the views then repeat frames (a one-frame video is that frame ``num_frames`` times).
+    """
+
+    views: np.ndarray
+    frames_used: int
+
+
+def _too_short(length: int, limits: VideoLimits, where: str) -> VideoError:
+    return VideoError(
+        "too_short", f"clip has {length} frame(s) ({where}), fewer than the minimum of {limits.min_frames}"
+    )
+
+
 def prepare_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, threads: int = 0) -> np.ndarray:
     """Decode, sample and resize/crop one file: uint8 ``(V, T, S, S, 3)`` RGB, V = ``cfg.num_views``.
 
     ``threads``: decoder threads (0 lets FFmpeg choose, 1 decodes on the calling thread only).
     Raises ``VideoError`` for any input that cannot become a clip, with nothing half-done.
     """
+    return decode_clip(path, cfg, limits, threads).views
+
+
+def decode_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, threads: int = 0) -> PreparedClip:
+    """:func:`prepare_clip` that also counts the real frames used, and refuses clips shorter
+    than ``limits.min_frames`` (``too_short``)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be an int >= 0, got {threads!r}")
     src = _inspect(path, limits)
+    if src.info.frames < limits.min_frames:  # declared (or counted) frames: refused before decoding
+        raise _too_short(src.info.frames, limits, "in the container")
     views = _plan(src.info.frames, cfg)
     needed = {i for v in views for i in v}
     kept, seen = _decode_frames(src, needed, cfg, limits, threads)
@@ -525,6 +562,8 @@ def prepare_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, t
     if len(kept) < len(needed):
         # The stream ended before the declared count (dropped-frame slots in variable-rate AVI,
         # frames the decoder discards): ``seen`` is now exact, so plan again and decode again.
+        if seen < limits.min_frames:
+            raise _too_short(seen, limits, f"decoded, of {src.info.frames} declared")
         views = _plan(seen, cfg)
         needed = {i for v in views for i in v}
         kept, _ = _decode_frames(src, needed, cfg, limits, threads)
@@ -544,7 +583,7 @@ def prepare_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, t
                 offsets = crop_offsets(long_side, s, crops, centre_round=cfg.sampling == "uniform")
             for c, off in enumerate(offsets):
                 out[k * crops + c, t] = _crop(img, off, s)
-    return out
+    return PreparedClip(views=out, frames_used=len(needed))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Endpoints
 ``POST /embed``  (bearer token when configured) multipart ``files`` parts (one per clip) and
     optional ``clip_ids`` text parts in the same order. Answers per clip, in order::
 
-        {"filename", "clip_id", "sha256", "feature_set", "dim", "cached"}        # embedded
+        {"filename", "clip_id", "sha256", "feature_set", "dim", "cached", "frames_used"}  # embedded
         {"filename", "clip_id", "sha256", "error": {"code", "message"}}        # this clip failed
 
     Status: 200 when at least one clip succeeded (the others carry their own error); 422 with the
@@ -13,12 +13,13 @@ Endpoints
     507 or 500 when they failed because of the server); 400/413/415 when the request itself is
     malformed or over a limit (no clip is looked at, nothing is kept); 503 + Retry-After when the
     queue cannot take the request's clips now.
-``GET /features/{set_id}/{clip_id}``  JSON ``{"feature_set", "clip_id", "dim", "dtype", "vector"}``,
+``GET /features/{set_id}/{clip_id}``  JSON ``{"feature_set", "clip_id", "dim", "dtype", "frames_used", "vector"}``,
     or raw little-endian float32 bytes with ``Accept: application/octet-stream``.
 ``GET /feature-sets``, ``GET /health/live``, ``GET /health/ready``, ``GET /metrics``.
 
-The service is the single writer of the LMDB store; the model is loaded and warmed up in the
-lifespan, so ``/health/ready`` is 200 only once a forward pass has run.
+The service is the single writer of the LMDB store. The port opens at once and the model is
+loaded and warmed up behind it: ``/health/ready`` answers 503 ``{"status": "starting"}`` until a
+forward pass has run, then 200; a teacher that cannot start ends the process (exit 2).
 """
 
 from __future__ import annotations
@@ -117,8 +118,28 @@ def create_app(settings: Settings) -> FastAPI:
 
     upload_dir = Path(settings.data_dir) / "tmp" / "uploads"
 
+    async def warm(embedder: Embedder, app: FastAPI) -> None:
+        """Load the model, start the decoders and run one forward pass, while the port is open
+        and /health/ready says 503 "starting". A teacher that cannot start stops the process."""
+        try:
+            await run_in_threadpool(embedder.start)
+            state["embedder"] = embedder
+            await run_in_threadpool(embedder.warm_up)
+        except Exception as exc:  # noqa: BLE001 - any start-up failure ends the service cleanly
+            message = str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"
+            log.error("teacher start-up failed: %s", message)
+            state["failed"] = message  # /health/ready says so meanwhile
+            request_exit = getattr(app.state, "request_exit", None)
+            if request_exit is not None:  # under `lastkd serve-teacher`: stop serving, exit 2
+                request_exit(2)
+            return
+        log.info(
+            "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",
+            settings.teacher_model, embedder.device, embedder.set_id, embedder.decode_workers,
+        )
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from lastkd.featurestore import FeatureStore
 
         upload_dir.mkdir(parents=True, exist_ok=True)
@@ -138,22 +159,13 @@ def create_app(settings: Settings) -> FastAPI:
             log.error("teacher start-up failed: %s", exc)
             store.close()
             raise
-        try:
-            await run_in_threadpool(embedder.start)
-            state["embedder"] = embedder
-            await run_in_threadpool(embedder.warm_up)
-        except EngineError as exc:
-            log.error("teacher start-up failed: %s", exc)
-            embedder.close()
-            store.close()
-            raise
-        log.info(
-            "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",
-            settings.teacher_model, embedder.device, embedder.set_id, embedder.decode_workers,
-        )
+        # The port opens now; the model warms up behind it (compose healthchecks and `lastkd up`
+        # wait on /health/ready, which answers 503 "starting" until the warm-up is done).
+        warming = asyncio.create_task(warm(embedder, app))
         try:
             yield
         finally:
+            await asyncio.wait([warming])  # a start-up thread cannot be interrupted: let it finish
             await run_in_threadpool(embedder.close)
             store.close()
 
@@ -167,6 +179,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health/ready", tags=["health"])
     async def ready() -> JSONResponse:
         embedder: Embedder | None = state["embedder"]
+        if state.get("failed"):
+            return JSONResponse({"status": "failed", "reason": state["failed"]}, status_code=503)
         if not _ready(state) or embedder is None:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({
@@ -205,6 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             meta = store.get_set(set_id)
             arr, found = store.get_many(set_id, [clip_id])
+            info = store.clip_info(set_id, clip_id) if bool(found[0]) else None
         except UnknownFeatureSetError:
             raise ApiError(404, "unknown_feature_set", f"no feature set {set_id!r}") from None
         except InvalidFeatureError as exc:
@@ -219,7 +234,7 @@ def create_app(settings: Settings) -> FastAPI:
             return Response(vector.tobytes(), media_type="application/octet-stream", headers=headers)
         return JSONResponse(
             {"feature_set": set_id, "clip_id": clip_id, "dim": meta.dim, "dtype": meta.dtype,
-             "vector": vector.tolist()},
+             "frames_used": (info or {}).get("frames_used"), "vector": vector.tolist()},
             headers=headers,
         )
 
@@ -297,7 +312,13 @@ async def _embed_form(embedder: Embedder, form: Any, queue_size: int) -> JSONRes
         if isinstance(outcome, BaseException):
             results[i] = {**base, "error": _clip_error(outcome)}
         else:
-            results[i] = {**base, "feature_set": outcome.feature_set, "dim": outcome.dim, "cached": outcome.cached}
+            results[i] = {
+                **base,
+                "feature_set": outcome.feature_set,
+                "dim": outcome.dim,
+                "cached": outcome.cached,
+                "frames_used": outcome.frames_used,
+            }
 
     done = [r for r in results if r is not None]
     failed = [r for r in done if "error" in r]
@@ -358,11 +379,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except BindRefusedError as exc:
         print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
-    if settings.teacher_weights is None and not settings.teacher_random_init:
-        print(
-            "lastkd serve-teacher: no teacher weights: set LASTKD_TEACHER_WEIGHTS to an official VideoMAE V2 "
-            "checkpoint, or LASTKD_TEACHER_RANDOM_INIT=true for a random-init teacher (tests/demo only)",
-            file=sys.stderr,
-        )
+    from lastkd.teacher.embedder import EngineConfig, EngineError
+
+    try:
+        EngineConfig.from_settings(settings)  # the model name and weights rule, before any loading
+    except EngineError as exc:
+        print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
     return serve(create_app(settings), host, port, settings.token(), settings.log_level)

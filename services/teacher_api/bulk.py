@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 from lastkd.services.settings import Settings
 from lastkd.teacher.clip_ids import clip_id_from_filename, is_video_filename
 
-__all__ = ["BulkSummary", "Failure", "add_parser", "discover", "embed_files", "run"]
+__all__ = ["BulkSummary", "Failure", "NotAFile", "add_parser", "discover", "embed_files", "run"]
 
 
 @dataclass
@@ -55,6 +56,7 @@ class BulkSummary:
     started_at: str = ""
     finished_at: str = ""
     failures: list[Failure] = field(default_factory=list)
+    not_files: list[NotAFile] = field(default_factory=list)  # fifos, sockets, devices: never opened
 
     def fail(self, path: Path, clip_id: str | None, code: str, message: str) -> None:
         """Record one failure."""
@@ -66,34 +68,58 @@ class BulkSummary:
         return asdict(self)
 
 
-def discover(paths: list[Path]) -> tuple[list[Path], list[str]]:
-    """Files to embed (sorted per folder, duplicates removed) and the paths that do not exist.
+@dataclass
+class NotAFile:
+    """A path found under the inputs that is not a regular file (never opened)."""
+
+    path: str
+    kind: str
+
+
+def discover(paths: list[Path]) -> tuple[list[Path], list[str], list[NotAFile]]:
+    """Files to embed (sorted per folder, duplicates removed), the paths that do not exist, and
+    the paths that exist but are not regular files (fifos, sockets, devices: never opened, since
+    opening a fifo blocks forever and a device may never end).
 
     A file named on the command line is always tried; inside folders only files with a video
     extension are taken (hidden files and folders are ignored).
     """
+    from lastkd.hashing import file_kind
+
     found: list[Path] = []
     missing: list[str] = []
+    special: list[NotAFile] = []
     seen: set[Path] = set()
 
     def add(p: Path) -> None:
+        try:
+            mode = p.stat().st_mode  # follows symlinks: a link to a regular file is a file
+        except FileNotFoundError:
+            missing.append(str(p))  # a dangling link
+            return
+        except OSError as exc:
+            special.append(NotAFile(str(p), f"unreadable ({exc.strerror or exc})"))
+            return
+        if not stat.S_ISREG(mode):
+            special.append(NotAFile(str(p), file_kind(mode)))
+            return
         key = p.resolve()
         if key not in seen:
             seen.add(key)
             found.append(p)
 
     for path in paths:
-        if path.is_file():
-            add(path)
-        elif path.is_dir():
+        if path.is_dir():
             for root, dirs, files in os.walk(path):
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 for name in sorted(files):
                     if not name.startswith(".") and is_video_filename(name):
                         add(Path(root) / name)
+        elif path.exists() or path.is_symlink():
+            add(path)
         else:
             missing.append(str(path))
-    return found, missing
+    return found, missing, special
 
 
 def embed_files(
@@ -118,7 +144,7 @@ def embed_files(
     batch = embedder.config.batch_size
     window = window or max(2 * embedder.decode_workers + batch, 2 * batch)
     store, set_id = embedder.store, embedder.set_id
-    ids_seen: dict[str, Path] = {}
+    ids_seen: set[str] = set()
     in_flight: dict[cf.Future, tuple[Path, str]] = {}
     start = time.perf_counter()
     bar = tqdm(total=len(files), unit="clip", disable=(not sys.stderr.isatty()) if progress is None else not progress,
@@ -156,17 +182,31 @@ def embed_files(
                     bar.update(1)
                     continue
                 clip_id = sha
-            if clip_id in ids_seen and sha is not None:
+            if sha is not None and clip_id in ids_seen:
                 summary.skipped += 1  # the same bytes twice in this run: nothing new to embed
                 bar.update(1)
                 continue
-            if clip_id in ids_seen:
-                summary.fail(path, clip_id, "duplicate_clip_id", f"clip id {clip_id!r} was already taken by {ids_seen[clip_id]}")
-                bar.update(1)
-                continue
-            ids_seen[clip_id] = path
-            if store.contains(set_id, clip_id):
-                summary.skipped += 1
+            ids_seen.add(clip_id)
+            # Two files under one NTU name are both submitted: the store decides in its write
+            # transaction which one holds the id, the other gets clip_id_conflict.
+            present, held = store.clip_sha256(set_id, clip_id)
+            if present:
+                if sha is None and held is not None:
+                    from lastkd.hashing import sha256_file
+
+                    try:
+                        sha = sha256_file(path)
+                    except OSError as exc:
+                        summary.fail(path, clip_id, "unreadable", f"cannot read {path}: {exc.strerror or exc}")
+                        bar.update(1)
+                        continue
+                if held is None or held == sha:
+                    summary.skipped += 1  # stored by an earlier run (resume)
+                else:
+                    from lastkd.teacher.embedder import clip_id_conflict
+
+                    conflict = clip_id_conflict(clip_id)
+                    summary.fail(path, clip_id, conflict.reason, conflict.message)
                 bar.update(1)
                 continue
             while len(in_flight) >= window:
@@ -242,20 +282,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"lastkd embed: {message}", file=sys.stderr)
         return 2
 
-    if settings.teacher_weights is None and not settings.teacher_random_init:
-        return err(
-            "no teacher weights: set LASTKD_TEACHER_WEIGHTS to an official VideoMAE V2 checkpoint, "
-            "or LASTKD_TEACHER_RANDOM_INIT=true for a random-init teacher (tests/demo only)"
-        )
-    files, missing = discover(list(args.paths))
+    try:
+        config = EngineConfig.from_settings(settings, decode_workers=args.workers, batch_size=args.batch_size)
+    except EngineError as exc:
+        return err(str(exc))
+    files, missing, not_files = discover(list(args.paths))
     if missing:
         return err("no such file or folder: " + ", ".join(missing))
+    for entry in not_files:
+        print(f"lastkd embed: skipped {entry.path}: not a regular file ({entry.kind})", file=sys.stderr)
     if not files:
         return err("no video files found under " + ", ".join(map(str, args.paths)))
     report = args.report or settings.data_dir / "reports" / f"embed-{datetime.now():%Y%m%d-%H%M%S}.json"
-    summary = BulkSummary(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    summary = BulkSummary(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), not_files=not_files)
     try:
-        config = EngineConfig.from_settings(settings, decode_workers=args.workers, batch_size=args.batch_size)
         preprocess = preprocess_from_settings(settings, sampling=args.sampling, protocol=args.protocol)
         planned = planned_set_id(config, preprocess)
         if args.feature_set and args.feature_set != planned:
@@ -285,6 +325,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     word = "interrupted" if summary.interrupted else "done"
     print(
         f"{word}: embedded {summary.embedded}, skipped {summary.skipped}, failed {summary.failed} "
+        f"{f'(and {len(not_files)} not regular files skipped) ' if not_files else ''}"
         f"of {summary.found} clips in {summary.seconds:.1f}s ({summary.clips_per_s:.2f} clips/s); "
         f"feature set {summary.feature_set}; report {report}"
     )

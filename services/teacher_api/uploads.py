@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+from urllib.parse import unquote
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -62,6 +63,35 @@ class ReceivedForm:
             f.path.unlink(missing_ok=True)
 
 
+def _extended_filename(disposition: bytes) -> str | None:
+    """The ``filename*=charset'lang'percent-encoded`` parameter (RFC 2231/5987), decoded, or None.
+
+    python-multipart drops extended parameters (RFC 7578 prefers the plain ``filename``, which
+    wins when both are sent), but clients such as curl and browsers in some modes send only the
+    extended form for non-ASCII names.
+    """
+    for segment in disposition.decode("latin-1").split(";")[1:]:
+        key, _, value = segment.strip().partition("=")
+        if key.strip().lower() != "filename*":
+            continue
+        value = value.strip().strip('"')
+        charset, _, rest = value.partition("'")
+        _, quoted, encoded = rest.partition("'")
+        if not quoted:
+            raise UploadError(
+                400, "malformed_multipart",
+                "filename* must have the RFC 2231 form charset'language'percent-encoded-name "
+                "(e.g. UTF-8''vid%C3%A9o.mp4)",
+            )
+        try:
+            return unquote(encoded, encoding=charset or "utf-8", errors="strict")
+        except (LookupError, UnicodeDecodeError):
+            raise UploadError(
+                400, "malformed_multipart", f"filename* is not a valid {charset[:20]!r}-encoded name"
+            ) from None
+    return None
+
+
 class _Receiver:
     """python-multipart callbacks that write file parts to disk and keep text fields."""
 
@@ -105,7 +135,10 @@ class _Receiver:
         if b"name" not in options:
             raise UploadError(400, "malformed_multipart", "a multipart part has no Content-Disposition name")
         self._name = options[b"name"].decode("utf-8", "replace")
-        if b"filename" in options:
+        filename = options[b"filename"].decode("utf-8", "replace") if b"filename" in options else None
+        if filename is None:
+            filename = _extended_filename(self._disposition)
+        if filename is not None or self._name == FILE_FIELD:
             if self._name != FILE_FIELD:
                 raise UploadError(
                     400, "unexpected_field", f"file parts must be sent as {FILE_FIELD!r} fields, got {self._name[:60]!r}"
@@ -114,7 +147,7 @@ class _Receiver:
                 raise UploadError(
                     413, "too_many_files", f"at most {self.max_files} clips may be sent in one request"
                 )
-            self._filename = options[b"filename"].decode("utf-8", "replace")
+            self._filename = filename or ""  # a nameless file part is still a clip (id: its sha256)
             suffix = Path(self._filename.replace("\\", "/")).suffix
             fd, name = tempfile.mkstemp(
                 prefix="upload-", suffix=suffix if _SAFE_SUFFIX.match(suffix) else "", dir=self.tmp_dir

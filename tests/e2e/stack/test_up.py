@@ -138,6 +138,21 @@ def test_a_dead_child_stops_the_others_and_exits_nonzero(started: tuple[Up, set[
     assert not left, f"processes left running after the worker died: {left}\n{out}"
 
 
+@pytest.mark.faults
+@pytest.mark.timeout(300)
+def test_kill9_of_up_leaves_no_process(started: tuple[Up, set[int]]) -> None:
+    up, pids = started
+    assert len(pids) > 3, f"expected the components and their sub-processes, found {sorted(pids)}"
+    os.kill(up.proc.pid, signal.SIGKILL)
+    up.proc.wait(timeout=10)
+    deadline = time.monotonic() + EXIT_TIMEOUT_S  # each component shuts down in order, then exits
+    while time.monotonic() < deadline and any(running(p) for p in pids):
+        time.sleep(0.2)
+    left = sorted(p for p in pids if running(p))
+    assert not left, f"processes left running after kill -9 of lastkd up: {left}"
+    assert port_free(int(up.env["LASTKD_TEACHER_PORT"])) and port_free(int(up.env["LASTKD_TRAINER_PORT"]))
+
+
 @pytest.mark.timeout(240)
 def test_a_child_failing_at_start_up_is_named_and_nothing_is_left(tmp_path: Path) -> None:
     # The teacher refuses an unknown model during its lifespan start-up.

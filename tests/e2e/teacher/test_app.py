@@ -59,6 +59,7 @@ def test_embed_round_trip_json_and_octet_stream(live_teacher: LiveTeacher, clips
     assert result["clip_id"] == "S002C003P004R001A005"  # parsed from the NTU file name
     assert result["sha256"] == hashlib.sha256(data).hexdigest()
     assert result["dim"] == 96 and result["cached"] is False
+    assert result["frames_used"] == 16  # 16 distinct frames sampled from the 18 of the clip
     assert "random-init" in result["feature_set"] and result["feature_set"].startswith("videomae_v2_tiny-")
     assert live_teacher.active_set()["count"] == before + 1
 
@@ -67,6 +68,7 @@ def test_embed_round_trip_json_and_octet_stream(live_teacher: LiveTeacher, clips
         raw = client.get(f"/features/{result['feature_set']}/{result['clip_id']}",
                          headers={"Accept": "application/octet-stream"})
     assert js.status_code == 200 and raw.status_code == 200
+    assert js.json()["frames_used"] == 16  # stored with the vector, not only said in the answer
     vector = np.asarray(js.json()["vector"], dtype=np.float32)
     assert vector.shape == (96,) and np.isfinite(vector).all() and np.abs(vector).sum() > 0
     assert raw.headers["content-type"] == "application/octet-stream"

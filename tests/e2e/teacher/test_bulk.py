@@ -36,7 +36,8 @@ def test_discover_walks_folders_and_reports_missing(tmp_path: Path) -> None:
     (tmp_path / "a" / ".hidden.mp4").write_bytes(b"x")
     explicit = tmp_path / "explicit.bin"
     explicit.write_bytes(b"x")
-    found, missing = discover([tmp_path / "a", explicit, tmp_path / "a" / "clip.MP4", tmp_path / "nope"])
+    found, missing, not_files = discover([tmp_path / "a", explicit, tmp_path / "a" / "clip.MP4", tmp_path / "nope"])
+    assert not_files == []
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
         "a/clip.MP4", "a/b/S001C001P001R001A002_rgb.avi", "explicit.bin"]
     assert missing == [str(tmp_path / "nope")]

@@ -15,6 +15,7 @@ from lastkd.featurestore import (
     FeatureSetConflictError,
     FeatureSetMeta,
     FeatureStore,
+    InvalidFeatureError,
     UnknownFeatureSetError,
     feature_set_id,
 )
@@ -222,4 +223,46 @@ def test_reader_first_then_writer_in_one_process(store_path: Path) -> None:
     writer.put_many(meta.set_id, ["a", "b"], np.ones((2, 4), np.float32))
     assert reader.count(meta.set_id) == 2 and writer.count(meta.set_id) == 2
     writer.close()
+    reader.close()
+
+
+def test_clip_info_is_stored_with_an_added_vector_only(store: FeatureStore, fset: FeatureSetMeta) -> None:
+    a, b = _digest(b"a"), _digest(b"b")
+    vecs = np.ones((3, 16), np.float32)
+    outcome = store.put_if_absent(fset.set_id, ["x", "x", "y"], vecs, sha256s=[a, b, b],
+                                  infos=[{"frames_used": 1}, {"frames_used": 9}, None])
+    assert outcome == ["added", "conflict", "added"]
+    assert store.clip_info(fset.set_id, "x") == {"frames_used": 1}  # the loser's facts are not kept
+    assert store.clip_info(fset.set_id, "y") is None and store.clip_info(fset.set_id, "nope") is None
+    with pytest.raises(InvalidFeatureError, match="infos has 1 entries"):
+        store.put_if_absent(fset.set_id, ["z", "w"], vecs[:2], sha256s=[a, b], infos=[{"frames_used": 2}])
+    with pytest.raises(InvalidFeatureError):
+        store.put_if_absent(fset.set_id, ["z"], vecs[:1], sha256s=[a], infos=[{"frames_used": float("nan")}])
+    assert not store.contains(fset.set_id, "z")  # a refused batch writes nothing
+    # an overwrite (put_many) drops facts that no longer describe the vector; deleting the set drops all
+    store.put_many(fset.set_id, ["x"], vecs[:1] * 2, sha256s=[b])
+    assert store.clip_info(fset.set_id, "x") is None
+    store.put_if_absent(fset.set_id, ["q"], vecs[:1], sha256s=[_digest(b"q")], infos=[{"frames_used": 4}])
+    store.delete_set(fset.set_id)
+    again = store.create_set(fset.teacher, None, fset.preprocessing, dim=fset.dim, dtype=fset.dtype)
+    store.put_if_absent(again.set_id, ["q"], vecs[:1], sha256s=[_digest(b"q")])
+    assert store.clip_info(again.set_id, "q") is None
+
+
+def test_a_store_written_before_clip_info_opens_read_only(tmp_path: Path) -> None:
+    import lmdb
+
+    from lastkd.featurestore import layout
+
+    path = tmp_path / "old.lmdb"
+    writer = FeatureStore(path, map_size=32 << 20)
+    meta = writer.create_set("t", None, {}, dim=4, dtype="float32")
+    writer.put_many(meta.set_id, ["a"], np.arange(4, dtype=np.float32)[None])
+    writer.close()
+    env = lmdb.open(str(path), max_dbs=layout.MAX_DBS)  # drop the table, as format-1 stores lack it
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(layout.DB_CLIP_INFO, txn=txn), delete=True)
+    env.close()
+    reader = FeatureStore(path, readonly=True)
+    assert reader.get(meta.set_id, "a").tolist() == [0, 1, 2, 3] and reader.clip_info(meta.set_id, "a") is None
     reader.close()

@@ -63,6 +63,7 @@ def test_engine_matches_direct_computation_and_batches(engine: Embedder, clip_di
     futures = [engine.submit(p, f"direct-{i}") for i, p in enumerate(paths)]
     results = [f.result(timeout=120) for f in futures]
     assert [r.cached for r in results] == [False] * 3
+    assert [r.frames_used for r in results] == [12, 15, 16]  # 16 sampled of 18; shorter clips repeat
     arr, found = engine.store.get_many(engine.set_id, [f"direct-{i}" for i in range(3)])
     assert found.all()
     for i, path in enumerate(paths):
@@ -98,6 +99,10 @@ def test_same_bytes_new_id_is_copied_and_conflicts_refused(engine: Embedder, cli
     computed = engine.counters.computed
     second = engine.submit(path, "twin-b", sha).result(timeout=60)
     assert second.cached is True and engine.counters.computed == computed
+    # frames_used is stored with the vector: the copy and a repeat answer it too (clip0 has 12)
+    assert first.frames_used == second.frames_used == 12
+    assert engine.store.clip_info(engine.set_id, "twin-b") == {"frames_used": 12}
+    assert engine.submit(path, "twin-a", sha).result(timeout=60).frames_used == 12
     arr, found = engine.store.get_many(engine.set_id, ["twin-a", "twin-b"])
     assert found.all() and np.array_equal(arr[0], arr[1])
     assert first.sha256 == second.sha256 == sha
@@ -206,3 +211,11 @@ def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) ->
     assert (cfg.sampling, cfg.protocol, cfg.spatial_crops, cfg.num_views) == ("multiview", "official_extraction", 1, 5)
     flags = preprocess_from_settings(official, sampling="uniform", protocol="imagenet")
     assert flags == PreprocessConfig()
+
+
+def test_min_clip_frames_setting_reaches_the_limits(tmp_path: Path) -> None:
+    from lastkd.services.settings import load_settings
+    from lastkd.teacher.embedder import limits_from_settings
+
+    assert limits_from_settings(load_settings(data_dir=tmp_path)).min_frames == 1  # today's behaviour
+    assert limits_from_settings(load_settings(data_dir=tmp_path, min_clip_frames=8)).min_frames == 8

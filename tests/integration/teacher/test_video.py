@@ -23,6 +23,7 @@ from lastkd.teacher.video import (
     VideoError,
     VideoLimits,
     crop_offsets,
+    decode_clip,
     load_clip,
     multiview_indices,
     normalize,
@@ -183,6 +184,30 @@ def test_short_clips_repeat_frames(clips, frames):
         assert got == expected_uniform(frames)
         assert got[0] == 0 and got[-1] == frames - 1
     assert sorted(set(got)) == list(range(frames))  # every frame used, none invented
+
+
+@pytest.mark.parametrize("frames,used", [(1, 1), (5, 5), (15, 15), (40, 16)])
+def test_frames_used_counts_the_real_distinct_frames(clips, frames, used):
+    path = media.make_clip(clips / f"used{frames}.mp4", frames=frames, size=(64, 48), pattern="index")
+    clip = decode_clip(path, UNIFORM, LIMITS)
+    # Independent count: the distinct frame numbers painted into the output frames.
+    assert clip.frames_used == used == len(set(indices_of(clip.views)[0].tolist()))
+
+
+@pytest.mark.faults
+def test_min_frames_refuses_shorter_clips_with_a_clear_reason(clips):
+    one = media.make_clip(clips / "min1.mp4", frames=1, size=(64, 48), pattern="index")
+    five = media.make_clip(clips / "min5.mp4", frames=5, size=(64, 48), pattern="index")
+    err = reason_of(one, limits=VideoLimits(min_frames=2))
+    assert err.reason == "too_short" and "1 frame" in str(err) and "minimum of 2" in str(err)
+    assert reason_of(five, limits=VideoLimits(min_frames=6)).reason == "too_short"
+    # At the threshold the clip is accepted, and min_frames above num_frames is about the clip.
+    assert decode_clip(five, UNIFORM, VideoLimits(min_frames=5)).frames_used == 5
+    long = media.make_clip(clips / "min40.mp4", frames=40, size=(64, 48), pattern="index")
+    assert decode_clip(long, UNIFORM, VideoLimits(min_frames=32)).frames_used == 16
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="min_frames"):
+            VideoLimits(min_frames=bad)
 
 
 def test_multiview_indices_match_spec_worked_example():
