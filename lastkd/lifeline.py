@@ -34,22 +34,25 @@ _PR_SET_PDEATHSIG = 1
 POLL_S = 0.5
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+def die_with_parent(sig: int = signal.SIGKILL, parent_pid: int | None = None) -> bool:
     """Ask the kernel to send ``sig`` to this process when its parent exits; True when set.
 
-    Call it first thing in the child. If the parent is already gone (this process was
-    reparented before the call), the process exits at once, as the signal would have done.
+    Call it first thing in the child (the setting is not inherited across ``fork``). If the
+    parent is already gone (this process was reparented before the call, or is no longer the
+    child of ``parent_pid`` when the caller knows who forked it), the process exits at once, as
+    the signal would have done.
     """
     if not sys.platform.startswith("linux"):
         return False
-    parent = os.getppid()
+    parent = os.getppid() if parent_pid is None else parent_pid
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
             return False
     except (OSError, AttributeError):
         return False
-    if parent == 1 or os.getppid() != parent:  # the parent died before prctl took effect
+    # Not "parent == 1": in a container the service itself is pid 1 and its children are legitimate.
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     return True
 

@@ -50,7 +50,7 @@ from lastkd.student import tblog
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
 from lastkd.student.data.dataset import DataInfo, build_datasets
-from lastkd.lifetime import die_with_parent
+from lastkd.lifeline import die_with_parent
 from lastkd.student.data.sources import load_splits
 from lastkd.models.last_v2 import LASTv2, create_last_v2
 

@@ -11,7 +11,7 @@ The runner owns the job in the job database (``host:runner_pid``): it claims it,
 and progress, polls the cancel flag, publishes and records the end state. It dies with the worker:
 a pipe from the supervising worker is watched by a thread, and at EOF (the worker died, even by
 SIGKILL) the runner kills itself; its own children (DataLoader workers, parse pool) carry a
-parent-death signal (:func:`lastkd.lifetime.die_with_parent`), so nothing is left running.
+parent-death signal (:func:`lastkd.lifeline.die_with_parent`), so nothing is left running.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch  # noqa: F401  (imported for the fork server's preload)
 
 from lastkd.jsonsafe import to_jsonable
-from lastkd.lifetime import die_with_parent
+from lastkd.lifeline import die_with_parent
 from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
 from lastkd.student.config import TrainConfig
 from lastkd.student.paths import confine_config_paths

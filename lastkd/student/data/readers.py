@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lastkd.datapaths import confine, confine_entries
-from lastkd.lifetime import die_with_parent
+from lastkd.lifeline import die_with_parent
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.ntu import (
     MAX_FRAMES,
