@@ -207,3 +207,20 @@ def test_job_database_and_registry_are_shared_volumes(compose: dict) -> None:
     for name in ("trainer-api", "trainer-worker"):
         targets = {m["target"] for m in _mounts(compose["services"][name])}
         assert {"/data/jobs", "/data/registry", "/data/store"} <= targets, name
+
+
+def test_gpus_are_assigned_not_all_mapped_to_device_0(compose: dict) -> None:
+    # "count: 1" is mapped to the first GPU for every container: the teacher names its device,
+    # the workers see all GPUs and claim one each (lastkd.devices.claim_gpu).
+    def devices(name: str) -> dict:
+        (device,) = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        return device
+
+    teacher, worker = devices("teacher-api"), devices("trainer-worker")
+    assert "count" not in teacher and teacher["device_ids"] == ["${LASTKD_TEACHER_GPU:-0}"]
+    assert worker["count"] == "all" and "device_ids" not in worker
+    command = compose["services"]["trainer-worker"]["command"]
+    assert command[command.index("--claim-gpu") + 1] == "${LASTKD_WORKER_GPUS:-all}"
+    assert compose["services"]["trainer-worker"]["shm_size"]
+    env_example = (ROOT / ".env.example").read_text()
+    assert "LASTKD_TEACHER_GPU" in env_example and "LASTKD_WORKER_GPUS" in env_example
