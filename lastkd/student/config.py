@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from lastkd.ids import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported for the demo and publishing)
 from lastkd.devices import DEVICE_HELP, DeviceSpec
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
 from lastkd.validation import StrictModel, problems
 
 # Registry names become directory names: keep them short, portable and free of path syntax.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_CONFIG_BYTES = 1 << 20
 
 
@@ -111,11 +110,7 @@ class TrainConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError(
-                "must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
-            )
-        return value
+        return check_name(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":

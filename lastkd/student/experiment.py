@@ -38,7 +38,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lastkd.jsonsafe import to_jsonable
-from lastkd.student.config import NAME_RE, MAX_CONFIG_BYTES, ConfigError, TrainConfig
+from lastkd.ids import check_name
+from lastkd.student.config import MAX_CONFIG_BYTES, ConfigError, TrainConfig
 from lastkd.validation import problems, summary
 
 ARM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -120,9 +121,7 @@ class ExperimentConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not NAME_RE.match(value) or ".." in value:
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
-        return value
+        return check_name(value)
 
     @field_validator("arms")
     @classmethod

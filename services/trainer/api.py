@@ -53,8 +53,10 @@ from lastkd.services.http import (
 )
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
-from lastkd.student.config import MAX_CONFIG_BYTES, NAME_RE, TrainConfig
-from lastkd.services.trainer.jobs import JOB_ID_RE, IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
+from lastkd.ids import check_job_id
+from lastkd.registry import Registry
+from lastkd.student.config import MAX_CONFIG_BYTES, TrainConfig
+from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
 from lastkd.datapaths import DataPathError
 from lastkd.student.paths import confine_config_paths
 from lastkd.services.trainer.tasks import enqueue
@@ -62,7 +64,6 @@ from lastkd.services.trainer.tasks import enqueue
 log = logging.getLogger(__name__)
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-VERSION_RE = re.compile(r"^v?([1-9][0-9]{0,8})$")
 SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 RETRY_AFTER_S = 5
@@ -85,6 +86,14 @@ class _JobCounts(Collector):
             except JobStoreError:
                 pass
         yield gauge
+
+
+def _valid_job_id(value: str) -> bool:
+    try:
+        check_job_id(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _config_digest(config: TrainConfig) -> str:
@@ -209,7 +218,7 @@ def create_app(
         return store
 
     def _get_job(job_id: str) -> JobRecord:
-        record = _store().get(job_id) if JOB_ID_RE.match(job_id) else None
+        record = _store().get(job_id) if _valid_job_id(job_id) else None
         if record is None:
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         return record
@@ -260,11 +269,12 @@ def create_app(
         if not isinstance(body, dict):
             raise ApiError(422, "invalid_config", f"body must be a JSON object of TrainConfig fields, got {type(body).__name__}")
         client_id = body.pop("job_id", None)
-        if client_id is not None and (not isinstance(client_id, str) or not JOB_ID_RE.match(client_id)):
-            raise ApiError(
-                422, "invalid_config", "job_id: must be 1-64 letters, digits, '_' or '-', starting with a letter or digit",
-                details=[{"field": "job_id", "msg": "invalid job id"}],
-            )
+        if client_id is not None:
+            try:
+                check_job_id(client_id)
+            except ValueError as exc:
+                raise ApiError(422, "invalid_config", f"job_id: {exc}",
+                               details=[{"field": "job_id", "msg": str(exc)}]) from None
         key = request.headers.get("idempotency-key")
         if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
             raise ApiError(422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces")
@@ -378,15 +388,11 @@ def create_app(
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     # --- checkpoints -------------------------------------------------------------------------------
+    registry = Registry(registry_dir)
+
     def _version_dir(name: str, version: str) -> tuple[Path, int]:
-        match = VERSION_RE.match(version)
-        if not NAME_RE.match(name) or ".." in name or match is None:
-            raise ApiError(404, "not_found", f"no checkpoint {name!r} version {version!r}")
-        number = int(match.group(1))
-        folder = registry_dir / name / f"v{number}"
-        if not folder.is_dir():
-            raise ApiError(404, "not_found", f"no checkpoint {name!r} version v{number}")
-        return folder, number
+        folder = registry.path(name, version)  # NotFoundError -> 404
+        return folder, int(folder.name[1:])
 
     def _entry(item: Any, request: Request) -> dict[str, Any]:
         return {
@@ -400,9 +406,7 @@ def create_app(
 
     @app.get("/checkpoints")
     async def checkpoints(request: Request) -> dict[str, Any]:
-        from lastkd.student.publish import list_published  # imports torch: only when asked
-
-        items = await run_in_threadpool(list_published, registry_dir)
+        items = await run_in_threadpool(registry.entries)
         return {"checkpoints": [_entry(i, request) for i in items], "count": len(items)}
 
     @app.get("/checkpoints/{name}/{version}", name="get_checkpoint")

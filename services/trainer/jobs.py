@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import sqlite3
 import time
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 DB_NAME = "jobs.sqlite"
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 IDEMPOTENCY_KEY_MAX = 200
 BUSY_TIMEOUT_MS = 30_000
 # A RUNNING job whose owner lives on another host is taken over only when its heartbeat is older
