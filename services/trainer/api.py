@@ -54,6 +54,8 @@ from lastkd.services.http import (
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
 from lastkd.ids import check_job_id
+from lastkd.jsonsafe import to_jsonable
+from lastkd.sse import format_comment, format_event
 from lastkd.registry import Registry
 from lastkd.student.config import MAX_CONFIG_BYTES, TrainConfig
 from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
@@ -377,12 +379,12 @@ def create_app(
                         "attempts": record.attempts, "error": record.error, "result": record.result,
                     }
                     kind = "end" if record.terminal else "progress"
-                    yield f"event: {kind}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n"
+                    yield format_event(kind, to_jsonable(payload))
                     if record.terminal:
                         return
                 elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
                     quiet_since = time.monotonic()
-                    yield ": keep-alive\n\n"
+                    yield format_comment()
                 await asyncio.sleep(SSE_POLL_S)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
