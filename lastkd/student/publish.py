@@ -3,6 +3,9 @@
 Layout: ``<registry>/<name>/v<N>/`` holding
 
 * ``model.safetensors``   the student's state dict (no projector); loads strict into ``LASTv2``
+  (and into the reference LAST v2; its BatchNorm statistics are the pooled precise ones)
+* ``stream_bn.safetensors`` per-stream eval statistics of the backbone BatchNorms (when the run
+  recomputed them per stream); :func:`load_student` installs them, the reference ignores them
 * ``student.json``        how to rebuild it (variant, classes, input streams/frames), params, FLOPs
 * ``config.yaml``         the full training config
 * ``metrics.json``        final metrics incl. per-class accuracy, confusion, robustness; history
@@ -45,6 +48,7 @@ from lastkd.models.last_v2 import LASTv2, num_parameters
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 STUDENT_FORMAT = "lastkd-student/1"
+STREAM_BN_FILE = "stream_bn.safetensors"
 SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (lastkd.student.synth)
 
 
@@ -351,7 +355,8 @@ def publish(
     model = LASTv2(num_classes=result.data_info.num_classes, variant=cfg.variant)
     try:
         model.load_state_dict(result.model_state, strict=True)
-    except RuntimeError as exc:
+        model.set_stream_bn_stats(result.stream_bn or None)
+    except (RuntimeError, ValueError) as exc:
         raise PublishError(f"result weights do not fit LAST v2 {cfg.variant}: {str(exc)[:300]}") from None
 
     tmp_root = registry_dir / ".tmp"
@@ -371,10 +376,14 @@ def publish(
             "params": num_parameters(model),
             "flops": estimate_flops(model, cfg.data.num_frames, tuple(cfg.data.streams)),
             "class_names": result.class_names,
+            "bn_stats": "per_stream" if result.stream_bn else ("running" if cfg.eval.bn_stats == "running" else "shared"),
         }
         # Clone: safetensors refuses tensors that share storage, and the file must be self-contained.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": STUDENT_FORMAT, "variant": cfg.variant})
+        if result.stream_bn:
+            stream_bn = {k: v.detach().cpu().contiguous() for k, v in result.stream_bn.items()}
+            save_file(stream_bn, str(tmp / STREAM_BN_FILE), metadata={"format": STUDENT_FORMAT})
         _write_json(tmp / "student.json", student)
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         _write_json(tmp / "metrics.json", {"final": result.metrics, "history": result.history})
@@ -489,4 +498,10 @@ def load_student(path: Path) -> LASTv2:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise PublishError(f"{weights}: weights do not fit LAST v2 {meta['variant']} ({str(exc)[:300]})") from None
+    stream_file = folder / STREAM_BN_FILE
+    if stream_file.is_file():
+        try:
+            model.set_stream_bn_stats(load_file(str(stream_file)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PublishError(f"{stream_file}: unusable per-stream BatchNorm statistics ({str(exc)[:300]})") from None
     return model.eval()
