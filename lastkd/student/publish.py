@@ -146,6 +146,27 @@ def _write_json(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
+def present_classes(metrics: Mapping[str, Any]) -> list[int]:
+    """Indices of the classes that have validation samples (what the per-class plots show)."""
+    return [p["index"] for p in metrics.get("per_class") or [] if p.get("count")]
+
+
+def confusion_view(metrics: Mapping[str, Any]) -> tuple[list[int], list[str], np.ndarray]:
+    """(class indices, names, counts) of the confusion matrix restricted to the classes that occur
+    in the data: with validation samples, or predicted for some sample."""
+    full = np.asarray(metrics.get("confusion") or [[]], dtype=np.float64)
+    if full.size == 0:
+        return [], [], np.zeros((0, 0))
+    used = sorted(set(present_classes(metrics)) | set(np.flatnonzero(full.sum(axis=0) > 0).tolist()))
+    names = {p["index"]: p["name"] for p in metrics.get("per_class") or []}
+    return used, [names.get(i, f"A{i + 1:03d}") for i in used], full[np.ix_(used, used)]
+
+
+def _short_name(name: str, index: int, width: int = 28) -> str:
+    """A tick label: the class name (``synthetic: `` prefix dropped), shortened to ``width``."""
+    text = str(name).removeprefix("synthetic: ").strip() or f"A{index + 1:03d}"
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
 def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
     """Loss/accuracy curves, per-class accuracy and confusion matrix as PNGs (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -190,31 +211,47 @@ def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
     save(fig, "accuracy.png")
 
     per_class = result.metrics.get("per_class") or []
-    if per_class:
-        fig = Figure(figsize=(max(6, len(per_class) * 0.15), 4))
+    shown = present_classes(result.metrics)
+    if shown:
+        by_index = {p["index"]: p for p in per_class}
+        labels = [_short_name(by_index[i]["name"], i) for i in shown]
+        fig = Figure(figsize=(max(6, len(shown) * 0.35), 4.5))
         ax = fig.add_subplot()
-        acc = [np.nan if p["accuracy"] is None else p["accuracy"] for p in per_class]
+        acc = [np.nan if by_index[i]["accuracy"] is None else by_index[i]["accuracy"] for i in shown]
         objects = set(result.metrics.get("object_classes", {}).get("classes", []))
-        colors = ["tab:orange" if p["index"] in objects else "tab:blue" for p in per_class]
-        ax.bar([p["index"] + 1 for p in per_class], acc, color=colors)
-        ax.set_xlabel("class (A###; orange = object interaction)")
+        colors = ["tab:orange" if i in objects else "tab:blue" for i in shown]
+        ax.bar(range(len(shown)), acc, color=colors)
+        ax.set_xticks(range(len(shown)), labels, rotation=60 if len(shown) > 6 else 0, ha="right" if len(shown) > 6 else "center", fontsize=8)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.set_title("per-class validation accuracy")
+        ax.set_title(f"per-class validation accuracy ({len(shown)} classes with val samples"
+                     + ("; orange = object interaction)" if objects else ")"))
         save(fig, "per_class.png")
 
     confusion = result.metrics.get("confusion")
-    if confusion:
-        cm = np.asarray(confusion, dtype=np.float64)
+    if confusion and shown:
+        # Only classes that occur in the data (as true or predicted class): a 60-way head trained
+        # on 5 classes would otherwise draw a 60x60 matrix with 5 meaningful rows.
+        used, tick_names, cm = confusion_view(result.metrics)
         rows = cm.sum(axis=1, keepdims=True)
         norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-        fig = Figure(figsize=(6, 5))
+        size = max(5.0, 0.35 * len(used) + 3)
+        fig = Figure(figsize=(size + 1, size))
         ax = fig.add_subplot()
         im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax)
+        ticks = [_short_name(n, i) for i, n in zip(used, tick_names)]
+        ax.set_xticks(range(len(used)), ticks, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(used)), ticks, fontsize=7)
+        if len(used) <= 20:
+            for r in range(len(used)):
+                for c in range(len(used)):
+                    if cm[r, c]:
+                        ax.text(c, r, f"{int(cm[r, c])}", ha="center", va="center", fontsize=7,
+                                color="black" if norm[r, c] > 0.5 else "white")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title("confusion matrix (row-normalised)")
+        ax.set_title("confusion matrix (row-normalised; counts)")
         save(fig, "confusion.png")
     return written
 
