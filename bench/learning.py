@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed of the demo recipe (the default)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 (default 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the demo's)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two threads on a loaded 2-core machine stall in OpenMP)")
     args = parser.parse_args(argv)
     if not 1 <= args.seeds <= 20:
         parser.error("--seeds must be 1..20")
