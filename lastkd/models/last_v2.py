@@ -9,12 +9,25 @@ attention permutes, one backbone pass for all streams in eval mode).
 
 On top of the reference forward, the model exposes the pooled pre-classifier feature used for
 distillation (`forward_features`, `forward_with_features`).
+
+Per-stream evaluation statistics. Training normalises each stream as its own batch in every
+backbone BatchNorm (as the reference does), but the reference keeps one set of running statistics
+per BatchNorm, blended over the three streams, for evaluation. Every backbone BatchNorm here is a
+:class:`StreamBatchNorm2d`, which can additionally hold one (mean, var) pair per stream in
+**non-persistent** buffers: they are not part of ``state_dict()``, so the weights still load
+``strict=True`` into the reference, and a model without them (the default, and any reference
+checkpoint) computes exactly the reference forward. ``set_stream_bn_stats`` installs them (the
+trainer recomputes them over the training set, see ``lastkd.student.bn_stats``) and
+``stream_bn_stats`` returns them for saving beside the weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -93,6 +106,30 @@ def build_ntu_spatial_adjacency() -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+class StreamBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` that may also hold one eval (mean, var) pair per input stream.
+
+    ``stream_mean`` / ``stream_var`` (S, C) are non-persistent buffers (empty by default), so the
+    state dict is exactly that of ``BatchNorm2d``. In eval mode, when ``stream`` is set and the
+    per-stream statistics exist, that stream's row normalises the input; otherwise (train mode,
+    or no per-stream statistics) this is plain ``BatchNorm2d``. ``stream`` is set by
+    :meth:`LASTv2.stream_context` for the duration of one stream's backbone pass.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.register_buffer("stream_mean", torch.empty(0, num_features), persistent=False)
+        self.register_buffer("stream_var", torch.empty(0, num_features), persistent=False)
+        self.stream: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or self.stream is None or self.stream_mean.shape[0] == 0:
+            return super().forward(x)
+        return F.batch_norm(
+            x, self.stream_mean[self.stream], self.stream_var[self.stream], self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
 class AdaptiveGraphConv(nn.Module):
     """Physical (K subsets) + learned + dynamic graph convolution with K + 2 1x1 convs."""
 
@@ -149,7 +186,7 @@ class ST_JointAtt(nn.Module):  # noqa: N801 - reference class name kept for reco
         return nn.Sequential(
             pool,
             nn.Conv2d(channels, reduced, 1, bias=False),
-            nn.BatchNorm2d(reduced),
+            StreamBatchNorm2d(reduced),
             nn.ReLU(inplace=True),
             nn.Conv2d(reduced, channels, 1, bias=False),
             nn.Sigmoid(),
@@ -210,10 +247,10 @@ class DepthwiseSeparableConv(nn.Module):
 
 def _tcn(channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.BatchNorm2d(channels),
+        StreamBatchNorm2d(channels),
         nn.ReLU(inplace=True),
         DepthwiseSeparableConv(channels, 9, stride),
-        nn.BatchNorm2d(channels),
+        StreamBatchNorm2d(channels),
         nn.Dropout(0.1, inplace=True),
     )
 
@@ -228,7 +265,7 @@ class EffGCNBlock(nn.Module):
         self.use_linear_attn = use_linear_attn
         self.stride = stride
         self.gcn = AdaptiveGraphConv(in_channels, out_channels, adjacency)
-        self.gcn_bn = nn.BatchNorm2d(out_channels)
+        self.gcn_bn = StreamBatchNorm2d(out_channels)
         self.gcn_relu = nn.ReLU(inplace=True)
         self.st_att = ST_JointAtt(out_channels, 4)
         self.tcn: nn.Module = LinearAttention(out_channels, 4) if use_linear_attn else _tcn(out_channels, stride)
@@ -240,7 +277,7 @@ class EffGCNBlock(nn.Module):
             self.residual_path: nn.Module = nn.Identity()
         else:
             self.residual_path = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)), StreamBatchNorm2d(out_channels)
             )
         self.relu = nn.ReLU(inplace=True)
 
@@ -372,9 +409,17 @@ class LASTv2(nn.Module):
 
     def _run(self, x: StreamInput) -> tuple[list[Tensor], list[Tensor]]:
         """Per-stream logits (N, classes) and pooled features (N, M, C_last), in input order."""
-        normed = [self._normalise(k, s) for k, s in self._streams(x)]
+        streams = self._streams(x)
+        normed = [self._normalise(k, s) for k, s in streams]
         m = normed[0][1]
         n = normed[0][0].shape[0] // m
+        if not self.training and self.has_stream_bn_stats():
+            # Per-stream eval statistics: each stream is normalised with its own (as in training).
+            pooled = []
+            for (k, _), (h, _) in zip(streams, normed):
+                with self.stream_context(k):
+                    pooled.append(self.backbone(h).mean(dim=(2, 3)).reshape(n, m, -1))
+            return [self._head(p) for p in pooled], pooled
         if self.training or len(normed) == 1:
             # Train mode: each stream is its own batch for every backbone BN, and streams run one
             # after the other (head included) so dropout draws the RNG in the reference order.
@@ -388,6 +433,69 @@ class LASTv2(nn.Module):
         joined = self.backbone(torch.cat([h for h, _ in normed], dim=0)).mean(dim=(2, 3))
         pooled = [p.reshape(n, m, -1) for p in joined.chunk(len(normed), dim=0)]
         return [self._head(p) for p in pooled], pooled
+
+    # -- per-stream eval statistics ------------------------------------------------------------
+
+    def stream_bns(self) -> dict[str, StreamBatchNorm2d]:
+        """Every backbone BatchNorm by its state-dict prefix (``backbone.0.gcn_bn`` ...)."""
+        return {f"backbone.{name}": mod for name, mod in self.backbone.named_modules() if isinstance(mod, StreamBatchNorm2d)}
+
+    def has_stream_bn_stats(self) -> bool:
+        """True when per-stream eval statistics are installed."""
+        first = next(iter(self.stream_bns().values()))
+        return first.stream_mean.shape[0] > 0
+
+    def set_stream_bn_stats(self, stats: Mapping[str, Tensor] | None) -> None:
+        """Install per-stream eval statistics ``{prefix.stream_mean|stream_var: (S, C)}``, S = 3 in
+        ``STREAM_ORDER``; None removes them (reference behaviour). Raises ValueError (nothing is
+        changed) when a key is missing or unknown or a shape does not fit."""
+        bns = self.stream_bns()
+        if stats is None:
+            for bn in bns.values():
+                bn.stream_mean = bn.stream_mean.new_empty(0, bn.num_features)
+                bn.stream_var = bn.stream_var.new_empty(0, bn.num_features)
+            return
+        expected = {f"{p}.{b}" for p in bns for b in ("stream_mean", "stream_var")}
+        missing, unexpected = sorted(expected - set(stats)), sorted(set(stats) - expected)
+        if missing or unexpected:
+            raise ValueError(f"per-stream BN statistics do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        for prefix, bn in bns.items():
+            for buf in ("stream_mean", "stream_var"):
+                value = stats[f"{prefix}.{buf}"]
+                if not isinstance(value, Tensor) or tuple(value.shape) != (len(STREAM_ORDER), bn.num_features):
+                    shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"{prefix}.{buf}: expected shape ({len(STREAM_ORDER)}, {bn.num_features}), got {shape}")
+                if not torch.isfinite(value).all() or (buf == "stream_var" and (value < 0).any()):
+                    raise ValueError(f"{prefix}.{buf}: non-finite or negative values")
+        for prefix, bn in bns.items():
+            ref = bn.running_mean
+            bn.stream_mean = stats[f"{prefix}.stream_mean"].detach().to(ref.device, ref.dtype).clone()
+            bn.stream_var = stats[f"{prefix}.stream_var"].detach().to(ref.device, ref.dtype).clone()
+
+    def stream_bn_stats(self) -> dict[str, Tensor]:
+        """The installed per-stream eval statistics (CPU copies), or {} when there are none."""
+        if not self.has_stream_bn_stats():
+            return {}
+        out = {}
+        for prefix, bn in self.stream_bns().items():
+            out[f"{prefix}.stream_mean"] = bn.stream_mean.detach().cpu().clone()
+            out[f"{prefix}.stream_var"] = bn.stream_var.detach().cpu().clone()
+        return out
+
+    @contextlib.contextmanager
+    def stream_context(self, stream: int) -> Iterator[None]:
+        """Select stream ``stream``'s eval statistics in every backbone BatchNorm for the block.
+
+        Not re-entrant across threads: one model object serves one forward at a time here.
+        """
+        bns = list(self.stream_bns().values())
+        for bn in bns:
+            bn.stream = stream
+        try:
+            yield
+        finally:
+            for bn in bns:
+                bn.stream = None
 
     def _head(self, pooled: Tensor) -> Tensor:
         """(N, M, C_last) pooled features -> (N, classes) logits averaged over bodies."""
@@ -443,6 +551,7 @@ __all__ = [
     "LinearAttention",
     "ST_JointAtt",
     "STREAM_ORDER",
+    "StreamBatchNorm2d",
     "VARIANTS",
     "VariantSpec",
     "build_ntu_spatial_adjacency",

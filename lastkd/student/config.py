@@ -71,6 +71,13 @@ class EvalConfig(StrictModel):
     joint_drop_probs: tuple[float, ...] = Field((0.1, 0.3), description="Probability a joint is missing.")
     frame_drop_probs: tuple[float, ...] = Field((0.1, 0.3), description="Probability a frame is lost.")
     noise_seed: int = Field(1234, ge=0, le=2**31 - 1)
+    bn_stats: Literal["per_stream", "shared", "running"] = Field(
+        "per_stream",
+        description="BatchNorm statistics used to evaluate and publish: recomputed over the training set "
+        "per stream (default) or pooled over the streams (the reference forward), or the running averages "
+        "left by training (reference behaviour; wrong after short runs).",
+    )
+    bn_samples: int = Field(2048, ge=1, le=10_000_000, description="Training samples the statistics are recomputed over.")
 
     @field_validator("jitter_stds")
     @classmethod

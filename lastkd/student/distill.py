@@ -203,6 +203,17 @@ def label_smoothed_nll(logprob: Tensor, target: Tensor, label_smoothing: float) 
     return ((1.0 - label_smoothing) * nll + label_smoothing * smooth).mean()
 
 
+def smoothed_ce_floor(label_smoothing: float, num_classes: int) -> float:
+    """The lowest value :func:`label_smoothed_nll` can reach with ``num_classes`` outputs: the
+    entropy of the smoothed target. Smoothing 0.1 floors CE at ~0.72 with 60 classes, ~0.39 with 5."""
+    s, c = float(label_smoothing), int(num_classes)
+    if s == 0.0 or c < 2:
+        return 0.0
+    hit = 1.0 - s + s / c
+    miss = s / c
+    return float(-(hit * math.log(hit) + (c - 1) * miss * math.log(miss)))
+
+
 def total_loss(
     logprob: Tensor,
     target: Tensor,
@@ -251,5 +262,6 @@ __all__ = [
     "distill_loss",
     "feature_stats",
     "label_smoothed_nll",
+    "smoothed_ce_floor",
     "total_loss",
 ]

@@ -3,6 +3,9 @@
 Layout: ``<registry>/<name>/v<N>/`` holding
 
 * ``model.safetensors``   the student's state dict (no projector); loads strict into ``LASTv2``
+  (and into the reference LAST v2; its BatchNorm statistics are the pooled precise ones)
+* ``stream_bn.safetensors`` per-stream eval statistics of the backbone BatchNorms (when the run
+  recomputed them per stream); :func:`load_student` installs them, the reference ignores them
 * ``student.json``        how to rebuild it (variant, classes, input streams/frames), params, FLOPs
 * ``config.yaml``         the full training config
 * ``metrics.json``        final metrics incl. per-class accuracy, confusion, robustness; history
@@ -46,6 +49,7 @@ from lastkd.models.last_v2 import LASTv2, num_parameters
 VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 STUDENT_FORMAT = "lastkd-student/1"
+STREAM_BN_FILE = "stream_bn.safetensors"
 SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (lastkd.student.synth)
 
 
@@ -143,6 +147,27 @@ def _write_json(path: Path, obj: Any) -> None:
 # --------------------------------------------------------------------------------------------
 # plots
 # --------------------------------------------------------------------------------------------
+def present_classes(metrics: Mapping[str, Any]) -> list[int]:
+    """Indices of the classes that have validation samples (what the per-class plots show)."""
+    return [p["index"] for p in metrics.get("per_class") or [] if p.get("count")]
+
+
+def confusion_view(metrics: Mapping[str, Any]) -> tuple[list[int], list[str], np.ndarray]:
+    """(class indices, names, counts) of the confusion matrix restricted to the classes that occur
+    in the data: with validation samples, or predicted for some sample."""
+    full = np.asarray(metrics.get("confusion") or [[]], dtype=np.float64)
+    if full.size == 0:
+        return [], [], np.zeros((0, 0))
+    used = sorted(set(present_classes(metrics)) | set(np.flatnonzero(full.sum(axis=0) > 0).tolist()))
+    names = {p["index"]: p["name"] for p in metrics.get("per_class") or []}
+    return used, [names.get(i, f"A{i + 1:03d}") for i in used], full[np.ix_(used, used)]
+
+
+def _short_name(name: str, index: int, width: int = 28) -> str:
+    """A tick label: the class name (``synthetic: `` prefix dropped), shortened to ``width``."""
+    text = str(name).removeprefix("synthetic: ").strip() or f"A{index + 1:03d}"
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
 def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
     """Loss/accuracy curves, per-class accuracy and confusion matrix as PNGs (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -187,31 +212,47 @@ def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
     save(fig, "accuracy.png")
 
     per_class = result.metrics.get("per_class") or []
-    if per_class:
-        fig = Figure(figsize=(max(6, len(per_class) * 0.15), 4))
+    shown = present_classes(result.metrics)
+    if shown:
+        by_index = {p["index"]: p for p in per_class}
+        labels = [_short_name(by_index[i]["name"], i) for i in shown]
+        fig = Figure(figsize=(max(6, len(shown) * 0.35), 4.5))
         ax = fig.add_subplot()
-        acc = [np.nan if p["accuracy"] is None else p["accuracy"] for p in per_class]
+        acc = [np.nan if by_index[i]["accuracy"] is None else by_index[i]["accuracy"] for i in shown]
         objects = set(result.metrics.get("object_classes", {}).get("classes", []))
-        colors = ["tab:orange" if p["index"] in objects else "tab:blue" for p in per_class]
-        ax.bar([p["index"] + 1 for p in per_class], acc, color=colors)
-        ax.set_xlabel("class (A###; orange = object interaction)")
+        colors = ["tab:orange" if i in objects else "tab:blue" for i in shown]
+        ax.bar(range(len(shown)), acc, color=colors)
+        ax.set_xticks(range(len(shown)), labels, rotation=60 if len(shown) > 6 else 0, ha="right" if len(shown) > 6 else "center", fontsize=8)
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.set_title("per-class validation accuracy")
+        ax.set_title(f"per-class validation accuracy ({len(shown)} classes with val samples"
+                     + ("; orange = object interaction)" if objects else ")"))
         save(fig, "per_class.png")
 
     confusion = result.metrics.get("confusion")
-    if confusion:
-        cm = np.asarray(confusion, dtype=np.float64)
+    if confusion and shown:
+        # Only classes that occur in the data (as true or predicted class): a 60-way head trained
+        # on 5 classes would otherwise draw a 60x60 matrix with 5 meaningful rows.
+        used, tick_names, cm = confusion_view(result.metrics)
         rows = cm.sum(axis=1, keepdims=True)
         norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-        fig = Figure(figsize=(6, 5))
+        size = max(5.0, 0.35 * len(used) + 3)
+        fig = Figure(figsize=(size + 1, size))
         ax = fig.add_subplot()
         im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
         fig.colorbar(im, ax=ax)
+        ticks = [_short_name(n, i) for i, n in zip(used, tick_names)]
+        ax.set_xticks(range(len(used)), ticks, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(used)), ticks, fontsize=7)
+        if len(used) <= 20:
+            for r in range(len(used)):
+                for c in range(len(used)):
+                    if cm[r, c]:
+                        ax.text(c, r, f"{int(cm[r, c])}", ha="center", va="center", fontsize=7,
+                                color="black" if norm[r, c] > 0.5 else "white")
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title("confusion matrix (row-normalised)")
+        ax.set_title("confusion matrix (row-normalised; counts)")
         save(fig, "confusion.png")
     return written
 
@@ -362,7 +403,8 @@ def publish(
     model = LASTv2(num_classes=result.data_info.num_classes, variant=cfg.variant)
     try:
         model.load_state_dict(result.model_state, strict=True)
-    except RuntimeError as exc:
+        model.set_stream_bn_stats(result.stream_bn or None)
+    except (RuntimeError, ValueError) as exc:
         raise PublishError(f"result weights do not fit LAST v2 {cfg.variant}: {str(exc)[:300]}") from None
 
     tmp_root = registry_dir / ".tmp"
@@ -382,10 +424,14 @@ def publish(
             "params": num_parameters(model),
             "flops": estimate_flops(model, cfg.data.num_frames, tuple(cfg.data.streams)),
             "class_names": result.class_names,
+            "bn_stats": "per_stream" if result.stream_bn else ("running" if cfg.eval.bn_stats == "running" else "shared"),
         }
         # Clone: safetensors refuses tensors that share storage, and the file must be self-contained.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": STUDENT_FORMAT, "variant": cfg.variant})
+        if result.stream_bn:
+            stream_bn = {k: v.detach().cpu().contiguous() for k, v in result.stream_bn.items()}
+            save_file(stream_bn, str(tmp / STREAM_BN_FILE), metadata={"format": STUDENT_FORMAT})
         _write_json(tmp / "student.json", student)
         (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
         # data_skipped is the data's report, not a metric: one copy, at the top of metrics.json
@@ -505,4 +551,10 @@ def load_student(path: Path) -> LASTv2:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise PublishError(f"{weights}: weights do not fit LAST v2 {meta['variant']} ({str(exc)[:300]})") from None
+    stream_file = folder / STREAM_BN_FILE
+    if stream_file.is_file():
+        try:
+            model.set_stream_bn_stats(load_file(str(stream_file)))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PublishError(f"{stream_file}: unusable per-stream BatchNorm statistics ({str(exc)[:300]})") from None
     return model.eval()

@@ -47,9 +47,10 @@ from lastkd.devices import DeviceError, resolve_device
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student import tblog
+from lastkd.student.bn_stats import recompute_bn_stats
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
-from lastkd.student.data.dataset import DataInfo, build_datasets
+from lastkd.student.data.dataset import DataInfo, SkeletonDataset, build_datasets
 from lastkd.lifeline import die_with_parent
 from lastkd.student.data.sources import load_splits
 from lastkd.models.last_v2 import LASTv2, create_last_v2
@@ -115,6 +116,8 @@ class TrainResult:
     run_dir: Path
     epochs_completed: int
     class_names: list[str] = field(default_factory=list)
+    # per-stream eval statistics of the backbone BatchNorms (LASTv2.stream_bn_stats); {} = none
+    stream_bn: dict[str, Tensor] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,6 +454,22 @@ class TrainingRun:
             pin_memory=pin,
         )
 
+        # BatchNorm statistics for evaluation are recomputed over a fixed subset of the training
+        # set in its deterministic (validation-style) view, batched as in training.
+        n_bn = min(len(self.train_ds), cfg.eval.bn_samples)
+        bn_order = torch.randperm(len(self.train_ds), generator=torch.Generator().manual_seed(_mix_seed(cfg.seed, 0xB4))).tolist()
+        bn_ds = SkeletonDataset(self.train_ds.collection, cfg.data, train=False, seed=cfg.seed)
+        self.bn_loader = DataLoader(
+            torch.utils.data.Subset(bn_ds, sorted(bn_order[:n_bn])[di.rank :: di.world]),
+            batch_size=self.sampler.local_batch,
+            shuffle=False,
+            num_workers=cfg.workers,
+            worker_init_fn=_seed_worker,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            pin_memory=pin,
+        )
+        self.bn_stale = True
+
         params = list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
         self.params = params
         self.optimizer = _build_optimizer(cfg, params)
@@ -531,6 +550,7 @@ class TrainingRun:
             teacher = batch["teacher"].to(dev, non_blocking=True)
             mask = batch["has_teacher"].to(dev, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        self.bn_stale = True
         with self.autocast():
             logprob, feat = self.forward(streams)
         loss, parts = kd.total_loss(
@@ -636,8 +656,20 @@ class TrainingRun:
         return True
 
     # -- evaluation ------------------------------------------------------------------------------
+    def refresh_bn_stats(self) -> None:
+        """Recompute the BatchNorm statistics (``eval.bn_stats``) if the weights changed since."""
+        mode = self.config.eval.bn_stats
+        if mode == "running" or not self.bn_stale:
+            return
+        recompute_bn_stats(
+            self.model, self.bn_loader, self.device, self.config.data.streams,
+            per_stream=mode == "per_stream", autocast=self.autocast,
+        )
+        self.bn_stale = False
+
     def _predict_all(self, corruption: ev.Corruption | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Predictions over the whole val split, gathered on rank 0 (None on other ranks)."""
+        self.refresh_bn_stats()
         _broadcast_module(self.model, self.di)  # everyone evaluates rank 0's BN statistics
         parents = data_streams.REFERENCE_BONE_PARENTS if self.config.data.streams_mode == "reference" else data_streams.NTU_BONE_PARENTS
         lp, lb, idx = ev.predict(
@@ -672,6 +704,8 @@ class TrainingRun:
             return {}
         metrics = ev.compute_metrics(got[0], got[1], self.names)
         metrics["robustness"] = ev.robustness_summary(metrics["top1"], noisy)
+        metrics["bn_stats"] = ecfg.bn_stats
+        metrics["ce_floor"] = kd.smoothed_ce_floor(self.config.label_smoothing, self.info.num_classes)
         return metrics
 
     # -- whole run -----------------------------------------------------------------------------
@@ -686,6 +720,7 @@ class TrainingRun:
             run_dir=self.run_dir,
             epochs_completed=epochs_done,
             class_names=list(self.names),
+            stream_bn=self.model.stream_bn_stats(),
         )
 
     def run(self) -> TrainResult:
@@ -776,6 +811,7 @@ def save_result(result: TrainResult) -> Path:
             "data_info": asdict(result.data_info),
             "epochs_completed": result.epochs_completed,
             "class_names": result.class_names,
+            "stream_bn": result.stream_bn,
         },
         path,
     )
@@ -800,6 +836,7 @@ def load_result(run_dir: Path) -> TrainResult:
             run_dir=run_dir,
             epochs_completed=int(obj["epochs_completed"]),
             class_names=list(obj["class_names"]),
+            stream_bn=dict(obj.get("stream_bn") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ResumeError(f"{path}: malformed result file ({str(exc)[:200]})") from None

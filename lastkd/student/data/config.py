@@ -31,6 +31,12 @@ class AugmentConfig(StrictModel):
     flip_prob: float = Field(0.5, ge=0, le=1)
     noise: bool = True
     noise_std: float = Field(0.01, ge=0, le=1)
+    time_crop: bool = Field(
+        True,
+        description="Random temporal window in training: standard mode samples a random fraction "
+        "(time_crop_range) of the valid frames; reference mode a random start. Off: the validation window.",
+    )
+    time_crop_range: tuple[float, float] = (0.5, 1.0)
     joint_drop: bool = False
     joint_drop_prob: float = Field(0.05, ge=0, le=1)
     part_drop: bool = False
@@ -41,6 +47,9 @@ class AugmentConfig(StrictModel):
         lo, hi = self.scale_range
         if not 0 < lo <= hi <= 10:
             raise ValueError("scale_range must satisfy 0 < low <= high <= 10")
+        lo, hi = self.time_crop_range
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("time_crop_range must satisfy 0 < low <= high <= 1")
         return self
 
 
@@ -59,6 +68,12 @@ class DataConfig(StrictModel):
     num_frames: int = Field(64, ge=4, le=1024)
     augment: AugmentConfig = AugmentConfig()
     max_samples: int | None = Field(None, ge=1, description="Cap per split, for quick experiments.")
+    classes: int | None = Field(
+        None, ge=2, le=120,
+        description="Classifier outputs (labels must lie below it); default 60 (ntu60) or 120 (ntu120). "
+        "Set it to the classes in the data, e.g. 5 for a 5-class subset: a 60-way head trained on 5 "
+        "classes spends its label smoothing on 55 classes that never occur.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "DataConfig":
@@ -72,4 +87,7 @@ class DataConfig(StrictModel):
 
     @property
     def num_classes(self) -> int:
+        """Classifier outputs: ``classes`` when set, else the dataset's class count."""
+        if self.classes is not None:
+            return self.classes
         return 60 if self.dataset == "ntu60" else 120

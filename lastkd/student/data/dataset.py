@@ -259,6 +259,11 @@ class SkeletonDataset(Dataset):
             out = self._standard(i, rng)
         return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in self.cfg.streams}
 
+    def _window(self) -> tuple[float, float] | None:
+        """The training window fraction range, or None (validation window) when the crop is off."""
+        acfg = self.cfg.augment
+        return acfg.time_crop_range if acfg.time_crop else None
+
     def _raw(self, i: int) -> np.ndarray:
         length = int(self.collection.lengths[i])
         return np.asarray(self.collection.data[i, :, :length], dtype=np.float32)
@@ -269,6 +274,8 @@ class SkeletonDataset(Dataset):
             coords = np.zeros((3, 1, st.NUM_JOINTS, st.NUM_BODIES), np.float32)
         t = self.cfg.num_frames
         start = st.reference_crop_start(st.REFERENCE_STORED_FRAMES, t, rng)
+        if rng is not None and not self.cfg.augment.time_crop:  # drawn anyway: other draws unchanged
+            start = st.reference_crop_start(st.REFERENCE_STORED_FRAMES, t, None)
         window = st.reference_window(coords, start, t)
         cropped = {k: window[k] for k in self.cfg.streams}
         return cropped if rng is None else aug.augment(cropped, rng, self.cfg.augment)
@@ -279,9 +286,11 @@ class SkeletonDataset(Dataset):
             return self._crop_augment(ready, rng)
         # standard: sample the valid frames by nearest index (stored velocity is per stored frame)
         length = max(int(self.collection.lengths[i]), 1)
-        positions, _ = st.standard_positions(0, length - 1, self.cfg.num_frames, rng)
+        positions, _ = st.standard_positions(0, length - 1, self.cfg.num_frames, rng, self._window())
         idx = np.rint(positions).astype(np.intp)
         sampled = {k: np.asarray(v[:, idx], dtype=np.float32) for k, v in ready.items()}
+        if "velocity" in sampled:  # stored per stored frame; standard velocity is per second
+            sampled["velocity"] = sampled["velocity"] * np.float32(st.STANDARD_VELOCITY_SCALE)
         if rng is None:
             return sampled
         params = aug.draw_params(rng, self.cfg.augment)
@@ -293,7 +302,10 @@ class SkeletonDataset(Dataset):
 
     def _crop_augment(self, full: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         t = self.cfg.num_frames
-        start = st.reference_crop_start(next(iter(full.values())).shape[1], t, rng)
+        stored = next(iter(full.values())).shape[1]
+        start = st.reference_crop_start(stored, t, rng)
+        if rng is not None and not self.cfg.augment.time_crop:
+            start = st.reference_crop_start(stored, t, None)
         cropped = {k: st.reference_crop(v, start, t) for k, v in full.items()}
         return cropped if rng is None else aug.augment(cropped, rng, self.cfg.augment)
 
@@ -303,7 +315,7 @@ class SkeletonDataset(Dataset):
         if coords.shape[1] == 0:
             zeros = np.zeros((3, t, st.NUM_JOINTS, st.NUM_BODIES), np.float32)
             return {k: zeros for k in self.cfg.streams}
-        joint, present, step = st.standard_joint(coords, t, rng)
+        joint, present, step = st.standard_joint(coords, t, rng, window=self._window())
         if rng is None:
             return st.standard_streams(joint, present, step)
         acfg = self.cfg.augment

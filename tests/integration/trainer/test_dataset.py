@@ -382,3 +382,55 @@ def test_data_hash_tracks_stream_settings(tracked: np.ndarray) -> None:
     }
     assert len(hashes) == 4
     assert build_datasets(_cfg(), col, col)[2].data_hash == build_datasets(_cfg(), col, col)[2].data_hash
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 10: time-crop switch, velocity scale, classes sized for the data
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["standard", "reference"])
+def test_time_crop_switch(mode: str, tracked: np.ndarray) -> None:
+    col = _collection(tracked)
+    off = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG.model_copy(update={"time_crop": False})), train=True)
+    on = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG), train=True)
+    val = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG), train=False)
+    for i in range(len(col)):
+        assert _same(off[i], val[i])  # crop off (and nothing else on): the validation window
+    assert not all(_same(on[i], val[i]) for i in range(len(col)))
+
+
+def test_switching_the_time_crop_off_keeps_the_other_draws(tracked: np.ndarray) -> None:
+    col = _collection(tracked)
+    aug = AugmentConfig()  # rotation, scale, shear, flip, noise all on
+    off = SkeletonDataset(col, _cfg(augment=aug.model_copy(update={"time_crop": False})), train=True)
+    ref = SkeletonDataset(col, _cfg(augment=NO_AUG.model_copy(update={"time_crop": False})), train=True)
+    a, b = off.rng(0), ref.rng(0)
+    # the same number of crop draws is made either way, so the augmentation draws line up
+    st.standard_positions(0, 99, 16, a, None)
+    st.standard_positions(0, 99, 16, b, (0.5, 1.0))
+    assert a.random() == b.random()
+
+
+def test_standard_velocity_is_per_second(tracked: np.ndarray) -> None:
+    """Velocity per raw frame x 30: its variance is in the range of the other streams, not ~1e-4."""
+    col = _collection(tracked)
+    item = SkeletonDataset(col, _cfg(augment=NO_AUG), train=False)[3]
+    joint, present, step = st.standard_joint(np.asarray(col.data[3, :, : col.lengths[3]]), 64, None)
+    per_frame = st.standard_velocity(joint, present, step)
+    np.testing.assert_allclose(item["velocity"].numpy(), per_frame * st.STANDARD_VELOCITY_SCALE, rtol=1e-5, atol=1e-6)
+    present_var = item["velocity"][..., 0].var().item()
+    assert present_var > 1e-2, present_var
+
+
+def test_classes_sized_for_the_data(tracked: np.ndarray) -> None:
+    col = _collection(tracked, n=4)  # labels 0..3
+    assert _cfg().num_classes == 60 and _cfg(dataset="ntu120").num_classes == 120
+    assert _cfg(classes=4).num_classes == 4
+    SkeletonDataset(col, _cfg(classes=4), train=False)
+    with pytest.raises(DatasetError, match=r"labels must lie in \[0, 3\)"):
+        SkeletonDataset(col, _cfg(classes=3), train=False)
+    with pytest.raises(ValueError, match="classes"):
+        _cfg(classes=1)
+    with pytest.raises(ValueError, match="time_crop_range"):
+        AugmentConfig(time_crop_range=(0.0, 1.0))

@@ -206,3 +206,19 @@ def test_lastkd_train_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     outside.write_text("name: x\nepochs: 1\ndata: {path: /etc}\n")
     assert cli.main(["train", str(outside)]) == 2
     assert "data.path: '/etc' resolves to /etc, which is outside the configured data roots" in capsys.readouterr().err
+
+
+def test_class_plots_show_only_the_classes_in_the_data() -> None:
+    """A 60-way head evaluated on 3 classes: the plots cover those 3 (plus any class predicted), by name."""
+    from lastkd.student import evaluate as ev
+    from lastkd.student.publish import confusion_view, present_classes
+
+    labels = np.array([0, 0, 4, 4, 9, 9])
+    logprob = np.full((6, 60), -10.0)
+    logprob[np.arange(6), [0, 0, 4, 7, 9, 9]] = 0.0  # one sample of class 4 predicted as class 7
+    names = [f"class {i}" for i in range(60)]
+    metrics = ev.compute_metrics(logprob, labels, names)
+    assert present_classes(metrics) == [0, 4, 9]
+    used, shown, cm = confusion_view(metrics)
+    assert used == [0, 4, 7, 9] and shown == ["class 0", "class 4", "class 7", "class 9"]
+    assert cm.tolist() == [[2, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 2]]

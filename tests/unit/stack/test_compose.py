@@ -4,7 +4,6 @@ checked by parsing it: health-gated start order, GPU reservations, shared volume
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
