@@ -828,7 +828,7 @@ def _summary(
                  "lastkd.student.publish.load_student)")
     console.line(f"  metrics     {folder / 'metrics.json'}")
     console.line(f"  plots       {folder / 'plots'}/ ({', '.join(plots) or 'none found'})")
-    console.line(f"  model card  {folder / 'MODEL_CARD.md'}")
+    console.line(f"  model card  {folder / 'README.md'}")
     console.line(f"  over HTTP   {trainer_url}/checkpoints/{result.get('name')}/v{result.get('version')}")
     console.line("Summary")
     console.line(f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))}: "

@@ -23,13 +23,18 @@ trainer recomputes them over the training set, see ``lastkd.student.bn_stats``) 
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import contextlib
 from collections.abc import Iterator
 
 import numpy as np
+from huggingface_hub import PyTorchModelHubMixin
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -312,9 +317,24 @@ VARIANTS: dict[str, VariantSpec] = {
 
 StreamInput = Tensor | Mapping[str, Tensor]
 
+# The files of a published student (Hugging Face layout; lastkd.student.publish writes them).
+STUDENT_FORMAT = "lastkd-student/1"
+STUDENT_CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+STREAM_BN_FILE = "stream_bn.safetensors"
 
-class LASTv2(nn.Module):
+
+class LASTv2(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="lastkd",
+    tags=["skeleton-action-recognition", "ntu-rgbd", "knowledge-distillation"],
+):
     """LAST v2 student: per-stream input BN, shared EffGCN backbone, linear head.
+
+    A published student (``<registry>/<name>/v<N>/``, the Hugging Face layout: ``config.json``,
+    ``model.safetensors``, ``README.md``) loads with ``LASTv2.from_pretrained(folder)``, strictly,
+    in eval mode, with its per-stream BatchNorm statistics when it has them.
 
     Tensor input (N, C, T, V[, M]) -> raw logits through the joint input BN. Dict input
     {stream: tensor} -> ``log(mean_s softmax(logits_s) + 1e-8)``; stream names outside
@@ -481,6 +501,59 @@ class LASTv2(nn.Module):
             out[f"{prefix}.stream_mean"] = bn.stream_mean.detach().cpu().clone()
             out[f"{prefix}.stream_var"] = bn.stream_var.detach().cpu().clone()
         return out
+
+    @classmethod
+    def _from_pretrained(  # type: ignore[override]  # the mixin's hook, with our strict defaults
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> LASTv2:
+        """Build from ``config.json``, load ``model.safetensors`` strictly and install
+        ``stream_bn.safetensors`` when present; eval mode. A folder, or a Hub repo id (cached)."""
+        from safetensors.torch import load_file
+
+        def fetch(name: str, required: bool = True) -> Path | None:
+            if os.path.isdir(model_id):
+                path = Path(model_id) / name
+                if not path.is_file() and required:
+                    raise FileNotFoundError(f"{model_id}: no {name}; not a published LAST v2 student")
+                return path if path.is_file() else None
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                return Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
+                                            force_download=force_download, local_files_only=local_files_only,
+                                            token=token))
+            except EntryNotFoundError:
+                if required:
+                    raise
+                return None
+
+        config_path = fetch(STUDENT_CONFIG_FILE)
+        assert config_path is not None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if not isinstance(config, dict) or config.get("format") != STUDENT_FORMAT:
+            raise ValueError(f"{config_path}: not a lastkd student description (format {STUDENT_FORMAT!r} expected)")
+        # The mixin has already copied the init arguments it found in config.json into model_kwargs.
+        init = {"num_classes": config.get("num_classes"), "variant": config.get("variant"),
+                "in_channels": config.get("in_channels", 3), **model_kwargs}
+        model = cls(**init)
+        weights = fetch(WEIGHTS_FILE)
+        assert weights is not None
+        model.load_state_dict(load_file(str(weights), device=map_location), strict=strict)
+        stream_bn = fetch(STREAM_BN_FILE, required=False)
+        if stream_bn is not None:
+            model.set_stream_bn_stats(load_file(str(stream_bn)))
+        return model.eval()
 
     @contextlib.contextmanager
     def stream_context(self, stream: int) -> Iterator[None]:

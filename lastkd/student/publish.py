@@ -1,72 +1,58 @@
-"""The checkpoint registry: versioned, atomically published students.
+"""Publishing: a completed run becomes a version in the registry, in the Hugging Face layout.
 
-Layout: ``<registry>/<name>/v<N>/`` holding
+``<registry>/<name>/v<N>/`` (folders, versions, locks and idempotency: :mod:`lastkd.registry`) holds
 
+* ``config.json``         how to rebuild the student (variant, classes, streams, frames), params,
+  FLOPs, class names: the model config ``LASTv2.from_pretrained`` reads
 * ``model.safetensors``   the student's state dict (no projector); loads strict into ``LASTv2``
   (and into the reference LAST v2; its BatchNorm statistics are the pooled precise ones)
 * ``stream_bn.safetensors`` per-stream eval statistics of the backbone BatchNorms (when the run
-  recomputed them per stream); :func:`load_student` installs them, the reference ignores them
-* ``student.json``        how to rebuild it (variant, classes, input streams/frames), params, FLOPs
-* ``config.yaml``         the full training config
+  recomputed them per stream); ``from_pretrained`` installs them, the reference ignores them
+* ``README.md``           the model card: YAML front matter (library, tags, metrics) + summary
+  with warnings (synthetic data, random-init teacher)
+* ``train_config.yaml``   the full training config
 * ``metrics.json``        final metrics incl. per-class accuracy, confusion, robustness; history
 * ``lineage.json``        job id, feature set, split, data hash, seed, code version, extras
-* ``MODEL_CARD.md``       human summary with warnings (synthetic data, random-init teacher)
 * ``plots/*.png``         loss and accuracy curves, per-class accuracy, confusion matrix
-
-A version is built completely in ``<registry>/.tmp/`` and then renamed into place, so readers
-never see a partial version. Version numbers are allocated under an exclusive lock on
-``<registry>/<name>/.lock``, which also makes publishing idempotent per job id: a second publish
-of the same job returns the version the first one created.
 """
 
 from __future__ import annotations
 
-import fcntl
 import importlib.metadata
 import json
-import os
-import re
 import shutil
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lastkd.student.config import NAME_RE
+from lastkd.ids import check_job_id
+from lastkd.registry import LINEAGE_FILE, METRICS_FILE, PublishedStudent, Registry, RegistryError
 from lastkd.student.data.dataset import DataInfo
 from lastkd.student.training import RunState, TrainResult
-from lastkd.models.last_v2 import LASTv2, num_parameters
+from lastkd.models.last_v2 import (
+    STREAM_BN_FILE,
+    STUDENT_CONFIG_FILE,
+    STUDENT_FORMAT,
+    WEIGHTS_FILE,
+    LASTv2,
+    num_parameters,
+)
 
-VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-STUDENT_FORMAT = "lastkd-student/1"
-STREAM_BN_FILE = "stream_bn.safetensors"
+MODEL_CARD_FILE = "README.md"
+TRAIN_CONFIG_FILE = "train_config.yaml"
 SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (lastkd.student.synth)
 
 
 class PublishError(ValueError):
     """A result that cannot be published, or a registry entry that cannot be read."""
-
-
-@dataclass(frozen=True)
-class PublishedStudent:
-    """One version in the registry."""
-
-    name: str
-    version: int
-    path: Path
-    job_id: str | None = None
-    created: str | None = None
-    top1: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +262,21 @@ def _skipped_lines(info: DataInfo) -> list[str]:
 def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, Any], warnings: list[str]) -> str:
     """Markdown summary of one published student."""
     cfg, m, info = result.config, result.metrics, result.data_info
-    lines = [f"# {cfg.name} v{lineage['version']}", ""]
+    tags = ["skeleton-action-recognition", "last-v2", cfg.data.dataset.replace("_", "-")]
+    if cfg.distill.enabled:
+        tags.append("knowledge-distillation")
+    if lineage.get("synthetic_data"):
+        tags.append("synthetic-data")
+    front = {
+        "library_name": "lastkd",
+        "license": "apache-2.0",
+        "tags": tags,
+        "metrics": ["accuracy"],
+        "lastkd": {"format": STUDENT_FORMAT, "name": cfg.name, "version": lineage["version"],
+                   "top1": m.get("top1"), "top5": m.get("top5"), "job_id": lineage.get("job_id")},
+    }
+    lines = ["---", yaml.safe_dump(_jsonable(front), sort_keys=False).rstrip(), "---", "",
+             f"# {cfg.name} v{lineage['version']}", ""]
     for w in warnings:
         lines.append(f"> **Warning:** {w}")
     if warnings:
@@ -324,6 +324,12 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
         "",
         "Per-class accuracy and the confusion matrix are in `metrics.json` and `plots/`.",
         "",
+        "## Use",
+        "```python",
+        "from lastkd.models.last_v2 import LASTv2",
+        "student = LASTv2.from_pretrained(\"<this folder>\")  # strict, eval mode",
+        "```",
+        "",
         "## Lineage",
     ]
     for key in ("job_id", "feature_set", "dataset", "split", "data_hash", "seed", "code_version", "config_hash", "created"):
@@ -336,42 +342,6 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
 # --------------------------------------------------------------------------------------------
 # registry
 # --------------------------------------------------------------------------------------------
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _versions(name_dir: Path) -> list[int]:
-    if not name_dir.is_dir():
-        return []
-    out = []
-    for entry in name_dir.iterdir():
-        match = VERSION_RE.match(entry.name)
-        if match and entry.is_dir():
-            out.append(int(match.group(1)))
-    return sorted(out)
-
-
-def _read_lineage(version_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((version_dir / "lineage.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
-        raise PublishError(f"invalid registry name {name!r}")
-    return name
-
-
 def publish(
     result: TrainResult,
     registry_dir: Path,
@@ -386,18 +356,20 @@ def publish(
     """
     if result.state is not RunState.COMPLETED:
         raise PublishError(f"only completed runs are published; this run is {result.state.value}")
-    if job_id is not None and (not isinstance(job_id, str) or not JOB_ID_RE.match(job_id)):
-        raise PublishError(f"invalid job id {job_id!r}")
     cfg = result.config
-    name = _check_name(cfg.name)
-    registry_dir = Path(registry_dir)
-    name_dir = registry_dir / name
-    lock = name_dir / ".lock"
-
-    if job_id is not None:
-        existing = _find_job(name_dir, job_id)
-        if existing is not None:
-            return existing
+    registry = Registry(registry_dir)
+    try:
+        name = registry.check_name(cfg.name)
+        if job_id is not None:
+            try:
+                check_job_id(job_id)
+            except ValueError as exc:
+                raise RegistryError(f"invalid job id {job_id!r}: {exc}") from None
+            existing = registry.find_job(name, job_id)
+            if existing is not None:
+                return existing
+    except RegistryError as exc:
+        raise PublishError(str(exc)) from None
 
     # Build the model first: a state dict that does not fit LAST v2 must fail before anything is written.
     model = LASTv2(num_classes=result.data_info.num_classes, variant=cfg.variant)
@@ -407,16 +379,15 @@ def publish(
     except (RuntimeError, ValueError) as exc:
         raise PublishError(f"result weights do not fit LAST v2 {cfg.variant}: {str(exc)[:300]}") from None
 
-    tmp_root = registry_dir / ".tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_root / f"{name}-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    tmp = registry.staging_dir(name)
     try:
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         student = {
             "format": STUDENT_FORMAT,
+            "architectures": ["LASTv2"],
             "variant": cfg.variant,
             "num_classes": result.data_info.num_classes,
+            "in_channels": model.in_channels,
             "feature_dim": model.feature_dim,
             "streams": list(cfg.data.streams),
             "streams_mode": cfg.data.streams_mode,
@@ -428,16 +399,17 @@ def publish(
         }
         # Clone: safetensors refuses tensors that share storage, and the file must be self-contained.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": STUDENT_FORMAT, "variant": cfg.variant})
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "student": STUDENT_FORMAT,
+                                                              "variant": cfg.variant})
         if result.stream_bn:
             stream_bn = {k: v.detach().cpu().contiguous() for k, v in result.stream_bn.items()}
-            save_file(stream_bn, str(tmp / STREAM_BN_FILE), metadata={"format": STUDENT_FORMAT})
-        _write_json(tmp / "student.json", student)
-        (tmp / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+            save_file(stream_bn, str(tmp / STREAM_BN_FILE), metadata={"format": "pt", "student": STUDENT_FORMAT})
+        _write_json(tmp / STUDENT_CONFIG_FILE, student)
+        (tmp / TRAIN_CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         # data_skipped is the data's report, not a metric: one copy, at the top of metrics.json
         final = {k: v for k, v in result.metrics.items() if k != "data_skipped"}
         _write_json(
-            tmp / "metrics.json",
+            tmp / METRICS_FILE,
             {"final": final, "history": result.history, "data_skipped": result.data_info.data_skipped()},
         )
 
@@ -466,95 +438,34 @@ def publish(
         }
         write_plots(result, tmp / "plots")
 
-        with _locked(lock):
-            if job_id is not None:
-                existing = _find_job(name_dir, job_id)
-                if existing is not None:
-                    return existing
-            version = (_versions(name_dir) or [0])[-1] + 1
+        def finish(folder: Path, version: int) -> None:
+            # The version number is known only under the registry's lock: the files naming it last.
             lineage["version"] = version
-            _write_json(tmp / "lineage.json", lineage)
-            (tmp / "MODEL_CARD.md").write_text(model_card(result, student, lineage, warnings), encoding="utf-8")
-            while True:
-                dest = name_dir / f"v{version}"
-                try:
-                    # rename(2) refuses a non-empty destination, so a version is never overwritten
-                    os.rename(tmp, dest)
-                    break
-                except OSError:
-                    if not dest.exists():
-                        raise
-                    version += 1
-                    lineage["version"] = version
-                    _write_json(tmp / "lineage.json", lineage)
-                    (tmp / "MODEL_CARD.md").write_text(model_card(result, student, lineage, warnings), encoding="utf-8")
-        return PublishedStudent(name, version, dest, job_id, created, result.metrics.get("top1"))
+            _write_json(folder / LINEAGE_FILE, lineage)
+            (folder / MODEL_CARD_FILE).write_text(model_card(result, student, lineage, warnings), encoding="utf-8")
+
+        try:
+            return registry.commit(name, tmp, finish, job_id=job_id)
+        except RegistryError as exc:
+            raise PublishError(str(exc)) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _entry(name: str, version: int, path: Path) -> PublishedStudent:
-    lineage = _read_lineage(path)
-    top1 = None
-    try:
-        top1 = json.loads((path / "metrics.json").read_text(encoding="utf-8"))["final"].get("top1")
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    return PublishedStudent(name, version, path, lineage.get("job_id"), lineage.get("created"), top1)
-
-
-def _find_job(name_dir: Path, job_id: str) -> PublishedStudent | None:
-    for version in _versions(name_dir):
-        path = name_dir / f"v{version}"
-        if _read_lineage(path).get("job_id") == job_id:
-            return _entry(name_dir.name, version, path)
-    return None
-
-
 def list_published(registry_dir: Path) -> list[PublishedStudent]:
     """Every published version, sorted by name then version (temporary and foreign entries skipped)."""
-    registry_dir = Path(registry_dir)
-    if not registry_dir.is_dir():
-        return []
-    out = []
-    for name_dir in sorted(registry_dir.iterdir()):
-        if not name_dir.is_dir() or not NAME_RE.match(name_dir.name) or name_dir.name.startswith("."):
-            continue
-        for version in _versions(name_dir):
-            out.append(_entry(name_dir.name, version, name_dir / f"v{version}"))
-    return out
+    return Registry(registry_dir).entries()
 
 
 def load_student(path: Path) -> LASTv2:
-    """Rebuild a published student (eval mode) from its version folder (or its model.safetensors)."""
+    """Rebuild a published student (eval mode) from its version folder (or its model.safetensors):
+    ``LASTv2.from_pretrained`` with every failure as a :class:`PublishError` naming the file."""
     path = Path(path)
-    folder = path.parent if path.name == "model.safetensors" else path
-    weights, meta_path = folder / "model.safetensors", folder / "student.json"
-    if not weights.is_file() or not meta_path.is_file():
-        raise PublishError(f"{folder}: not a published student (model.safetensors and student.json expected)")
+    folder = path.parent if path.name == WEIGHTS_FILE else path
+    if not (folder / WEIGHTS_FILE).is_file() or not (folder / STUDENT_CONFIG_FILE).is_file():
+        raise PublishError(f"{folder}: not a published student ({WEIGHTS_FILE} and {STUDENT_CONFIG_FILE} expected)")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"{meta_path}: unreadable ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != STUDENT_FORMAT:
-        raise PublishError(f"{meta_path}: not a lastkd student description")
-    try:
-        model = LASTv2(num_classes=meta["num_classes"], variant=meta["variant"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PublishError(f"{meta_path}: bad variant/num_classes ({exc})") from None
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PublishError(f"{weights}: unreadable weights ({exc})") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise PublishError(f"{weights}: weights do not fit LAST v2 {meta['variant']} ({str(exc)[:300]})") from None
-    stream_file = folder / STREAM_BN_FILE
-    if stream_file.is_file():
-        try:
-            model.set_stream_bn_stats(load_file(str(stream_file)))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PublishError(f"{stream_file}: unusable per-stream BatchNorm statistics ({str(exc)[:300]})") from None
-    return model.eval()
+        return LASTv2.from_pretrained(folder)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise PublishError(f"{folder}: cannot load the student ({type(exc).__name__}: {str(exc)[:300]})") from None

@@ -429,7 +429,7 @@ def create_app(
             return {
                 "name": name,
                 "version": number,
-                "student": load("student.json"),
+                "student": load("config.json"),
                 "lineage": load("lineage.json"),
                 "metrics": metrics_doc.get("final") if isinstance(metrics_doc, dict) else None,
                 "files": files,

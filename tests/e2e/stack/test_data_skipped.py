@@ -46,7 +46,7 @@ def test_job_on_corrupt_files_reports_them(embedded_stack: Stack, tiny_data: Tin
         published = embedded_stack.data_dir / "registry" / name / "v1"
         metrics = json.loads((published / "metrics.json").read_text())
         assert metrics["data_skipped"] == report
-        assert f"skipped {len(corrupt)} unusable" in (published / "MODEL_CARD.md").read_text()
+        assert f"skipped {len(corrupt)} unusable" in (published / "README.md").read_text()
         assert f"{len(corrupt)} data file(s)/sample(s) skipped as unusable" in embedded_stack.logs()
     finally:
         shutil.rmtree(folder)

@@ -104,7 +104,7 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     assert folder.parent.parent == out / "registry" and folder.is_dir()
     student = load_student(folder)
     assert isinstance(student, LASTv2)
-    meta = json.loads((folder / "student.json").read_text())
+    meta = json.loads((folder / "config.json").read_text())
     model = LASTv2(num_classes=meta["num_classes"], variant=meta["variant"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     x = {s: torch.zeros(1, 3, 16, 25, 2) for s in meta["streams"]}
@@ -122,7 +122,7 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     lineage = json.loads((folder / "lineage.json").read_text())
     assert lineage["teacher_random_init"] is True and lineage["synthetic_data"] is True
     assert lineage["feature_set"] == set_id
-    card = (folder / "MODEL_CARD.md").read_text()
+    card = (folder / "README.md").read_text()
     assert "SYNTHETIC" in card and "RANDOM-INIT" in card
 
     # The demo's own stack is gone: its ports are free again.

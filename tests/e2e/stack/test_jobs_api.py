@@ -292,7 +292,7 @@ def test_checkpoint_files_are_path_safe(embedded_stack: Stack) -> None:
             pytest.fail("test_full_flow_embedded should have published a checkpoint first")
         name, version = listed[0]["name"], listed[0]["version"]
         base = f"/checkpoints/{name}/v{version}/files"
-        assert c.get(f"{base}/student.json").status_code == 200
+        assert c.get(f"{base}/config.json").status_code == 200
         for bad in ("../../../jobs/jobs.sqlite", "..%2F..%2Flineage.json", "%2Fetc%2Fpasswd", "nope.bin", ""):
             r = c.get(f"{base}/{bad}")
             assert r.status_code == 404, (bad, r.status_code)

@@ -62,7 +62,7 @@ def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
     p = pub.publish(result, tmp_path / "reg", job_id="job-1", extra_lineage={"requested_by": "test"})
     assert (p.name, p.version, p.path) == ("student-a", 1, tmp_path / "reg" / "student-a" / "v1")
     files = {f.relative_to(p.path).as_posix() for f in p.path.rglob("*") if f.is_file()}
-    assert files >= {"model.safetensors", "student.json", "config.yaml", "metrics.json", "lineage.json", "MODEL_CARD.md",
+    assert files >= {"model.safetensors", "config.json", "train_config.yaml", "metrics.json", "lineage.json", "README.md",
                      "plots/loss.png", "plots/accuracy.png", "plots/per_class.png", "plots/confusion.png"}
     for png in p.path.glob("plots/*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
@@ -73,9 +73,9 @@ def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
     student = pub.load_student(p.path)
     assert not student.training
     assert all(torch.equal(student.state_dict()[k], result.model_state[k]) for k in result.model_state)
-    assert TrainConfig.from_yaml(p.path / "config.yaml") == result.config
+    assert TrainConfig.from_yaml(p.path / "train_config.yaml") == result.config
 
-    meta = json.loads((p.path / "student.json").read_text())
+    meta = json.loads((p.path / "config.json").read_text())
     assert meta["params"] == _reference_params("small", 60)
     small = pub.estimate_flops(student, 8, ("joint",))
     assert meta["flops"] == pytest.approx(3 * small, rel=0.01)  # three streams cost three joint passes
@@ -89,11 +89,30 @@ def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
     assert lineage["teacher_random_init"] and lineage["synthetic_data"]
     assert lineage["code_version"].startswith("0.1.0") or lineage["code_version"].startswith("unknown")
     assert lineage["extra"] == {"requested_by": "test"}
-    card = (p.path / "MODEL_CARD.md").read_text()
+    card = (p.path / "README.md").read_text()
     for text in ("SYNTHETIC", "RANDOM-INIT", "variant `small`", f"{_reference_params('small', 60):,}", "GFLOPs", "xsub", "job-1",
                  "object-interaction"):
         assert text in card, text
     assert not list((tmp_path / "reg" / ".tmp").iterdir())
+
+
+def test_a_published_student_is_a_hugging_face_folder(synth_path, tmp_path) -> None:
+    """config.json + model.safetensors + README.md with YAML front matter: the ecosystem's layout,
+    loaded by LASTv2.from_pretrained (the PyTorchModelHubMixin entry point), strictly, offline."""
+    import yaml
+
+    result = make_result(synth_path, tmp_path / "run")
+    p = pub.publish(result, tmp_path / "reg", job_id="hf-1")
+    student = LASTv2.from_pretrained(p.path)
+    assert isinstance(student, LASTv2) and not student.training
+    assert all(torch.equal(student.state_dict()[k], result.model_state[k]) for k in result.model_state)
+    card = (p.path / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "lastkd" and "skeleton-action-recognition" in front["tags"]
+    assert front["lastkd"]["version"] == 1 and front["lastkd"]["job_id"] == "hf-1"
+    config = json.loads((p.path / "config.json").read_text())
+    assert config["architectures"] == ["LASTv2"] and config["num_classes"] == 60
 
 
 def test_idempotent_per_job_and_increasing_versions(synth_path, tmp_path) -> None:
@@ -107,7 +126,7 @@ def test_idempotent_per_job_and_increasing_versions(synth_path, tmp_path) -> Non
     assert (c.version, d.version) == (2, 3)
     listed = pub.list_published(reg)
     assert [(x.name, x.version, x.job_id) for x in listed] == [("student-a", 1, "j1"), ("student-a", 2, None), ("student-a", 3, "j2")]
-    card = (a.path / "MODEL_CARD.md").read_text()
+    card = (a.path / "README.md").read_text()
     assert "RANDOM-INIT" not in card and "SYNTHETIC" in card  # no teacher, synthetic data
 
 
@@ -155,18 +174,21 @@ def test_load_student_rejects_bad_files(synth_path, tmp_path) -> None:
     weights = p.path / "model.safetensors"
     blob = weights.read_bytes()
     weights.write_bytes(blob[: len(blob) // 3])
-    with pytest.raises(pub.PublishError, match="unreadable weights"):
+    with pytest.raises(pub.PublishError, match="cannot load the student"):
         pub.load_student(p.path)
     weights.write_bytes(blob)
-    meta = json.loads((p.path / "student.json").read_text())
-    (p.path / "student.json").write_text(json.dumps({**meta, "variant": "base"}))
-    with pytest.raises(pub.PublishError, match="do not fit LAST v2 base"):
+    meta = json.loads((p.path / "config.json").read_text())
+    (p.path / "config.json").write_text(json.dumps({**meta, "variant": "base"}))
+    with pytest.raises(pub.PublishError, match="Missing key"):
         pub.load_student(p.path)
-    (p.path / "student.json").write_text("{not json")
-    with pytest.raises(pub.PublishError, match="unreadable"):
+    (p.path / "config.json").write_text("{not json")
+    with pytest.raises(pub.PublishError, match="JSONDecodeError"):
         pub.load_student(p.path)
-    (p.path / "student.json").write_text(json.dumps({**meta, "variant": "huge"}))
-    with pytest.raises(pub.PublishError, match="bad variant"):
+    (p.path / "config.json").write_text(json.dumps({**meta, "variant": "huge"}))
+    with pytest.raises(pub.PublishError, match="unknown LAST v2 variant 'huge'"):
+        pub.load_student(p.path)
+    (p.path / "config.json").write_text(json.dumps({**meta, "format": "something-else"}))
+    with pytest.raises(pub.PublishError, match="not a lastkd student description"):
         pub.load_student(p.path)
     # junk in the registry is ignored by the listing
     (tmp_path / "reg" / "student-a" / "vX").mkdir()

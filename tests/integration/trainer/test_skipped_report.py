@@ -101,7 +101,7 @@ def test_lastkd_train_reports_skipped_files_everywhere(
     metrics = json.loads((published.path / "metrics.json").read_text())
     assert metrics["data_skipped"] == result.metrics["data_skipped"]
     assert "data_skipped" not in metrics["final"]  # one copy in the file
-    card = (published.path / "MODEL_CARD.md").read_text()
+    card = (published.path / "README.md").read_text()
     assert f"skipped {len(CORRUPT)} unusable source file(s)/sample(s)" in card, card
     for reason in metrics["data_skipped"]["first"]:
         assert f"`{reason}`" in card
