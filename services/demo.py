@@ -824,8 +824,8 @@ def _summary(
     console.line("=" * 78)
     console.line(f"Published student: {result.get('name')} v{result.get('version')}")
     console.line(f"  folder      {folder}")
-    console.line(f"  weights     {folder / 'model.safetensors'}  (loads strict into LASTv2; "
-                 "lastkd.student.publish.load_student)")
+    console.line(f"  weights     {folder / 'model.safetensors'}  (LASTv2.from_pretrained(folder): "
+                 "strict, Hugging Face layout)")
     console.line(f"  metrics     {folder / 'metrics.json'}")
     console.line(f"  plots       {folder / 'plots'}/ ({', '.join(plots) or 'none found'})")
     console.line(f"  model card  {folder / 'README.md'}")
