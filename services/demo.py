@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import httpx
 
+from lastkd.services.client import ApiError, TrainerClient, retry_after
 from lastkd.services.settings import Settings
 
 __all__ = [
@@ -66,7 +67,6 @@ DEMO_MAX_BATCH = 32  # the demo's training split is ~15 samples: one batch per e
 SYNTH_FRAMES = 120  # longest synthetic clip (4 s at 30 fps); the teacher samples 16 frames of it
 DATASET_MARKER = "demo.json"
 _NTU_NAME = re.compile(r"^S\d{3}C\d{3}P\d{3}R\d{3}A(\d{3})$")
-_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 NOTICE = (
     "NOTE: this demo's teacher is RANDOM-INIT (no official weights; LASTKD_TEACHER_RANDOM_INIT=true for\n"
@@ -270,20 +270,9 @@ def _headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _retry_after(response: httpx.Response, default: float = 2.0) -> float:
-    """The server's Retry-After in seconds (capped at 10), or ``default`` when absent or not a number."""
-    try:
-        return min(10.0, max(0.0, float(response.headers.get("retry-after", default))))
-    except ValueError:
-        return default
-
-
 def _error_text(response: httpx.Response) -> str:
-    try:
-        err = response.json().get("error") or {}
-        return f"{err.get('code', response.status_code)}: {err.get('message', response.text[:200])}"
-    except (ValueError, AttributeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
+    err = ApiError.from_response(response)
+    return f"{err.code}: {err.message}"
 
 
 def _post_clips(client: httpx.Client, url: str, clips: list[Path], deadline: float) -> dict[str, Any]:
@@ -304,7 +293,7 @@ def _post_clips(client: httpx.Client, url: str, clips: list[Path], deadline: flo
             for h in handles:
                 h.close()
         if response.status_code == 503 and time.monotonic() < deadline:
-            time.sleep(_retry_after(response))
+            time.sleep(retry_after(response))
             continue
         if response.status_code in (200, 422) and "results" in response.text:
             return response.json()
@@ -435,25 +424,13 @@ def build_train_config(
 
 
 def submit_job(trainer_url: str, config: dict[str, Any], *, token: str | None = None, key: str | None = None) -> dict[str, Any]:
-    """``POST /train``; returns the job record. Transport errors are retried with the same
-    Idempotency-Key, so a lost answer never creates a second job."""
-    key = key or f"demo-{uuid.uuid4().hex}"
-    headers = {**_headers(token), "Idempotency-Key": key}
-    for attempt in range(4):
+    """``POST /train``; returns the job record. Retries carry the same Idempotency-Key, so a lost
+    answer never creates a second job."""
+    with TrainerClient(trainer_url, token=token, busy_timeout=30.0) as client:
         try:
-            response = httpx.post(f"{trainer_url}/train", json=config, headers=headers, timeout=60.0)
-        except httpx.TransportError as exc:
-            if attempt == 3:
-                raise DemoError(f"the trainer at {trainer_url} did not answer ({exc})") from None
-            time.sleep(1.0 + attempt)
-            continue
-        if response.status_code == 202:
-            return response.json()
-        if response.status_code == 503 and attempt < 3:
-            time.sleep(_retry_after(response))
-            continue
-        raise DemoError(f"POST {trainer_url}/train refused the demo job: {_error_text(response)}")
-    raise DemoError(f"POST {trainer_url}/train: the broker stayed unavailable")
+            return client.submit(config, idempotency_key=key or f"demo-{uuid.uuid4().hex}")
+        except ApiError as exc:
+            raise DemoError(f"POST {trainer_url}/train refused the demo job: {exc.code}: {exc.message}") from None
 
 
 def _progress_text(job: dict[str, Any]) -> str:
@@ -483,22 +460,6 @@ def _progress_text(job: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _sse_events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    event, data = "message", []
-    for line in response.iter_lines():
-        if not line:
-            if data:
-                try:
-                    yield event, json.loads("\n".join(data))
-                except ValueError:
-                    pass
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-
-
 def follow_job(
     trainer_url: str,
     job_id: str,
@@ -508,39 +469,20 @@ def follow_job(
     alive: Callable[[], None] | None = None,
     timeout: float = 24 * 3600.0,
 ) -> dict[str, Any]:
-    """Follow a job to a terminal state over ``GET /jobs/{id}/events``, falling back to polling
-    ``GET /jobs/{id}`` when the stream breaks; returns the final job record.
+    """Follow a job to a terminal state (events, then polling if the stream breaks); returns the
+    final job record. ``alive`` (optional) is checked at every update and may raise to abort (the
+    demo's own stack uses it to notice a dead component)."""
 
-    ``alive`` (optional callable) is checked between events and may raise to abort (the demo's
-    own stack uses it to notice a dead component).
-    """
-    deadline = time.monotonic() + timeout
-    headers = _headers(token)
-    with httpx.Client(headers=headers, timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+    def update(record: dict[str, Any]) -> None:
+        if alive is not None:
+            alive()
+        console.progress(_progress_text(record))
+
+    with TrainerClient(trainer_url, token=token) as client:
         try:
-            with client.stream("GET", f"{trainer_url}/jobs/{job_id}/events") as response:
-                if response.status_code == 200:
-                    for _event, payload in _sse_events(response):
-                        if alive is not None:
-                            alive()
-                        console.progress(_progress_text(payload))
-                        if payload.get("state") in _TERMINAL:
-                            break
-        except httpx.TransportError:
-            pass  # stream broke: poll instead
-        while True:
-            response = client.get(f"{trainer_url}/jobs/{job_id}")
-            if response.status_code != 200:
-                raise DemoError(f"GET {trainer_url}/jobs/{job_id}: {_error_text(response)}")
-            job = response.json()
-            if job.get("state") in _TERMINAL:
-                return job
-            if alive is not None:
-                alive()
-            if time.monotonic() > deadline:
-                raise DemoError(f"job {job_id} did not finish within {timeout:.0f}s")
-            console.progress(_progress_text(job))
-            time.sleep(1.0)
+            return client.follow(job_id, update, timeout=timeout)
+        except ApiError as exc:
+            raise DemoError(f"job {job_id}: {exc.code}: {exc.message}") from None
 
 
 # --------------------------------------------------------------------------------------------
