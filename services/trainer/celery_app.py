@@ -50,6 +50,32 @@ class SQLiteTransport(kombu_sqla.Transport):
             hostname = self.connection.client.hostname
             return create_engine(hostname, connect_args={"timeout": 30})
 
+        def _open(self):  # type: ignore[no-untyped-def]
+            # Upstream creates the broker's tables with a check-then-CREATE per process: processes
+            # opening a fresh broker file at once lose with "table kombu_queue already exists".
+            # The tables exist then: open again (the check now sees them).
+            from sqlalchemy.exc import OperationalError
+
+            try:
+                return super()._open()
+            except OperationalError as exc:
+                if "already exists" not in str(exc):
+                    raise
+                return super()._open()
+
+        def _get_or_create(self, queue):  # type: ignore[no-untyped-def]
+            # Upstream checks then inserts the queue row under a thread lock only: two processes
+            # declaring a new queue at once (two workers starting on a fresh broker, or a worker
+            # and the API's first send) both insert, and the loser died with "UNIQUE constraint
+            # failed: kombu_queue.name". The row exists then: roll back and read it.
+            from sqlalchemy.exc import IntegrityError
+
+            try:
+                return super()._get_or_create(queue)
+            except IntegrityError:
+                self.session.rollback()
+                return super()._get_or_create(queue)
+
     polling_interval = 0.25
 
 

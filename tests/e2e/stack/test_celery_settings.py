@@ -74,3 +74,36 @@ def test_readiness_notices_a_broken_embedded_broker_file(tmp_path: Path) -> None
     broker_file.write_bytes(b"this is not a SQLite database" * 100)
     reason = broker_reachable(app)
     assert reason is not None and "database" in reason.lower(), reason
+
+
+@pytest.mark.faults
+def test_processes_declaring_a_new_queue_at_once_all_start(tmp_path: Path) -> None:
+    """Two workers starting at once on a fresh embedded broker both create the queue's row; the
+    loser used to die at start-up (UNIQUE constraint failed: kombu_queue.name). Several real
+    processes declare the same new queue at the same instant: every one must succeed."""
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from lastkd.services.settings import load_settings\n"
+        "from lastkd.services.trainer.celery_app import create_celery_app\n"
+        f"app = create_celery_app(load_settings(data_dir={str(tmp_path)!r}), queue='q-race')\n"
+        "conn = app.connection_for_write(); channel = conn.channel()\n"
+        "channel.session.query(channel.queue_cls).count()  # engine and tables ready before the start line\n"
+        "while time.time() < float(sys.argv[1]): time.sleep(0.0005)\n"
+        "channel.queue_declare(queue='q-race')\n"
+        "print('declared')\n"
+    )
+    failures = 0
+    for _ in range(3):  # a fresh queue name each round: the race is at the row's creation
+        code_round = code.replace("q-race", f"q-race-{_}")
+        start = time.time() + 15  # every process is waiting at the start line by then
+        procs = [subprocess.Popen([sys.executable, "-c", code_round, str(start)], cwd=PROJECT_ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            if p.returncode != 0 or "declared" not in out:
+                failures += 1
+                last = [l for l in err.splitlines() if "Error" in l][-1:] or [err[-300:]]
+                print("declare failed:", last[0])
+    assert failures == 0, f"{failures} of 18 processes failed to declare a new queue"
