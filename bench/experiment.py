@@ -38,8 +38,12 @@ from tests.support.experiment import experiment_base, make_informative_data  # n
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 seed, kd vs kd-shuffled only, 1 timing rep (~3 min on 2 CPU cores)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds for the distillation-loss ratio (default 1 quick, 3 full)")
+    parser.add_argument(
+        "--quick", action="store_true", help="1 seed, kd vs kd-shuffled only, 1 timing rep (~3 min on 2 CPU cores)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds for the distillation-loss ratio (default 1 quick, 3 full)"
+    )
     parser.add_argument("--reps", type=int, default=None, help="timing repetitions (default 1 quick, 2 full)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -55,10 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         arms = {"kd": {}, "kd-shuffled": {"distill": {"teacher_order": "shuffled"}}}
         if not quick:
             arms = {"ce": {"distill": {"alpha_start": 0.0, "alpha_end": 0.0}}, **arms}
-        exp = ExperimentConfig.from_dict({
-            "name": "bench", "base": experiment_base(data), "arms": arms, "seeds": list(range(seeds)),
-            "baseline": "kd" if quick else "ce",
-        })
+        exp = ExperimentConfig.from_dict(
+            {
+                "name": "bench",
+                "base": experiment_base(data),
+                "arms": arms,
+                "seeds": list(range(seeds)),
+                "baseline": "kd" if quick else "ce",
+            }
+        )
         t0 = time.perf_counter()
         ratio_run = run_local(exp, tmp / "ratio", store_path=data.store_path)
         ratio_s = time.perf_counter() - t0
@@ -67,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         losses = {a: report["per_arm"][a]["final_distill_loss"]["mean"] for a in ("kd", "kd-shuffled")}
 
         # 2. the experiment's overhead over the same children run directly
-        small = ExperimentConfig.from_dict({
-            "name": "overhead",
-            "base": experiment_base(data, epochs=2, batch_size=4, max_steps_per_epoch=2),
-            "seeds": [0],
-        })
+        small = ExperimentConfig.from_dict(
+            {
+                "name": "overhead",
+                "base": experiment_base(data, epochs=2, batch_size=4, max_steps_per_epoch=2),
+                "seeds": [0],
+            }
+        )
         # untimed warm-up: the first run builds the skeleton parse cache, which must not count against
         # whichever side happens to go first
         first = expand(small)[0]
@@ -82,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             direct = 0.0
             for child in expand(small):
                 t1 = time.perf_counter()
-                engine.train(child.config, tmp / f"direct{rep}" / child.key,
-                             store_path=data.store_path if child.config.distill.enabled else None)
+                engine.train(
+                    child.config,
+                    tmp / f"direct{rep}" / child.key,
+                    store_path=data.store_path if child.config.distill.enabled else None,
+                )
                 direct += time.perf_counter() - t1
             direct_times.append(direct)
             t0 = time.perf_counter()
@@ -99,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         "experiment_s": round(min(exp_times), 2),
         "direct_s": round(min(direct_times), 2),
     }
-    print(f"{'quick' if quick else 'full'}: informative teacher, {seeds} seed(s); ratio experiment took {ratio_s:.0f} s")
-    print(f"final distillation loss kd {losses['kd']:.4f}, kd-shuffled {losses['kd-shuffled']:.4f}: "
-          f"ratio {ratio:.2f} (target >= 1.5)")
-    print(f"3 arms x 1 seed: experiment {min(exp_times):.1f} s vs children run directly {min(direct_times):.1f} s "
-          f"= {figures['experiment_overhead']:.3f}")
+    print(
+        f"{'quick' if quick else 'full'}: informative teacher, {seeds} seed(s); ratio experiment took {ratio_s:.0f} s"
+    )
+    print(
+        f"final distillation loss kd {losses['kd']:.4f}, kd-shuffled {losses['kd-shuffled']:.4f}: "
+        f"ratio {ratio:.2f} (target >= 1.5)"
+    )
+    print(
+        f"3 arms x 1 seed: experiment {min(exp_times):.1f} s vs children run directly {min(direct_times):.1f} s "
+        f"= {figures['experiment_overhead']:.3f}"
+    )
     for line in report["summary"]:
         print(f"  {line}")
     print(json.dumps(figures))

@@ -32,11 +32,15 @@ import numpy as np
 # This file shares its name with the package: put the project root ahead of bench/ on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lastkd.featurestore import FeatureStore  # noqa: E402
-from lastkd.featurestore import layout  # noqa: E402
+from lastkd.featurestore import (
+    FeatureStore,  # noqa: E402
+    layout,  # noqa: E402
+)
 
 
-def build(workdir: Path, n: int, dim: int, dtype: str, batch: int, seed: int) -> tuple[FeatureStore, str, list[str], Path, float]:
+def build(
+    workdir: Path, n: int, dim: int, dtype: str, batch: int, seed: int
+) -> tuple[FeatureStore, str, list[str], Path, float]:
     """Write the store and the .npy baseline with the same vectors; time the store writes only."""
     rng = np.random.default_rng(seed)
     ids = [f"S{1 + i % 17:03d}C{1 + i % 3:03d}P{i // 1000:03d}R{1 + i % 2:03d}A{i % 1000:03d}x{i}" for i in range(n)]
@@ -59,7 +63,9 @@ def build(workdir: Path, n: int, dim: int, dtype: str, batch: int, seed: int) ->
 Query = tuple[list[str], list[bytes]]
 
 
-def measure(fns: dict[str, Callable[[list[str], list[bytes]], np.ndarray]], chunks: list[list[Query]], rounds: int) -> dict[str, float]:
+def measure(
+    fns: dict[str, Callable[[list[str], list[bytes]], np.ndarray]], chunks: list[list[Query]], rounds: int
+) -> dict[str, float]:
     """Vectors per second of each method: the best of ``rounds`` short timed passes.
 
     Methods alternate pass by pass (background load hits them alike) and every pass reads its
@@ -82,7 +88,9 @@ def measure(fns: dict[str, Callable[[list[str], list[bytes]], np.ndarray]], chun
     return {name: vectors[name] / best[name] for name in fns}
 
 
-def bench_dtype(workdir: Path, n: int, dim: int, dtype: str, batch: int, per_pass: int, rounds: int) -> dict[str, float]:
+def bench_dtype(
+    workdir: Path, n: int, dim: int, dtype: str, batch: int, per_pass: int, rounds: int
+) -> dict[str, float]:
     """Build one store of ``n`` x ``dim`` vectors of ``dtype`` and measure every method on it."""
     store, set_id, ids, npy, put_rate = build(workdir, n, dim, dtype, batch, seed=1 if dtype == "float32" else 2)
     rng = np.random.default_rng(7)

@@ -60,10 +60,24 @@ class _Stacks:
         from lastkd.services.settings import load_settings
         from lastkd.services.stack import Stack, free_port
 
-        settings = load_settings(**{**self.base, "data_dir": self.work / name, "trainer_port": free_port(),
-                                    "teacher_port": free_port(), **overrides})
-        stack = Stack(settings, components=components, echo=False, announce=False, cwd=ROOT, queue=queue,
-                      extra_env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        settings = load_settings(
+            **{
+                **self.base,
+                "data_dir": self.work / name,
+                "trainer_port": free_port(),
+                "teacher_port": free_port(),
+                **overrides,
+            }
+        )
+        stack = Stack(
+            settings,
+            components=components,
+            echo=False,
+            announce=False,
+            cwd=ROOT,
+            queue=queue,
+            extra_env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")},
+        )
         self.stacks.append(stack)
         stack.start()
         return stack.trainer_url
@@ -111,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from lastkd.featurestore import FeatureStore
     from lastkd.student.config import TrainConfig
-    from lastkd.student.training import train
     from lastkd.student.publish import publish
     from lastkd.student.synth import generate
+    from lastkd.student.training import train
 
     work = Path(tempfile.mkdtemp(prefix="lastkd-bench-jobs-"))
     data_root = work / "datasets"
@@ -121,11 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     store_path = work / "features.lmdb"
     with FeatureStore(store_path, map_size=32 << 20) as store:
         meta = store.create_set(teacher="bench", weights_sha256=None, preprocessing={"bench": 1}, dim=16)
-        store.put_many(meta.set_id, names, np.random.default_rng(0).standard_normal((len(names), 16)).astype(np.float16))
+        store.put_many(
+            meta.set_id, names, np.random.default_rng(0).standard_normal((len(names), 16)).astype(np.float16)
+        )
 
     epochs, steps = (1, 1) if args.quick else (3, 6)
     config = {
-        "name": "bench", "epochs": epochs, "batch_size": 2, "max_steps_per_epoch": steps, "device": "cpu",
+        "name": "bench",
+        "epochs": epochs,
+        "batch_size": 2,
+        "max_steps_per_epoch": steps,
+        "device": "cpu",
         "data": {"path": "synth/skeletons", "num_frames": 16, "max_samples": 2 if args.quick else 12},
         "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
         "distill": {"feature_set": meta.set_id, "projector_hidden": 32},
@@ -155,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         # 2. the same job through the stack and directly (baseline), in pairs: the machine's load
         # drifts over minutes, and a pair sees (nearly) the same load on both sides.
         run_url = stacks.start("var-run", f"bench-run-{uuid.uuid4().hex[:6]}", ("trainer", "worker"))
-        cfg = TrainConfig.model_validate({**config, "data": {**config["data"], "path": str(data_root / "synth/skeletons")}})
+        cfg = TrainConfig.model_validate(
+            {**config, "data": {**config["data"], "path": str(data_root / "synth/skeletons")}}
+        )
         runs = 3 if args.quick else 2
         starts, walls, direct, fixed = [], [], [], []
         with httpx.Client(base_url=run_url, timeout=60) as client:
@@ -168,8 +190,12 @@ def main(argv: list[str] | None = None) -> int:
                 walls.append(done["finished_at"] - done["created_at"])
                 fixed.append(walls[-1] - done["result"]["train_publish_s"])
                 t0 = time.perf_counter()
-                result = train(cfg.model_copy(update={"seed": 100 + i}), work / f"direct-{i}", store_path=store_path,
-                               data_roots=[data_root])
+                result = train(
+                    cfg.model_copy(update={"seed": 100 + i}),
+                    work / f"direct-{i}",
+                    store_path=store_path,
+                    data_roots=[data_root],
+                )
                 publish(result, work / "direct-registry", job_id=f"direct-{i}")
                 direct.append(time.perf_counter() - t0)
         out["queue_to_start_s"] = round(statistics.median(starts), 3)
@@ -184,10 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stacks.stop()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"submit latency p50 {out['submit_p50_ms']} ms, p99 {out['submit_p99_ms']} ms over {args.submissions} "
-          f"(embedded SQLite broker)", file=sys.stderr)
-    print(f"queue->start {out['queue_to_start_s']} s; job {out['job_s_celery']} s via Celery vs {out['job_s_direct']} s "
-          f"direct: overhead ratio {out['celery_overhead'] + 1:.3f}", file=sys.stderr)
+    print(
+        f"submit latency p50 {out['submit_p50_ms']} ms, p99 {out['submit_p99_ms']} ms over {args.submissions} "
+        f"(embedded SQLite broker)",
+        file=sys.stderr,
+    )
+    print(
+        f"queue->start {out['queue_to_start_s']} s; job {out['job_s_celery']} s via Celery vs {out['job_s_direct']} s "
+        f"direct: overhead ratio {out['celery_overhead'] + 1:.3f}",
+        file=sys.stderr,
+    )
     print(json.dumps(out))
     return 0
 

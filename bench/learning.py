@@ -79,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed of the demo recipe (the default)")
     parser.add_argument("--seeds", type=int, default=1, help="training seeds 0..N-1 (default 1)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: the demo's)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: two threads on a loaded 2-core machine stall in OpenMP)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: two threads on a loaded 2-core machine stall in OpenMP)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.seeds <= 20:
         parser.error("--seeds must be 1..20")
@@ -92,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             r = run_once(Path(tmp), seed, classes=5, samples_per_class=6, epochs=epochs)
             runs.append(r)
-            print(f"seed {seed}: val top-1 {r['val_top1']:.3f} after {r['steps']} steps of batch {r['batch_size']} "
-                  f"(per epoch {r['val_top1_per_epoch']}), steps to 90% {r['steps_to_90']}, "
-                  f"train CE {r['train_ce_final']:.3f} (floor {r['ce_floor']:.3f}), {r['wall_s']:.1f}s")
+            print(
+                f"seed {seed}: val top-1 {r['val_top1']:.3f} after {r['steps']} steps of batch {r['batch_size']} "
+                f"(per epoch {r['val_top1_per_epoch']}), steps to 90% {r['steps_to_90']}, "
+                f"train CE {r['train_ce_final']:.3f} (floor {r['ce_floor']:.3f}), {r['wall_s']:.1f}s"
+            )
     reached = [r["steps_to_90"] for r in runs if r["steps_to_90"] is not None]
     figures = {
         "demo_val_top1": statistics.fmean(r["val_top1"] for r in runs),

@@ -39,9 +39,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NTU_CLIP = next(
-    (p for p in (Path(os.environ.get("LASTKD_BENCH_NTU_CLIP", "/nonexistent")),
-                 ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
-                 ROOT / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi") if p.is_file()),
+    (
+        p
+        for p in (
+            Path(os.environ.get("LASTKD_BENCH_NTU_CLIP", "/nonexistent")),
+            ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
+            ROOT / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
+        )
+        if p.is_file()
+    ),
     ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
 )
 VIT_B = dict(embed_dim=768, num_heads=12, mlp_ratio=4.0, patch_size=16)
@@ -116,8 +122,15 @@ def hf_model(depth: int):
 
     torch.manual_seed(0)
     config = VideoMAEConfig(
-        hidden_size=768, num_hidden_layers=depth, num_attention_heads=12, intermediate_size=3072,
-        num_frames=16, tubelet_size=2, image_size=224, patch_size=16, layer_norm_eps=1e-6,
+        hidden_size=768,
+        num_hidden_layers=depth,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        num_frames=16,
+        tubelet_size=2,
+        image_size=224,
+        patch_size=16,
+        layer_norm_eps=1e-6,
         use_mean_pooling=True,
     )
     return VideoMAEModel(config).eval()
@@ -183,14 +196,30 @@ class EngineRun:
     """A started lastkd engine on a fresh store; ``embed(paths)`` returns clips/s (start-up
     excluded, as for the baseline)."""
 
-    def __init__(self, store_dir: Path, model, *, device: str, batch: int, workers: int,
-                 precision: str = "bf16", name: str = "videomae_v2_vit_b") -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        model,
+        *,
+        device: str,
+        batch: int,
+        workers: int,
+        precision: str = "bf16",
+        name: str = "videomae_v2_vit_b",
+    ) -> None:
         from lastkd.featurestore import FeatureStore
         from lastkd.teacher.embedder import Embedder, EngineConfig
         from lastkd.teacher.video import PreprocessConfig, VideoLimits
 
-        config = EngineConfig(model_name=name, random_init=True, device=device, batch_size=batch,
-                              max_wait_ms=20, decode_workers=workers, precision=precision)
+        config = EngineConfig(
+            model_name=name,
+            random_init=True,
+            device=device,
+            batch_size=batch,
+            max_wait_ms=20,
+            decode_workers=workers,
+            precision=precision,
+        )
         self.store = FeatureStore(store_dir, map_size=256 << 20)
         self.engine = Embedder(config, PreprocessConfig(), VideoLimits(), self.store, model=model).start()
         self.engine.warm_up()
@@ -270,8 +299,9 @@ def pooled_decode_rate(paths: list[Path], workers: int) -> float:
 # service
 
 
-def service_ratio(paths_1: list[Path], paths_8: list[Path], data_dir: Path, model_name: str,
-                  decode_workers: int = 0) -> tuple[float, float]:
+def service_ratio(
+    paths_1: list[Path], paths_8: list[Path], data_dir: Path, model_name: str, decode_workers: int = 0
+) -> tuple[float, float]:
     """clips/s through POST /embed with 1 client, then with 8 concurrent clients."""
     import httpx
     import uvicorn
@@ -282,9 +312,17 @@ def service_ratio(paths_1: list[Path], paths_8: list[Path], data_dir: Path, mode
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = load_settings(data_dir=data_dir, teacher_model=model_name, teacher_random_init=True, teacher_device="cpu",
-                             teacher_port=port, api_token=None, store_map_size=256 << 20, teacher_batch_size=8,
-                             decode_workers=decode_workers)
+    settings = load_settings(
+        data_dir=data_dir,
+        teacher_model=model_name,
+        teacher_random_init=True,
+        teacher_device="cpu",
+        teacher_port=port,
+        api_token=None,
+        store_map_size=256 << 20,
+        teacher_batch_size=8,
+        decode_workers=decode_workers,
+    )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -368,8 +406,9 @@ def bench_cpu(quick: bool, n_clips: int | None) -> dict:
         # machine's load during the run does not favour either side.
         ours_paths = [Path(p) for p in ours_paths]
         half = (len(ours_paths) + 1) // 2
-        engine = EngineRun(work / "store.lmdb", model, device="cpu", batch=4, workers=0,
-                           name=f"videomae_v2_vit_b_depth{depth}")
+        engine = EngineRun(
+            work / "store.lmdb", model, device="cpu", batch=4, workers=0, name=f"videomae_v2_vit_b_depth{depth}"
+        )
         baseline = hf_model(depth)
         try:
             t_ours = len(ours_paths[:half]) / engine.embed(ours_paths[:half])
@@ -389,12 +428,14 @@ def bench_cpu(quick: bool, n_clips: int | None) -> dict:
         copies = ntu_copies(svc_dir, m1 + m8, "svc")
         # The tiny model is decode-bound: give it a decoder per core (the CPU default is half,
         # leaving the other half to a real model).
-        one, eight = service_ratio(copies[:m1], copies[m1:], work / "svc-data", service_model,
-                                   decode_workers=ncores if quick else 0)
+        one, eight = service_ratio(
+            copies[:m1], copies[m1:], work / "svc-data", service_model, decode_workers=ncores if quick else 0
+        )
         log(f"service: 1 client {one:.3f} clips/s, 8 clients {eight:.3f} clips/s")
         return {
             "quick": quick,
-            "model": f"VideoMAE V2 ViT-B width, depth {depth}" + (" (quick: shallower than the 12-block teacher)" if quick else ""),
+            "model": f"VideoMAE V2 ViT-B width, depth {depth}"
+            + (" (quick: shallower than the 12-block teacher)" if quick else ""),
             "service_model": service_model,
             "service_decode_workers": ncores if quick else max(1, ncores // 2),
             "clips": n + 1,
@@ -443,6 +484,7 @@ def bench_gpu(device: str, n_clips: int | None, batch: int) -> dict:
         log(f"device={device} cores={ncores} batch={batch} clips={n}; {out['clip']}")
 
         stages = {}
+
         def stage(name, fn):
             start = time.perf_counter()
             try:
@@ -470,7 +512,9 @@ def bench_gpu(device: str, n_clips: int | None, batch: int) -> dict:
             out["model_clips_per_s"] = round(1 / stages["model"], 2)
         if "matmul" in stages and "model" in stages:
             out["matmul_bf16_tflops"] = round(stages["matmul"], 1)
-            out["model_vs_matmul_bound"] = round(stages["model"] / (vit_flops_per_clip(12) / (stages["matmul"] * 1e12)), 3)
+            out["model_vs_matmul_bound"] = round(
+                stages["model"] / (vit_flops_per_clip(12) / (stages["matmul"] * 1e12)), 3
+            )
         stage("e2e", lambda: run_engine(paths, work / "store.lmdb", model, device=device, batch=batch, workers=ncores))
         if "e2e" in stages:
             out["e2e_clips_per_s"] = round(stages["e2e"], 2)
@@ -483,7 +527,9 @@ def bench_gpu(device: str, n_clips: int | None, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="under a minute: 2 clips, 2-block ViT-B, tiny service model")
+    parser.add_argument(
+        "--quick", action="store_true", help="under a minute: 2 clips, 2-block ViT-B, tiny service model"
+    )
     parser.add_argument("--gpu", action="store_true", help="ViT-B bf16 on CUDA and the decode-bound limit")
     parser.add_argument("--device", default="cuda", help="--gpu device (cpu only for a dry run)")
     parser.add_argument("--batch", type=int, default=32, help="--gpu batch size")

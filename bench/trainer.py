@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lastkd.models.last_v2 import num_parameters  # noqa: E402
 from lastkd.student import training as engine  # noqa: E402
 from lastkd.student.config import TrainConfig  # noqa: E402
-from lastkd.models.last_v2 import num_parameters  # noqa: E402
 from lastkd.student.publish import estimate_flops, load_student, publish  # noqa: E402
 from lastkd.student.synth import generate  # noqa: E402
 
@@ -122,15 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         set_id = _make_store(tmp_path / "features.lmdb", data.names, 768)
         common = {
             "data": {"path": str(tmp_path / "synth" / "skeletons"), "num_frames": frames},
-            "epochs": 1, "batch_size": batch, "device": args.device, "workers": 0,
+            "epochs": 1,
+            "batch_size": batch,
+            "device": args.device,
+            "workers": 0,
             "optimizer": {"name": "sgd", "lr": 0.01},
             "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
         }
         ce_cfg = TrainConfig.from_dict({"name": "bench-ce", **common})
-        kd_cfg = TrainConfig.from_dict({
-            "name": "bench-kd", **common,
-            "distill": {"feature_set": set_id, "alpha_start": 0.5, "alpha_end": 0.5, "schedule": "constant"},
-        })
+        kd_cfg = TrainConfig.from_dict(
+            {
+                "name": "bench-kd",
+                **common,
+                "distill": {"feature_set": set_id, "alpha_start": 0.5, "alpha_end": 0.5, "schedule": "constant"},
+            }
+        )
         ce = engine.TrainingRun(ce_cfg, tmp_path / "ce", None, engine.TrainHooks(), None)
         kd = engine.TrainingRun(kd_cfg, tmp_path / "kd", tmp_path / "features.lmdb", engine.TrainHooks(), None)
         ce.build()
@@ -197,16 +203,25 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_params": shipped["plain"]["params"],
     }
     print(f"device {device}, {'quick' if quick else 'full'}: T={frames}, batch {batch}, {pairs} timed step pairs")
-    print(f"step small CE {1000 * ce_step:.1f} ms, with distillation {1000 * kd_step:.1f} ms wall; "
-          f"{'CPU time' if use_cpu else 'wall'} ratio {figures['distill_vs_ce_step']:.3f} (target <= 1.05); "
-          f"base CE {1000 * base_step:.1f} ms")
-    print(f"loader {1000 * statistics.mean(load_times):.1f} ms per batch (workers=0) = "
-          f"{figures['loader_vs_step']:.3f} of a step (target <= 0.5)")
+    print(
+        f"step small CE {1000 * ce_step:.1f} ms, with distillation {1000 * kd_step:.1f} ms wall; "
+        f"{'CPU time' if use_cpu else 'wall'} ratio {figures['distill_vs_ce_step']:.3f} (target <= 1.05); "
+        f"base CE {1000 * base_step:.1f} ms"
+    )
+    print(
+        f"loader {1000 * statistics.mean(load_times):.1f} ms per batch (workers=0) = "
+        f"{figures['loader_vs_step']:.3f} of a step (target <= 0.5)"
+    )
     for label in ("plain", "distilled"):
         s = shipped[label]
-        print(f"published {label}: {s['params']:,} params, {s['flops'] / 1e9:.3f} GFLOPs, {s['latency_ms']:.1f} ms/clip "
-              f"(projector during training: {s['projector_params']:,} params, not shipped)")
-    same = shipped["plain"]["params"] == shipped["distilled"]["params"] and shipped["plain"]["flops"] == shipped["distilled"]["flops"]
+        print(
+            f"published {label}: {s['params']:,} params, {s['flops'] / 1e9:.3f} GFLOPs, {s['latency_ms']:.1f} ms/clip "
+            f"(projector during training: {s['projector_params']:,} params, not shipped)"
+        )
+    same = (
+        shipped["plain"]["params"] == shipped["distilled"]["params"]
+        and shipped["plain"]["flops"] == shipped["distilled"]["flops"]
+    )
     print(f"published distilled student == plain student in params and FLOPs: {same}")
     print(json.dumps(figures))
     return 0

@@ -91,9 +91,7 @@ def open_environment(
     data = path / layout.DATA_FILE
     if not writable and not data.is_file():
         raise NotAStoreError(f"no feature store at {path} (missing {layout.DATA_FILE})")
-    if writable and path.is_dir() and not data.exists() and any(
-        p.name != layout.LOCK_FILE for p in path.iterdir()
-    ):
+    if writable and path.is_dir() and not data.exists() and any(p.name != layout.LOCK_FILE for p in path.iterdir()):
         raise NotAStoreError(
             f"{path} is a non-empty directory without {layout.DATA_FILE}: refusing to create a "
             "feature store among other files"

@@ -95,7 +95,7 @@ class FeatureSetMeta:
         return canonical_json(record).encode("ascii")
 
     @classmethod
-    def from_stored(cls, raw: bytes | memoryview, count: int) -> "FeatureSetMeta":
+    def from_stored(cls, raw: bytes | memoryview, count: int) -> FeatureSetMeta:
         """Parse a stored record; a malformed one is reported as corruption."""
         try:
             record = json.loads(bytes(raw))

@@ -15,7 +15,7 @@ import os
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,7 +59,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_snapshot(store: "FeatureStore", dest: Path, set_ids: Sequence[str] | None = None) -> Path:
+def export_snapshot(store: FeatureStore, dest: Path, set_ids: Sequence[str] | None = None) -> Path:
     """Write a snapshot of ``store`` (all sets, or ``set_ids``) into ``dest``; return the manifest.
 
     The snapshot is built in a temporary sibling directory and renamed into place, so ``dest``
@@ -112,7 +112,7 @@ def export_snapshot(store: "FeatureStore", dest: Path, set_ids: Sequence[str] | 
     return dest / MANIFEST
 
 
-def _rewrite_sets(store: "FeatureStore", out_dir: Path, set_ids: list[str]) -> None:
+def _rewrite_sets(store: FeatureStore, out_dir: Path, set_ids: list[str]) -> None:
     """Copy the chosen sets, from one read transaction, into a fresh store in ``out_dir``."""
     handle = store._h()
     with handle.read_txn() as rtxn:
@@ -170,7 +170,7 @@ def _build_manifest(snapshot_dir: Path, source: Path) -> dict[str, Any]:
     data = snapshot_dir / layout.DATA_FILE
     return {
         "format": SNAPSHOT_FORMAT,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": str(source),
         "files": {layout.DATA_FILE: {"bytes": data.stat().st_size, "sha256": file_sha256(data)}},
         "sets": sets,
@@ -219,7 +219,9 @@ def load_manifest(snapshot_dir: Path) -> dict[str, Any]:
     for name, entry in files.items():
         if not isinstance(name, str) or name != os.path.basename(name) or name in ("", ".", ".."):
             raise SnapshotError(f"{path}: file entry {name!r} is not a plain file name")
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)):
+        if not (
+            isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)
+        ):
             raise SnapshotError(f"{path}: file entry {name!r} needs 'sha256' and 'bytes'")
     if not isinstance(sets, dict) or not all(
         isinstance(v, dict) and isinstance(v.get("count"), int) for v in sets.values()
@@ -338,11 +340,9 @@ def _check_sha_index(txn: lmdb.Transaction, dbs: Databases, set_key: bytes) -> l
             if not bytes(key[: len(pre)]) == pre:
                 break
             if txn.get(pre + bytes(clip), db=dbs[layout.DB_VECTORS]) is None:
-                problems.append(f"dedupe entry {bytes(key[len(pre):]).decode()[:16]}... points at missing clip")
+                problems.append(f"dedupe entry {bytes(key[len(pre) :]).decode()[:16]}... points at missing clip")
     return problems
 
 
 def _fail(snapshot_dir: Path, problems: list[str]) -> None:
-    raise SnapshotError(
-        f"snapshot {snapshot_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
-    )
+    raise SnapshotError(f"snapshot {snapshot_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,7 +112,7 @@ class FeatureStore:
         if handle is not None and self._pid == os.getpid():
             envs.release(handle)
 
-    def __enter__(self) -> "FeatureStore":
+    def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -199,7 +199,7 @@ class FeatureStore:
             preprocessing=_json_copy(preprocessing),
             dim=dim,
             dtype=dtype,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         set_key = set_id.encode()
 

@@ -63,9 +63,7 @@ def check_clip_id(clip_id: object, where: str = "clip id") -> bytes:
     except UnicodeEncodeError as exc:
         raise InvalidFeatureError(f"{where} {_show(clip_id)} is not valid Unicode text ({exc.reason})") from None
     if len(raw) > MAX_ID_BYTES:
-        raise InvalidFeatureError(
-            f"{where} {_show(clip_id)} is {len(raw)} bytes in UTF-8; the limit is {MAX_ID_BYTES}"
-        )
+        raise InvalidFeatureError(f"{where} {_show(clip_id)} is {len(raw)} bytes in UTF-8; the limit is {MAX_ID_BYTES}")
     return raw
 
 
@@ -132,9 +130,7 @@ def check_vectors(vectors: object, n: int, dim: int, dtype: np.dtype) -> np.ndar
         except (TypeError, ValueError) as exc:
             raise InvalidFeatureError(f"vectors cannot be read as an array: {exc}") from None
     if arr.dtype.kind != "f":
-        raise InvalidFeatureError(
-            f"vectors must be floating point (float16/float32), got dtype {arr.dtype}"
-        )
+        raise InvalidFeatureError(f"vectors must be floating point (float16/float32), got dtype {arr.dtype}")
     if arr.ndim != 2:
         raise InvalidFeatureError(f"vectors must be a 2-D array (n, {dim}), got shape {arr.shape}")
     if arr.shape[0] != n:
@@ -151,9 +147,7 @@ def check_vectors(vectors: object, n: int, dim: int, dtype: np.dtype) -> np.ndar
         bad = ~np.isfinite(out)
         if bad.any():
             row, col = (int(x) for x in np.argwhere(bad)[0])
-            raise InvalidFeatureError(
-                f"vectors[{row}][{col}] = {float(arr[row, col])!r} overflows {dtype.name}"
-            )
+            raise InvalidFeatureError(f"vectors[{row}][{col}] = {float(arr[row, col])!r} overflows {dtype.name}")
     return out
 
 

@@ -24,7 +24,9 @@ def _register_with_timm() -> None:
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
     """Finds nothing itself; when ``timm`` is imported, runs its real loader, then registers."""
 
-    def find_spec(self, fullname: str, path: object, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if fullname != _TIMM:
             return None
         sys.meta_path.remove(self)  # once; and so the lookup below finds timm's real spec

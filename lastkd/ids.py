@@ -29,9 +29,7 @@ def check_name(value: str) -> str:
 def check_job_id(value: str) -> str:
     """``value`` when it is a valid job id, else ValueError saying what is allowed."""
     if not isinstance(value, str) or not JOB_ID_RE.match(value) or ".." in value:
-        raise ValueError(
-            "must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit"
-        )
+        raise ValueError("must be 1-128 characters of letters, digits, '_', '-', '.', starting with a letter or digit")
     return value
 
 

@@ -67,9 +67,7 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def watch_process(
-    pid: int, exit_code: int = 1, *, sig: int | None = None, grace_s: float = 30.0
-) -> threading.Thread:
+def watch_process(pid: int, exit_code: int = 1, *, sig: int | None = None, grace_s: float = 30.0) -> threading.Thread:
     """Start a daemon thread that ends this process once ``pid`` has exited.
 
     With ``sig`` None the end is immediate (``os._exit``). With a signal (SIGTERM), the process

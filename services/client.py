@@ -48,7 +48,9 @@ class ApiError(Exception):
             return cls(response.status_code, f"http_{response.status_code}", response.text[:300])
         err = body.get("error") if isinstance(body, dict) else None
         if isinstance(err, dict):
-            return cls(response.status_code, str(err.get("code", response.status_code)), str(err.get("message", "")), body)
+            return cls(
+                response.status_code, str(err.get("code", response.status_code)), str(err.get("message", "")), body
+            )
         return cls(response.status_code, f"http_{response.status_code}", response.text[:300], body)
 
 
@@ -114,12 +116,15 @@ class _Client:
                 for handle in kwargs.pop("_close", []):
                     stack.callback(handle.close)
                 try:
-                    response = self.http.request(method, self._url(path), headers={**self._headers, **(headers or {})},
-                                                 **kwargs)
+                    response = self.http.request(
+                        method, self._url(path), headers={**self._headers, **(headers or {})}, **kwargs
+                    )
                 except httpx.TransportError as exc:
                     failures += 1
                     if failures > self.retries:
-                        raise ApiError(0, "transport", f"{method} {self._url(path)}: {type(exc).__name__}: {exc}") from None
+                        raise ApiError(
+                            0, "transport", f"{method} {self._url(path)}: {type(exc).__name__}: {exc}"
+                        ) from None
                     time.sleep(min(5.0, 0.5 * 2**failures))
                     continue
             if response.status_code == 503 and time.monotonic() < deadline:
@@ -148,8 +153,12 @@ class _Client:
 class TeacherClient(_Client):
     """The teacher API: embed clips, read features and feature sets."""
 
-    def embed(self, paths: Sequence[str | Path], clip_ids: Sequence[str] | None = None,
-              content_type: str = "application/octet-stream") -> dict[str, Any]:
+    def embed(
+        self,
+        paths: Sequence[str | Path],
+        clip_ids: Sequence[str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> dict[str, Any]:
         """``POST /embed`` of ``paths`` (one request); the answer has one result per file, each
         with either ``feature_set``/``cached`` or an ``error``. A request whose clips all failed
         (422) is returned too: the per-clip reasons are in it."""
@@ -184,8 +193,9 @@ class TrainerClient(_Client):
         """``POST /train``; the job record. Retries carry the same ``Idempotency-Key`` (made here
         when not given), so a lost answer never creates a second job."""
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        return self.request("POST", "/train", ok=(200, 202), headers={"Idempotency-Key": key},
-                            body=lambda: {"json": config}).json()
+        return self.request(
+            "POST", "/train", ok=(200, 202), headers={"Idempotency-Key": key}, body=lambda: {"json": config}
+        ).json()
 
     def job(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{id}``."""
@@ -208,8 +218,14 @@ class TrainerClient(_Client):
                 raise ApiError.from_response(response)
             yield from parse_events(response.iter_lines())
 
-    def follow(self, job_id: str, on_update: Callable[[dict[str, Any]], None] | None = None, *,
-               timeout: float = 24 * 3600.0, poll_s: float = 1.0) -> dict[str, Any]:
+    def follow(
+        self,
+        job_id: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        timeout: float = 24 * 3600.0,
+        poll_s: float = 1.0,
+    ) -> dict[str, Any]:
         """Follow a job to a terminal state and return its final record: over the event stream,
         then by polling ``GET /jobs/{id}`` if the stream breaks. ``on_update`` sees every state
         the stream or the polling delivers (it may raise to stop following)."""

@@ -199,8 +199,14 @@ def prepare_dataset(
     real = _real_pairs(ntu_sample) if ntu_sample is not None and ntu_sample.is_dir() else []
     name = dataset_name(classes, samples_per_class, frames, seed, bool(real))
     final = Path(data_root) / name
-    params = {"format": 1, "classes": classes, "samples_per_class": samples_per_class, "max_frames": frames,
-              "seed": seed, "real_samples": [r[0] for r in real]}
+    params = {
+        "format": 1,
+        "classes": classes,
+        "samples_per_class": samples_per_class,
+        "max_frames": frames,
+        "seed": seed,
+        "real_samples": [r[0] for r in real],
+    }
     marker = final / DATASET_MARKER
     if final.exists():
         try:
@@ -244,7 +250,9 @@ def prepare_dataset(
 
 def _dataset(root: Path, real: list[str], reused: bool) -> DemoDataset:
     clips = tuple(sorted((root / "videos").glob("*_rgb.avi")))
-    return DemoDataset(root, root / "skeletons", root / "videos", root / "label_map_ntu60.txt", clips, tuple(real), reused)
+    return DemoDataset(
+        root, root / "skeletons", root / "videos", root / "label_map_ntu60.txt", clips, tuple(real), reused
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,8 +328,10 @@ def embed_clips(
     started = time.monotonic()
     deadline = started + timeout
     sets: set[str] = set()
-    with httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), headers=_headers(token)) as client, \
-            cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool:
+    with (
+        httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), headers=_headers(token)) as client,
+        cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool,
+    ):
         futures = [pool.submit(_post_clips, client, teacher_url, batch, deadline) for batch in batches]
         try:
             for future in cf.as_completed(futures):
@@ -411,7 +421,13 @@ def build_train_config(
         "batch_size": batch_size,
         "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
         "schedule": {"kind": "cosine", "warmup_epochs": 1},
-        "distill": {"feature_set": feature_set, "alpha_start": 0.5, "alpha_end": 0.0, "schedule": "linear", "loss": "cosine"},
+        "distill": {
+            "feature_set": feature_set,
+            "alpha_start": 0.5,
+            "alpha_end": 0.0,
+            "schedule": "linear",
+            "loss": "cosine",
+        },
         "seed": seed,
         "workers": 0,
         "eval": {
@@ -423,7 +439,9 @@ def build_train_config(
     }
 
 
-def submit_job(trainer_url: str, config: dict[str, Any], *, token: str | None = None, key: str | None = None) -> dict[str, Any]:
+def submit_job(
+    trainer_url: str, config: dict[str, Any], *, token: str | None = None, key: str | None = None
+) -> dict[str, Any]:
     """``POST /train``; returns the job record. Retries carry the same Idempotency-Key, so a lost
     answer never creates a second job."""
     with TrainerClient(trainer_url, token=token, busy_timeout=30.0) as client:
@@ -506,10 +524,18 @@ def demo_settings(settings: Settings, out: Path, teacher_model: str, store_name:
     if trainer_port == teacher_port:
         trainer_port = free_port(settings.trainer_host)
     values.update(
-        data_dir=out, store_path=out / "stores" / f"{store_name}.lmdb", registry_dir=None, jobs_dir=None, data_roots=[],
-        broker_url=None, result_backend=None,
-        teacher_model=teacher_model, teacher_weights=None, teacher_random_init=True,
-        teacher_port=teacher_port, trainer_port=trainer_port,
+        data_dir=out,
+        store_path=out / "stores" / f"{store_name}.lmdb",
+        registry_dir=None,
+        jobs_dir=None,
+        data_roots=[],
+        broker_url=None,
+        result_backend=None,
+        teacher_model=teacher_model,
+        teacher_weights=None,
+        teacher_random_init=True,
+        teacher_port=teacher_port,
+        trainer_port=trainer_port,
     )
     return Settings(**values)
 
@@ -526,25 +552,51 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "POST /train, and print where the published checkpoint, metrics and plots are."
         ),
     )
-    parser.add_argument("--out", type=Path, default=None, help="demo folder (default <LASTKD_DATA_DIR>/demo, i.e. var/demo)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="demo folder (default <LASTKD_DATA_DIR>/demo, i.e. var/demo)"
+    )
     parser.add_argument("--classes", type=int, default=5, help="synthetic classes, 2..60 (default 5)")
-    parser.add_argument("--samples-per-class", type=int, default=6, help="synthetic samples per class, 4..200 (default 6)")
-    parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help=f"training epochs, 1..100 (default {DEMO_EPOCHS})")
-    parser.add_argument("--student-frames", type=int, default=16, help="frames per skeleton sample fed to the student (default 16)")
-    parser.add_argument("--teacher-model", choices=DEMO_TEACHERS, default=None,
-                        help="teacher size (default LASTKD_TEACHER_MODEL, i.e. videomae_v2_vit_b; "
-                             "videomae_v2_vit_s is ~4x faster on CPU)")
-    parser.add_argument("--name", default="demo-student", help="registry name of the published student (default demo-student)")
+    parser.add_argument(
+        "--samples-per-class", type=int, default=6, help="synthetic samples per class, 4..200 (default 6)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=DEMO_EPOCHS, help=f"training epochs, 1..100 (default {DEMO_EPOCHS})"
+    )
+    parser.add_argument(
+        "--student-frames", type=int, default=16, help="frames per skeleton sample fed to the student (default 16)"
+    )
+    parser.add_argument(
+        "--teacher-model",
+        choices=DEMO_TEACHERS,
+        default=None,
+        help="teacher size (default LASTKD_TEACHER_MODEL, i.e. videomae_v2_vit_b; "
+        "videomae_v2_vit_s is ~4x faster on CPU)",
+    )
+    parser.add_argument(
+        "--name", default="demo-student", help="registry name of the published student (default demo-student)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training (default 0)")
-    parser.add_argument("--ntu-sample", type=Path, default=DEFAULT_NTU_SAMPLE,
-                        help=f"folder with real NTU samples to include (default {DEFAULT_NTU_SAMPLE}, used when present)")
+    parser.add_argument(
+        "--ntu-sample",
+        type=Path,
+        default=DEFAULT_NTU_SAMPLE,
+        help=f"folder with real NTU samples to include (default {DEFAULT_NTU_SAMPLE}, used when present)",
+    )
     parser.add_argument("--no-ntu-sample", action="store_true", help="synthetic data only")
     parser.add_argument("--concurrency", type=int, default=3, help="uploads in flight to POST /embed (default 3)")
     parser.add_argument("--teacher-url", default=None, help="use a running teacher API instead of starting the stack")
-    parser.add_argument("--trainer-url", default=None, help="use a running trainer API (with --teacher-url); data goes under its data roots")
-    parser.add_argument("--keep-running", action="store_true", help="leave the demo's stack running after the summary (Ctrl-C stops it)")
+    parser.add_argument(
+        "--trainer-url",
+        default=None,
+        help="use a running trainer API (with --teacher-url); data goes under its data roots",
+    )
+    parser.add_argument(
+        "--keep-running", action="store_true", help="leave the demo's stack running after the summary (Ctrl-C stops it)"
+    )
     parser.add_argument("--fresh", action="store_true", help="delete the demo folder first")
-    parser.add_argument("--verbose", action="store_true", help="show the stack's logs on the terminal (always in <out>/logs)")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show the stack's logs on the terminal (always in <out>/logs)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -554,7 +606,9 @@ def _check_args(args: argparse.Namespace, settings: Settings) -> str | None:
     if not 2 <= args.classes <= NTU60_CLASSES:
         return f"--classes must be 2..{NTU60_CLASSES}, got {args.classes}"
     if not 4 <= args.samples_per_class <= 200:
-        return f"--samples-per-class must be 4..200 (4 reach both sides of the xsub split), got {args.samples_per_class}"
+        return (
+            f"--samples-per-class must be 4..200 (4 reach both sides of the xsub split), got {args.samples_per_class}"
+        )
     if not 1 <= args.epochs <= 100:
         return f"--epochs must be 1..100, got {args.epochs}"
     if not 4 <= args.student_frames <= 300:
@@ -636,14 +690,22 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
 
     # 1. data
     t = time.monotonic()
-    console.line(f"[1/4] data: {args.classes} synthetic classes x {args.samples_per_class} samples"
-                 + (" + the real NTU sample" if sample_dir is not None and sample_dir.is_dir() else ""))
-    dataset = prepare_dataset(
-        data_root, classes=args.classes, samples_per_class=args.samples_per_class, frames=SYNTH_FRAMES,
-        seed=args.seed, ntu_sample=sample_dir,
+    console.line(
+        f"[1/4] data: {args.classes} synthetic classes x {args.samples_per_class} samples"
+        + (" + the real NTU sample" if sample_dir is not None and sample_dir.is_dir() else "")
     )
-    console.line(f"  {'reused' if dataset.reused else 'wrote'} {len(dataset.clips)} clips in {dataset.root} "
-                 f"({_fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}")
+    dataset = prepare_dataset(
+        data_root,
+        classes=args.classes,
+        samples_per_class=args.samples_per_class,
+        frames=SYNTH_FRAMES,
+        seed=args.seed,
+        ntu_sample=sample_dir,
+    )
+    console.line(
+        f"  {'reused' if dataset.reused else 'wrote'} {len(dataset.clips)} clips in {dataset.root} "
+        f"({_fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}"
+    )
     timings = {"data": time.monotonic() - t}
 
     # 2. stack
@@ -652,7 +714,9 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
     try:
         t = time.monotonic()
         if external:
-            console.line(f"[2/4] using the running stack: teacher {teacher_url} ({model}, RANDOM-INIT), trainer {trainer_url}")
+            console.line(
+                f"[2/4] using the running stack: teacher {teacher_url} ({model}, RANDOM-INIT), trainer {trainer_url}"
+            )
         else:
             console.line(f"[2/4] starting the stack in {out} (teacher {model}, RANDOM-INIT; logs in {out / 'logs'})")
             stack = Stack(run_settings, echo=args.verbose, announce=args.verbose)
@@ -674,21 +738,39 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
         # 4. train
         t = time.monotonic()
         config = build_train_config(
-            dataset, summary.feature_set or "", name=args.name, epochs=args.epochs,
-            num_frames=args.student_frames, seed=args.seed, classes=args.classes,
+            dataset,
+            summary.feature_set or "",
+            name=args.name,
+            epochs=args.epochs,
+            num_frames=args.student_frames,
+            seed=args.seed,
+            classes=args.classes,
         )
         job = submit_job(trainer_url, config, token=token)
-        console.line(f"[4/4] training job {job['job_id']} submitted (POST {trainer_url}/train): LAST v2 small, "
-                     f"{args.epochs} epoch(s), distillation from {summary.feature_set}")
+        console.line(
+            f"[4/4] training job {job['job_id']} submitted (POST {trainer_url}/train): LAST v2 small, "
+            f"{args.epochs} epoch(s), distillation from {summary.feature_set}"
+        )
         job = follow_job(trainer_url, job["job_id"], console, token=token, alive=lambda: _check_stack(stack))
         timings["train"] = time.monotonic() - t
         if job["state"] != "COMPLETED":
             console.finish(f"  training: {job['state']}")
-            raise DemoError(f"job {job['job_id']} ended {job['state']}: {job.get('error') or 'no error recorded'} "
-                            f"(GET {trainer_url}/jobs/{job['job_id']})")
+            raise DemoError(
+                f"job {job['job_id']} ended {job['state']}: {job.get('error') or 'no error recorded'} "
+                f"(GET {trainer_url}/jobs/{job['job_id']})"
+            )
         console.finish(f"  trained in {_fmt_s(timings['train'])}")
-        _summary(console, job, trainer_url, summary, dataset, timings, time.monotonic() - t0,
-                 f"{model} RANDOM-INIT", args.classes)
+        _summary(
+            console,
+            job,
+            trainer_url,
+            summary,
+            dataset,
+            timings,
+            time.monotonic() - t0,
+            f"{model} RANDOM-INIT",
+            args.classes,
+        )
         if args.keep_running and stack is not None:
             console.line(f"The stack keeps running: teacher {teacher_url}, trainer {trainer_url}. Ctrl-C stops it.")
             dead = stack.wait(stop)
@@ -751,13 +833,22 @@ def accuracy_verdict(top1: float | None, samples: int | None, classes: int) -> s
     margin = 2.0 * math.sqrt(chance * (1.0 - chance) / samples)
     if top1 > chance + margin:
         return f"above chance ({100 * chance:.0f}% + {100 * margin:.0f} points on {samples} val samples)"
-    return (f"NOT distinguishable from chance ({100 * chance:.0f}% +- {100 * margin:.0f} points on "
-            f"{samples} val samples): the student did not learn the demo classes in this run")
+    return (
+        f"NOT distinguishable from chance ({100 * chance:.0f}% +- {100 * margin:.0f} points on "
+        f"{samples} val samples): the student did not learn the demo classes in this run"
+    )
 
 
 def _summary(
-    console: Console, job: dict[str, Any], trainer_url: str, emb: EmbedSummary, dataset: DemoDataset,
-    timings: dict[str, float], total: float, teacher: str, classes: int,
+    console: Console,
+    job: dict[str, Any],
+    trainer_url: str,
+    emb: EmbedSummary,
+    dataset: DemoDataset,
+    timings: dict[str, float],
+    total: float,
+    teacher: str,
+    classes: int,
 ) -> None:
     result = job.get("result") or {}
     metrics = job.get("metrics") or {}
@@ -766,26 +857,36 @@ def _summary(
     console.line("=" * 78)
     console.line(f"Published student: {result.get('name')} v{result.get('version')}")
     console.line(f"  folder      {folder}")
-    console.line(f"  weights     {folder / 'model.safetensors'}  (LASTv2.from_pretrained(folder): "
-                 "strict, Hugging Face layout)")
+    console.line(
+        f"  weights     {folder / 'model.safetensors'}  (LASTv2.from_pretrained(folder): strict, Hugging Face layout)"
+    )
     console.line(f"  metrics     {folder / 'metrics.json'}")
     console.line(f"  plots       {folder / 'plots'}/ ({', '.join(plots) or 'none found'})")
     console.line(f"  model card  {folder / 'README.md'}")
     console.line(f"  over HTTP   {trainer_url}/checkpoints/{result.get('name')}/v{result.get('version')}")
     console.line("Summary")
-    console.line(f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))}: "
-                 + accuracy_verdict(metrics.get("top1"), metrics.get("num_samples"), classes))
-    console.line(f"  ({classes} synthetic classes, chance {100 / classes:.0f}%; they are separable, and the demo "
-                 "recipe reaches >= 90% val top-1 on the default 5-class set: bench/learning.py)")
+    console.line(
+        f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))}: "
+        + accuracy_verdict(metrics.get("top1"), metrics.get("num_samples"), classes)
+    )
+    console.line(
+        f"  ({classes} synthetic classes, chance {100 / classes:.0f}%; they are separable, and the demo "
+        "recipe reaches >= 90% val top-1 on the default 5-class set: bench/learning.py)"
+    )
     history = (job.get("history") or [{}])[-1] or {}
     if metrics.get("ce_floor") is not None:
-        console.line(f"  CE floor with label smoothing over {classes} classes: {float(metrics['ce_floor']):.3f}"
-                     + (f"; final train CE {float(history['train_ce']):.3f}" if "train_ce" in history else ""))
-    console.line(f"  teacher feature coverage: train {_pct(metrics.get('coverage_train'))}, val {_pct(metrics.get('coverage_val'))}")
-    console.line(f"  clips: {len(dataset.clips)} ({emb.embedded} embedded, {emb.cached} cached, {len(emb.failed)} failed), "
-                 f"teacher {teacher}, feature set {emb.feature_set}")
+        console.line(
+            f"  CE floor with label smoothing over {classes} classes: {float(metrics['ce_floor']):.3f}"
+            + (f"; final train CE {float(history['train_ce']):.3f}" if "train_ce" in history else "")
+        )
+    console.line(
+        f"  teacher feature coverage: train {_pct(metrics.get('coverage_train'))}, val {_pct(metrics.get('coverage_val'))}"
+    )
+    console.line(
+        f"  clips: {len(dataset.clips)} ({emb.embedded} embedded, {emb.cached} cached, {len(emb.failed)} failed), "
+        f"teacher {teacher}, feature set {emb.feature_set}"
+    )
     console.line("  time: " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in timings.items()) + f"; total {_fmt_s(total)}")
     console.line(NOTICE)
     console.line(REAL_USE)
     console.line("=" * 78)
-

@@ -15,7 +15,6 @@ requests for Prometheus and shape their errors, so a client sees one API style:
 from __future__ import annotations
 
 import argparse
-
 import hmac
 import logging
 import time
@@ -178,14 +177,14 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
-def add_bind_arguments(parser: "argparse.ArgumentParser", service: str) -> None:
+def add_bind_arguments(parser: argparse.ArgumentParser, service: str) -> None:
     """The ``--host``/``--port`` options every ``lastkd serve-*`` command shares."""
     env = f"LASTKD_{service.upper()}"
     parser.add_argument("--host", default=None, help=f"bind address (default: {env}_HOST)")
     parser.add_argument("--port", type=int, default=None, help=f"port (default: {env}_PORT)")
 
 
-def bind_address(args: "argparse.Namespace", host: str, port: int, token: str | None) -> tuple[str, int]:
+def bind_address(args: argparse.Namespace, host: str, port: int, token: str | None) -> tuple[str, int]:
     """The (host, port) to listen on: command-line overrides over settings, checked.
 
     Raises :class:`BindRefusedError` for a port out of range or a public address without a token.
@@ -295,13 +294,17 @@ async def _check_token(request: Request, token: str | None) -> None:
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value:
         raise ApiError(
-            401, "unauthorized", "this endpoint requires 'Authorization: Bearer <token>'",
+            401,
+            "unauthorized",
+            "this endpoint requires 'Authorization: Bearer <token>'",
             headers={"WWW-Authenticate": 'Bearer realm="lastkd"'},
         )
     # constant-time: the token cannot be guessed byte by byte from response timings
     if not hmac.compare_digest(value.strip().encode("utf-8"), token.encode("utf-8")):
         raise ApiError(
-            401, "unauthorized", "invalid bearer token",
+            401,
+            "unauthorized",
+            "invalid bearer token",
             headers={"WWW-Authenticate": 'Bearer realm="lastkd", error="invalid_token"'},
         )
 
@@ -391,8 +394,12 @@ def create_service_app(
     app.add_middleware(JsonBodyLimit, max_bytes=max_json_bytes)
     add_live_route(app)
 
-    @app.get("/metrics", tags=["health"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    )
     async def prometheus() -> Response:
         return metrics_response(metrics.registry)
 

@@ -134,7 +134,9 @@ class Settings(BaseSettings):
             value = value.get_secret_value()
         if isinstance(value, str) and not value.strip():
             return None
-        if isinstance(value, str) and (value != value.strip() or any(c.isspace() or not c.isprintable() for c in value)):
+        if isinstance(value, str) and (
+            value != value.strip() or any(c.isspace() or not c.isprintable() for c in value)
+        ):
             raise ValueError("must not contain whitespace or control characters (it is sent in an HTTP header)")
         return value
 
@@ -149,7 +151,7 @@ class Settings(BaseSettings):
         return None if value is None else check_celery_url(value, RESULT_SCHEMES, "db+")
 
     @model_validator(mode="after")
-    def _token_for_public_bind(self) -> "Settings":
+    def _token_for_public_bind(self) -> Settings:
         for name in ("teacher_host", "trainer_host"):
             host = getattr(self, name)
             if not is_loopback(host) and self.api_token is None:

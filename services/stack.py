@@ -234,7 +234,8 @@ class Stack:
         self.announce = announce
         self.out = out or sys.stdout
         self.colour = (
-            colour if colour is not None
+            colour
+            if colour is not None
             else bool(getattr(self.out, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
         )
         self.log_dir = Path(log_dir) if log_dir is not None else Path(settings.data_dir) / "logs"
@@ -325,8 +326,12 @@ class Stack:
         proc = subprocess.Popen(
             # LIFELINE_ENV: the child shuts itself down if this process dies without stopping
             # it (kill -9), so a killed `lastkd up` leaves no service running.
-            argv, cwd=self.cwd, env={**self.env, LIFELINE_ENV: str(os.getpid())}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            argv,
+            cwd=self.cwd,
+            env={**self.env, LIFELINE_ENV: str(os.getpid())},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             # Own process group: the terminal's Ctrl-C reaches `up` only, which then stops the
             # children in order; and killpg reaches a child's own sub-processes too.
             start_new_session=True,
@@ -445,7 +450,7 @@ class Stack:
                 child.proc.stdout.close()
         return {name: c.proc.returncode for name, c in self.children.items()}
 
-    def __enter__(self) -> "Stack":
+    def __enter__(self) -> Stack:
         self.start()
         return self
 
@@ -479,11 +484,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "process; if one dies, the others are stopped and the exit status is 1."
         ),
     )
-    parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
-                        help=f"seconds to wait for every component to be ready (default {DEFAULT_READY_TIMEOUT_S:.0f})")
-    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_S,
-                        help=f"seconds a component gets to stop before it is killed (default {DEFAULT_GRACE_S:.0f})")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the components' logs (they still go to <data dir>/logs)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=DEFAULT_READY_TIMEOUT_S,
+        help=f"seconds to wait for every component to be ready (default {DEFAULT_READY_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        help=f"seconds a component gets to stop before it is killed (default {DEFAULT_GRACE_S:.0f})",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="do not echo the components' logs (they still go to <data dir>/logs)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -495,11 +510,15 @@ def _preflight(settings: Settings, ready_timeout: float, grace: float) -> str | 
     if not 0 <= grace <= 3600:
         return f"--grace must be in [0, 3600] seconds, got {grace}"
     if settings.teacher_port == settings.trainer_port and settings.teacher_host == settings.trainer_host:
-        return (f"LASTKD_TEACHER_PORT and LASTKD_TRAINER_PORT are both {settings.teacher_port}: "
-                "the two APIs need different ports")
+        return (
+            f"LASTKD_TEACHER_PORT and LASTKD_TRAINER_PORT are both {settings.teacher_port}: "
+            "the two APIs need different ports"
+        )
     if settings.teacher_weights is None and not settings.teacher_random_init:
-        return ("no teacher weights: set LASTKD_TEACHER_WEIGHTS to an official VideoMAE V2 checkpoint, "
-                "or LASTKD_TEACHER_RANDOM_INIT=true for a random-init teacher (tests/demo only)")
+        return (
+            "no teacher weights: set LASTKD_TEACHER_WEIGHTS to an official VideoMAE V2 checkpoint, "
+            "or LASTKD_TEACHER_RANDOM_INIT=true for a random-init teacher (tests/demo only)"
+        )
     return None
 
 

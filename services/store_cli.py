@@ -43,7 +43,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     export = sub.add_parser("export", parents=[output, location], help="write a compacted, checksummed snapshot")
     export.add_argument("dest", type=Path, help="new or empty directory for the snapshot")
     export.add_argument(
-        "--set", dest="set_ids", action="append", default=None, metavar="SET_ID",
+        "--set",
+        dest="set_ids",
+        action="append",
+        default=None,
+        metavar="SET_ID",
         help="export only this feature set (repeatable); default: the whole store",
     )
     verify = sub.add_parser("verify", parents=[output], help="verify a snapshot against its manifest")
@@ -69,7 +73,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 store.close()
     except NotAStoreError as exc:
-        hint = " (the path comes from LASTKD_STORE_PATH / LASTKD_DATA_DIR; --path overrides it)" if from_settings else ""
+        hint = (
+            " (the path comes from LASTKD_STORE_PATH / LASTKD_DATA_DIR; --path overrides it)" if from_settings else ""
+        )
         return _error(command, f"{exc}{hint}")
     except FeatureStoreError as exc:
         return _error(command, str(exc))

@@ -39,14 +39,16 @@ _logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
+
 def _read_checkpoint_bytes(path: Path) -> bytes:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a regular file")
     if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-        raise CheckpointError(f"checkpoint {path} has suffix {path.suffix!r}; expected one of "
-                              f"{', '.join(CHECKPOINT_SUFFIXES)}")
+        raise CheckpointError(
+            f"checkpoint {path} has suffix {path.suffix!r}; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+        )
     data = path.read_bytes()
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
@@ -70,17 +72,29 @@ def _load_torch_bytes(data: bytes, path: Path) -> Any:
             unsafe = list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
         unsafe += [g for g in _UNSUPPORTED_GLOBAL.findall(str(exc)) if g not in unsafe]
         if not unsafe:
-            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (corrupt pickle data: "
-                                  f"{_last_line(str(exc))})") from exc
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable PyTorch file (corrupt pickle data: {_last_line(str(exc))})"
+            ) from exc
         raise CheckpointError(
             f"checkpoint {path} pickles objects that torch.load(weights_only=True) refuses: {', '.join(unsafe)}. "
             "Unsafe loading is never used. Fix: re-save only the weights, e.g. in a trusted Python session "
             "`ck = torch.load(PATH, weights_only=False); torch.save({'model': ck['model']}, NEW_PATH)` "
-            "(or save them as .safetensors), then load NEW_PATH") from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, IndexError, KeyError,
-            AttributeError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
+            "(or save them as .safetensors), then load NEW_PATH"
+        ) from exc
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        IndexError,
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable PyTorch file (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _load_safetensors_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
@@ -90,8 +104,9 @@ def _load_safetensors_bytes(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_safetensors(data)
     except (SafetensorError, RuntimeError, ValueError, OSError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): "
-                              f"{type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file (truncated or corrupt?): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
@@ -104,13 +119,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Any, str]:
     return _load_torch_bytes(data, path), digest
 
 
-def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: VideoMAEv2, strict: bool,
-                            source: str) -> dict[str, torch.Tensor]:
+def _validate_against_model(
+    state_dict: Mapping[str, torch.Tensor], model: VideoMAEv2, strict: bool, source: str
+) -> dict[str, torch.Tensor]:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
     non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if non_finite:
         raise CheckpointError(f"{source}: tensors with NaN/inf values: {names_for_error(non_finite)}")
@@ -122,17 +141,24 @@ def _validate_against_model(state_dict: Mapping[str, torch.Tensor], model: Video
             parts.append(f"unexpected keys ({len(unexpected)}): {names_for_error(unexpected)}")
         if wrong_shape:
             parts.append(f"wrong shapes ({len(wrong_shape)}): {names_for_error(wrong_shape)}")
-        raise CheckpointError(f"{source} does not match the model ({model.config.get('name', type(model).__name__)} "
-                              f"{model.config.get('embed_dim', '')}-d, depth {model.config.get('depth', '')}): "
-                              + "; ".join(parts))
+        raise CheckpointError(
+            f"{source} does not match the model ({model.config.get('name', type(model).__name__)} "
+            f"{model.config.get('embed_dim', '')}-d, depth {model.config.get('depth', '')}): " + "; ".join(parts)
+        )
     if missing or unexpected or wrong_shape:
-        _logger.warning("non-strict load of %s: missing %s; unexpected %s; skipped for shape %s", source,
-                        names_for_error(missing) or "-", names_for_error(unexpected) or "-", names_for_error(wrong_shape) or "-")
+        _logger.warning(
+            "non-strict load of %s: missing %s; unexpected %s; skipped for shape %s",
+            source,
+            names_for_error(missing) or "-",
+            names_for_error(unexpected) or "-",
+            names_for_error(wrong_shape) or "-",
+        )
     return {k: v for k, v in state_dict.items() if k in own and v.shape == own[k].shape}
 
 
-def load_checkpoint(model: VideoMAEv2, path: str | os.PathLike[str], strict: bool = True,
-                    head: HeadMode = "auto") -> str:
+def load_checkpoint(
+    model: VideoMAEv2, path: str | os.PathLike[str], strict: bool = True, head: HeadMode = "auto"
+) -> str:
     """Load an official (or our own) checkpoint file into ``model``; returns the file's sha256.
 
     Accepts ``.pth``/``.pt`` (read with ``torch.load(weights_only=True)``; files that pickle other
@@ -177,5 +203,3 @@ def save_official(model: VideoMAEv2, path: str | os.PathLike[str]) -> str:
             os.unlink(tmp_name)
         raise
     return sha256_file(path)
-
-

@@ -23,20 +23,18 @@ trainer recomputes them over the training set, see ``lastkd.student.bn_stats``) 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
-from huggingface_hub import PyTorchModelHubMixin
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 NUM_JOINTS = 25
@@ -45,8 +43,29 @@ STREAM_ORDER: tuple[str, ...] = ("joint", "velocity", "bone")
 
 # 1-based NTU bone edges exactly as listed in spec section 1.1 (hand edges included as given).
 _NTU_EDGES_1BASED: tuple[tuple[int, int], ...] = (
-    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10), (12, 11),
-    (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25),
+    (1, 2),
+    (2, 21),
+    (3, 21),
+    (4, 3),
+    (5, 21),
+    (6, 5),
+    (7, 6),
+    (8, 7),
+    (9, 21),
+    (10, 9),
+    (11, 10),
+    (12, 11),
+    (13, 1),
+    (14, 13),
+    (15, 14),
+    (16, 15),
+    (17, 1),
+    (18, 17),
+    (19, 18),
+    (20, 19),
+    (22, 23),
+    (23, 8),
+    (24, 25),
     (25, 12),
 )
 _NTU_CENTER = 20  # 0-based spine-shoulder
@@ -458,7 +477,9 @@ class LASTv2(
 
     def stream_bns(self) -> dict[str, StreamBatchNorm2d]:
         """Every backbone BatchNorm by its state-dict prefix (``backbone.0.gcn_bn`` ...)."""
-        return {f"backbone.{name}": mod for name, mod in self.backbone.named_modules() if isinstance(mod, StreamBatchNorm2d)}
+        return {
+            f"backbone.{name}": mod for name, mod in self.backbone.named_modules() if isinstance(mod, StreamBatchNorm2d)
+        }
 
     def has_stream_bn_stats(self) -> bool:
         """True when per-stream eval statistics are installed."""
@@ -484,7 +505,9 @@ class LASTv2(
                 value = stats[f"{prefix}.{buf}"]
                 if not isinstance(value, Tensor) or tuple(value.shape) != (len(STREAM_ORDER), bn.num_features):
                     shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                    raise ValueError(f"{prefix}.{buf}: expected shape ({len(STREAM_ORDER)}, {bn.num_features}), got {shape}")
+                    raise ValueError(
+                        f"{prefix}.{buf}: expected shape ({len(STREAM_ORDER)}, {bn.num_features}), got {shape}"
+                    )
                 if not torch.isfinite(value).all() or (buf == "stream_var" and (value < 0).any()):
                     raise ValueError(f"{prefix}.{buf}: non-finite or negative values")
         for prefix, bn in bns.items():
@@ -530,9 +553,17 @@ class LASTv2(
             from huggingface_hub.errors import EntryNotFoundError
 
             try:
-                return Path(hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
-                                            force_download=force_download, local_files_only=local_files_only,
-                                            token=token))
+                return Path(
+                    hf_hub_download(
+                        model_id,
+                        name,
+                        revision=revision,
+                        cache_dir=cache_dir,
+                        force_download=force_download,
+                        local_files_only=local_files_only,
+                        token=token,
+                    )
+                )
             except EntryNotFoundError:
                 if required:
                     raise
@@ -544,8 +575,12 @@ class LASTv2(
         if not isinstance(config, dict) or config.get("format") != STUDENT_FORMAT:
             raise ValueError(f"{config_path}: not a lastkd student description (format {STUDENT_FORMAT!r} expected)")
         # The mixin has already copied the init arguments it found in config.json into model_kwargs.
-        init = {"num_classes": config.get("num_classes"), "variant": config.get("variant"),
-                "in_channels": config.get("in_channels", 3), **model_kwargs}
+        init = {
+            "num_classes": config.get("num_classes"),
+            "variant": config.get("variant"),
+            "in_channels": config.get("in_channels", 3),
+            **model_kwargs,
+        }
         model = cls(**init)
         weights = fetch(WEIGHTS_FILE)
         assert weights is not None

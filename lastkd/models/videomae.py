@@ -26,11 +26,11 @@ from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
+from torch import nn
 
 __all__ = [
     "CheckpointError",
@@ -87,8 +87,9 @@ def sinusoid_position_table(num_positions: int, dim: int) -> torch.Tensor:
 class TubeletEmbed(nn.Module):
     """Conv3d tubelet embedding: (B, C, T, H, W) -> tokens (B, N, D), time slowest, columns fastest."""
 
-    def __init__(self, img_size: int, patch_size: int, tubelet_size: int, num_frames: int, in_chans: int,
-                 embed_dim: int) -> None:
+    def __init__(
+        self, img_size: int, patch_size: int, tubelet_size: int, num_frames: int, in_chans: int, embed_dim: int
+    ) -> None:
         super().__init__()
         self.img_size = img_size
         self.patch_size = patch_size
@@ -97,8 +98,12 @@ class TubeletEmbed(nn.Module):
         self.in_chans = in_chans
         self.grid_size = (num_frames // tubelet_size, img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=(tubelet_size, patch_size, patch_size),
-                              stride=(tubelet_size, patch_size, patch_size))
+        self.proj = nn.Conv3d(
+            in_chans,
+            embed_dim,
+            kernel_size=(tubelet_size, patch_size, patch_size),
+            stride=(tubelet_size, patch_size, patch_size),
+        )
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError unless x is (B, in_chans, num_frames, img_size, img_size)."""
@@ -109,11 +114,15 @@ class TubeletEmbed(nn.Module):
             raise ValueError(f"expected a 5-D input (B, C, T, H, W) = {expected}, got shape {tuple(x.shape)}")
         _, c, t, h, w = x.shape
         if c != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} channels (RGB, layout B,C,T,H,W) = {expected}, "
-                             f"got shape {tuple(x.shape)}; (B, T, C, H, W) inputs must be permuted first")
+            raise ValueError(
+                f"expected {self.in_chans} channels (RGB, layout B,C,T,H,W) = {expected}, "
+                f"got shape {tuple(x.shape)}; (B, T, C, H, W) inputs must be permuted first"
+            )
         if t != self.num_frames:
-            raise ValueError(f"model was built for {self.num_frames} frames, got {t} (input shape {tuple(x.shape)}); "
-                             f"build it with num_frames={t} instead (must be a multiple of {self.tubelet_size})")
+            raise ValueError(
+                f"model was built for {self.num_frames} frames, got {t} (input shape {tuple(x.shape)}); "
+                f"build it with num_frames={t} instead (must be a multiple of {self.tubelet_size})"
+            )
         if h != self.img_size or w != self.img_size:
             raise ValueError(f"expected spatial size {self.img_size}x{self.img_size}, got {h}x{w}")
         if not x.is_floating_point():
@@ -128,9 +137,11 @@ class TubeletEmbed(nn.Module):
         b, c, t, h, w = x.shape
         pt, ps = self.tubelet_size, self.patch_size
         gt, gh, gw = t // pt, h // ps, w // ps
-        patches = (x.reshape(b, c, gt, pt, gh, ps, gw, ps)
-                   .permute(0, 2, 4, 6, 1, 3, 5, 7)
-                   .reshape(b, gt * gh * gw, c * pt * ps * ps))
+        patches = (
+            x.reshape(b, c, gt, pt, gh, ps, gw, ps)
+            .permute(0, 2, 4, 6, 1, 3, 5, 7)
+            .reshape(b, gt * gh * gw, c * pt * ps * ps)
+        )
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 
 
@@ -155,10 +166,15 @@ class VideoMAEBlock(Block):
     attn: Attention
     mlp: Mlp
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        if (torch.is_grad_enabled() or self.training or attn_mask is not None or is_causal
-                or not self.attn.fused_attn or not self._plain):
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if (
+            torch.is_grad_enabled()
+            or self.training
+            or attn_mask is not None
+            or is_causal
+            or not self.attn.fused_attn
+            or not self._plain
+        ):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         b, n, d = x.shape
         attn, mlp = self.attn, self.mlp
@@ -168,8 +184,9 @@ class VideoMAEBlock(Block):
         heads = F.scaled_dot_product_attention(q, k, v)
         # x + proj(o): the GEMM writes bias + o @ W^T into a fresh tensor, the residual is added
         # in place (float addition commutes, so this equals timm's x + proj(o) exactly).
-        y = _add_residual(torch.addmm(attn.proj.bias, heads.transpose(1, 2).reshape(b * n, d), attn.proj.weight.t()),
-                          rows)
+        y = _add_residual(
+            torch.addmm(attn.proj.bias, heads.transpose(1, 2).reshape(b * n, d), attn.proj.weight.t()), rows
+        )
         # Biases exist: _plain checked them (cast only tells the type checker).
         hidden = torch.addmm(cast(torch.Tensor, mlp.fc1.bias), self.norm2(y).view(b * n, d), mlp.fc1.weight.t())
         torch.ops.aten.gelu_(hidden)
@@ -179,11 +196,14 @@ class VideoMAEBlock(Block):
     def _plain(self) -> bool:
         """True when the block has exactly the layers the inference path spells out."""
         attn, mlp = self.attn, self.mlp
-        identity = (self.ls1, self.ls2, self.drop_path1, self.drop_path2, attn.q_norm, attn.k_norm, attn.norm,
-                    mlp.norm)
-        return (all(isinstance(m, nn.Identity) for m in identity) and getattr(attn, "gate", None) is None
-                and isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
-                and all(m.bias is not None for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)))
+        identity = (self.ls1, self.ls2, self.drop_path1, self.drop_path2, attn.q_norm, attn.k_norm, attn.norm, mlp.norm)
+        return (
+            all(isinstance(m, nn.Identity) for m in identity)
+            and getattr(attn, "gate", None) is None
+            and isinstance(mlp.act, nn.GELU)
+            and mlp.act.approximate == "none"
+            and all(m.bias is not None for m in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2))
+        )
 
 
 class VideoMAEv2(nn.Module):
@@ -218,8 +238,16 @@ class VideoMAEv2(nn.Module):
         fused_attn: bool = True,
     ) -> None:
         super().__init__()
-        ints = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_frames=num_frames,
-                    tubelet_size=tubelet_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+        ints = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_frames=num_frames,
+            tubelet_size=tubelet_size,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+        )
         for key, value in ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
@@ -233,8 +261,12 @@ class VideoMAEv2(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not (isinstance(mlp_ratio, (int, float)) and math.isfinite(mlp_ratio) and mlp_ratio > 0):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
-        rates: dict[str, float] = dict(drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
-                                       drop_path_rate=drop_path_rate, head_drop_rate=head_drop_rate)
+        rates: dict[str, float] = dict(
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            head_drop_rate=head_drop_rate,
+        )
         for key, rate in rates.items():
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {rate!r}")
@@ -255,13 +287,23 @@ class VideoMAEv2(nn.Module):
 
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList([
-            VideoMAEBlock(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=None,
-                  proj_drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                  norm_layer=norm_layer,  # type: ignore[arg-type]  # timm only calls it: norm_layer(dim)
-                  act_layer=nn.GELU)
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                VideoMAEBlock(
+                    dim=embed_dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    init_values=None,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,  # type: ignore[arg-type]  # timm only calls it: norm_layer(dim)
+                    act_layer=nn.GELU,
+                )
+                for i in range(depth)
+            ]
+        )
         self.fc_norm = norm_layer(embed_dim)
         self.head_drop = nn.Dropout(head_drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -381,13 +423,15 @@ def create_videomae(name: str, **overrides: Any) -> VideoMAEv2:
     check_model_name(name)
     arch = sorted(_ARCH_KEYS & overrides.keys())
     if arch:
-        raise ValueError(f"{', '.join(arch)} define the size of {name!r} and cannot be overridden; "
-                         f"pick another registered size")
+        raise ValueError(
+            f"{', '.join(arch)} define the size of {name!r} and cannot be overridden; pick another registered size"
+        )
     allowed = set(VideoMAEv2.__init__.__kwdefaults__ or {})
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise TypeError(f"unknown option(s) for {name!r}: {', '.join(unknown)}; "
-                        f"allowed: {', '.join(sorted(allowed - _ARCH_KEYS))}")
+        raise TypeError(
+            f"unknown option(s) for {name!r}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed - _ARCH_KEYS))}"
+        )
     kwargs = {**_BASE_CONFIG, **MODEL_CONFIGS[name], **overrides}
     model = VideoMAEv2(**kwargs)
     model.config["name"] = name
@@ -421,14 +465,16 @@ def _cfg(num_classes: int = 710, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "videomae_v2_vit_s.k710_distill_from_giant": _cfg(notes=("official file: vit_s_k710_dl_from_giant.pth",)),
-    "videomae_v2_vit_b.k710_distill_from_giant": _cfg(notes=("official file: vit_b_k710_dl_from_giant.pth",)),
-    "videomae_v2_vit_l": _cfg(),
-    "videomae_v2_vit_h": _cfg(),
-    "videomae_v2_vit_g.k710_ft": _cfg(notes=("official file: vit_g_hybrid_pt_1200e_k710_ft.pth",)),
-    "videomae_v2_tiny": _cfg(num_classes=10, notes=("the golden-fixture size (shared/reference)",)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "videomae_v2_vit_s.k710_distill_from_giant": _cfg(notes=("official file: vit_s_k710_dl_from_giant.pth",)),
+        "videomae_v2_vit_b.k710_distill_from_giant": _cfg(notes=("official file: vit_b_k710_dl_from_giant.pth",)),
+        "videomae_v2_vit_l": _cfg(),
+        "videomae_v2_vit_h": _cfg(),
+        "videomae_v2_vit_g.k710_ft": _cfg(notes=("official file: vit_g_hybrid_pt_1200e_k710_ft.pth",)),
+        "videomae_v2_tiny": _cfg(num_classes=10, notes=("the golden-fixture size (shared/reference)",)),
+    }
+)
 
 
 def _timm_filter(state_dict: Any, model: VideoMAEv2) -> OrderedDict[str, torch.Tensor]:
@@ -437,8 +483,9 @@ def _timm_filter(state_dict: Any, model: VideoMAEv2) -> OrderedDict[str, torch.T
 
 
 def _create_timm(variant: str, pretrained: bool, **kwargs: Any) -> VideoMAEv2:
-    return build_model_with_cfg(partial(create_videomae, variant), variant, pretrained,
-                                pretrained_filter_fn=_timm_filter, **kwargs)
+    return build_model_with_cfg(
+        partial(create_videomae, variant), variant, pretrained, pretrained_filter_fn=_timm_filter, **kwargs
+    )
 
 
 @register_model
@@ -507,7 +554,8 @@ def _unwrap(checkpoint: Any) -> dict[str, torch.Tensor]:
     if bad:
         raise CheckpointError(
             f"checkpoint is not a state dict: entries {names_for_error(map(repr, bad))} are not tensors "
-            f"(a training save? weights are expected at the top level or under 'model' / 'module')")
+            f"(a training save? weights are expected at the top level or under 'model' / 'module')"
+        )
     return dict(checkpoint)
 
 
@@ -515,10 +563,10 @@ def _strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.startswith(_COMPILE_PREFIX):
-            key = key[len(_COMPILE_PREFIX):]
+            key = key[len(_COMPILE_PREFIX) :]
         for prefix in _MODULE_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
                 break
         if key in out:
             raise CheckpointError(f"checkpoint key {key!r} appears twice after stripping wrapper prefixes")
@@ -535,7 +583,8 @@ def _reject_pretrain(keys: list[str]) -> None:
         raise CheckpointError(
             f"this is a VideoMAE V2 pre-training checkpoint (found {', '.join(found)}"
             f"{'' if has_fc_norm else ' and no fc_norm'}), not a fine-tuned/distilled classification "
-            "checkpoint; the teacher needs a fine-tuned one such as vit_b_k710_dl_from_giant.pth")
+            "checkpoint; the teacher needs a fine-tuned one such as vit_b_k710_dl_from_giant.pth"
+        )
 
 
 def _fuse_qv_bias(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -555,8 +604,9 @@ def _fuse_qv_bias(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if v is None:
             raise CheckpointError(f"checkpoint has {key} but no {prefix}v_bias")
         if value.ndim != 1 or v.shape != value.shape:
-            raise CheckpointError(f"{key} {tuple(value.shape)} and {prefix}v_bias {tuple(v.shape)} must be "
-                                  "1-D vectors of the same length")
+            raise CheckpointError(
+                f"{key} {tuple(value.shape)} and {prefix}v_bias {tuple(v.shape)} must be 1-D vectors of the same length"
+            )
         if prefix + "qkv.bias" in state_dict:
             raise CheckpointError(f"checkpoint has both {key} and {prefix}qkv.bias; cannot tell which is meant")
         out[prefix + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v.to(value.dtype)])
@@ -589,12 +639,16 @@ def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "a
     stored_pos = sd.pop("pos_embed", None)
     if stored_pos is not None:
         if tuple(stored_pos.shape) == tuple(model.pos_embed.shape):
-            _logger.info("checkpoint pos_embed %s ignored: the model uses its fixed sinusoid table",
-                         tuple(stored_pos.shape))
+            _logger.info(
+                "checkpoint pos_embed %s ignored: the model uses its fixed sinusoid table", tuple(stored_pos.shape)
+            )
         else:
-            _logger.warning("checkpoint pos_embed %s does not match the model table %s (other frame count or a "
-                            "learnable table); ignored, the model's fixed sinusoid table is used",
-                            tuple(stored_pos.shape), tuple(model.pos_embed.shape))
+            _logger.warning(
+                "checkpoint pos_embed %s does not match the model table %s (other frame count or a "
+                "learnable table); ignored, the model's fixed sinusoid table is used",
+                tuple(stored_pos.shape),
+                tuple(model.pos_embed.shape),
+            )
 
     own = model.state_dict()
     model_has_head = model.num_classes > 0
@@ -603,18 +657,27 @@ def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "a
         head = "keep" if model_has_head else "drop"
     if head == "keep":
         if ckpt_head and not model_has_head:
-            raise CheckpointError(f"checkpoint has a classification head ({', '.join(ckpt_head)}) but the model "
-                                  "was built with num_classes=0; use head='drop' to discard it")
-        mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in ckpt_head.items()
-                      if k in own and v.shape != own[k].shape]
+            raise CheckpointError(
+                f"checkpoint has a classification head ({', '.join(ckpt_head)}) but the model "
+                "was built with num_classes=0; use head='drop' to discard it"
+            )
+        mismatched = [
+            f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in ckpt_head.items()
+            if k in own and v.shape != own[k].shape
+        ]
         if mismatched:
-            raise CheckpointError(f"classification head does not match: {'; '.join(mismatched)}; build the model "
-                                  "with the checkpoint's num_classes, or use head='replace' (re-initialise) or "
-                                  "head='drop' (num_classes=0)")
+            raise CheckpointError(
+                f"classification head does not match: {'; '.join(mismatched)}; build the model "
+                "with the checkpoint's num_classes, or use head='replace' (re-initialise) or "
+                "head='drop' (num_classes=0)"
+            )
     elif head == "drop":
         if model_has_head:
-            raise CheckpointError(f"head='drop' needs a model built with num_classes=0, this one has "
-                                  f"{model.num_classes} classes; use head='replace' to re-initialise its head")
+            raise CheckpointError(
+                f"head='drop' needs a model built with num_classes=0, this one has "
+                f"{model.num_classes} classes; use head='replace' to re-initialise its head"
+            )
         for k in ckpt_head:
             del sd[k]
         if ckpt_head:
@@ -626,12 +689,16 @@ def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "a
             if ckpt_head:
                 _logger.info("checkpoint head dropped (model has no head)")
         else:
-            fits = (set(ckpt_head) == {"head.weight", "head.bias"}
-                    and all(ckpt_head[k].shape == own[k].shape for k in ckpt_head))
+            fits = set(ckpt_head) == {"head.weight", "head.bias"} and all(
+                ckpt_head[k].shape == own[k].shape for k in ckpt_head
+            )
             if not fits:
                 shape = tuple(ckpt_head["head.weight"].shape) if "head.weight" in ckpt_head else None
-                _logger.warning("checkpoint head %s does not fit the model head %s: the head is re-initialised",
-                                shape, tuple(own["head.weight"].shape))
+                _logger.warning(
+                    "checkpoint head %s does not fit the model head %s: the head is re-initialised",
+                    shape,
+                    tuple(own["head.weight"].shape),
+                )
                 for k in ckpt_head:
                     del sd[k]
                 sd["head.weight"] = own["head.weight"].detach().clone()
@@ -662,11 +729,13 @@ def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tens
             prefix = key[: -len("qkv.weight")]
             bias = own[prefix + "qkv.bias"]
             dim = bias.shape[0] // 3
-            if torch.count_nonzero(bias[dim: 2 * dim]) != 0:
-                raise ValueError(f"{prefix}qkv.bias has a non-zero key slice; the official layout cannot hold "
-                                 "a key bias (it has no effect on outputs: zero it before exporting)")
+            if torch.count_nonzero(bias[dim : 2 * dim]) != 0:
+                raise ValueError(
+                    f"{prefix}qkv.bias has a non-zero key slice; the official layout cannot hold "
+                    "a key bias (it has no effect on outputs: zero it before exporting)"
+                )
             out[prefix + "q_bias"] = bias[:dim].detach().clone()
-            out[prefix + "v_bias"] = bias[2 * dim:].detach().clone()
+            out[prefix + "v_bias"] = bias[2 * dim :].detach().clone()
         out[key] = value.detach()
     return out
 

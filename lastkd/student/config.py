@@ -15,8 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from lastkd.ids import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported for the demo and publishing)
 from lastkd.devices import DEVICE_HELP, DeviceSpec
+from lastkd.ids import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported for the demo and publishing)
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
 from lastkd.validation import StrictModel, problems
@@ -39,7 +39,7 @@ class OptimizerConfig(StrictModel):
     nesterov: bool = True
 
     @model_validator(mode="after")
-    def _nesterov(self) -> "OptimizerConfig":
+    def _nesterov(self) -> OptimizerConfig:
         if self.name == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         return self
@@ -77,7 +77,9 @@ class EvalConfig(StrictModel):
         "per stream (default) or pooled over the streams (the reference forward), or the running averages "
         "left by training (reference behaviour; wrong after short runs).",
     )
-    bn_samples: int = Field(2048, ge=1, le=10_000_000, description="Training samples the statistics are recomputed over.")
+    bn_samples: int = Field(
+        2048, ge=1, le=10_000_000, description="Training samples the statistics are recomputed over."
+    )
 
     @field_validator("jitter_stds")
     @classmethod
@@ -120,7 +122,7 @@ class TrainConfig(StrictModel):
         return check_name(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.amp != "none" and self.device == "cpu":
             raise ValueError("amp needs CUDA: set amp to 'none' or device to 'cuda'/'auto'")
         if self.schedule.warmup_epochs > self.epochs:
@@ -157,7 +159,7 @@ class TrainConfig(StrictModel):
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, raw: Any, source: str = "config") -> TrainConfig:
         """Validate a plain mapping; raises :class:`ConfigError` naming every bad field."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
@@ -167,7 +169,7 @@ class TrainConfig(StrictModel):
             raise ConfigError(format_validation_error(exc, source)) from None
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> "TrainConfig":
+    def from_yaml(cls, path: Path | str) -> TrainConfig:
         """Read and validate a YAML (or JSON) config file."""
         path = Path(path)
         if not path.is_file():

@@ -195,7 +195,9 @@ def label_smoothed_nll(logprob: Tensor, target: Tensor, label_smoothing: float) 
     if logprob.dim() != 2:
         raise ValueError(f"logprob must be (N, classes), got {tuple(logprob.shape)}")
     if target.shape != (logprob.shape[0],) or target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target must be int64 of shape ({logprob.shape[0]},), got {target.dtype} {tuple(target.shape)}")
+        raise ValueError(
+            f"target must be int64 of shape ({logprob.shape[0]},), got {target.dtype} {tuple(target.shape)}"
+        )
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     nll = -logprob.gather(1, target.long().unsqueeze(1)).squeeze(1)
@@ -240,7 +242,11 @@ def total_loss(
     if alpha == 0.0:
         zero = ce.new_zeros(())
         return ce, {
-            "ce": ce.detach(), "distill": zero, "total": ce.detach(), "alpha": 0.0, "alpha_effective": zero,
+            "ce": ce.detach(),
+            "distill": zero,
+            "total": ce.detach(),
+            "alpha": 0.0,
+            "alpha_effective": zero,
         }
     if student_feat is None or teacher is None or mask is None or projector is None:
         raise ValueError("alpha > 0 needs student_feat, teacher, mask and projector")
@@ -248,7 +254,10 @@ def total_loss(
     a_eff = mask.to(ce.device).any().to(ce.dtype) * float(alpha)
     loss = (1.0 - a_eff) * ce + a_eff * d
     return loss, {
-        "ce": ce.detach(), "distill": d.detach(), "total": loss.detach(), "alpha": float(alpha),
+        "ce": ce.detach(),
+        "distill": d.detach(),
+        "total": loss.detach(),
+        "alpha": float(alpha),
         "alpha_effective": a_eff.detach(),
     }
 

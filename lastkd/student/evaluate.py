@@ -347,7 +347,9 @@ def predict(
     return torch.cat(outs).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
 
 
-def corruptions_from(jitter_stds: Iterable[float], joint_drop_probs: Iterable[float], frame_drop_probs: Iterable[float]) -> list[Corruption]:
+def corruptions_from(
+    jitter_stds: Iterable[float], joint_drop_probs: Iterable[float], frame_drop_probs: Iterable[float]
+) -> list[Corruption]:
     """The configured corruption levels as a flat list (zero levels skipped: that is the clean run)."""
     out = [Corruption("jitter", s) for s in jitter_stds if s > 0]
     out += [Corruption("joint_drop", p) for p in joint_drop_probs if p > 0]
@@ -357,10 +359,7 @@ def corruptions_from(jitter_stds: Iterable[float], joint_drop_probs: Iterable[fl
 
 def robustness_summary(clean_top1: float, noisy_top1: dict[str, float]) -> dict[str, Any]:
     """Accuracy per corruption and the drop relative to the clean accuracy."""
-    return {
-        key: {"top1": acc, "drop": clean_top1 - acc}
-        for key, acc in noisy_top1.items()
-    }
+    return {key: {"top1": acc, "drop": clean_top1 - acc} for key, acc in noisy_top1.items()}
 
 
 def evaluate_model(
@@ -382,8 +381,14 @@ def evaluate_model(
     noisy = {}
     for corr in corruptions:
         lp, lb, _ = predict(
-            model, loader, device, streams,
-            corruption=corr, noise_seed=noise_seed, bone_parents=bone_parents, autocast=autocast,
+            model,
+            loader,
+            device,
+            streams,
+            corruption=corr,
+            noise_seed=noise_seed,
+            bone_parents=bone_parents,
+            autocast=autocast,
         )
         noisy[corr.key] = compute_metrics(lp, lb, names)["top1"]
     metrics["robustness"] = robustness_summary(metrics["top1"], noisy)

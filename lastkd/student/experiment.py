@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lastkd.jsonsafe import to_jsonable
 from lastkd.ids import check_name
+from lastkd.jsonsafe import to_jsonable
 from lastkd.student.config import MAX_CONFIG_BYTES, ConfigError, TrainConfig
 from lastkd.validation import problems, summary
 
@@ -155,7 +155,7 @@ class ExperimentConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExperimentConfig":
+    def _consistent(self) -> ExperimentConfig:
         if self.baseline not in self.arms:
             raise ValueError(f"baseline arm {self.baseline!r} is not among the arms {sorted(self.arms)}")
         configs: dict[str, TrainConfig] = {}
@@ -163,7 +163,9 @@ class ExperimentConfig(BaseModel):
             configs[arm] = self.arm_config(arm)  # raises naming arms.<arm>.<field>
         longest = child_name(self.name, max(self.arms, key=len), max(self.seeds))
         if len(longest) > 64:
-            raise ValueError(f"child name {longest!r} is longer than 64 characters: shorten the experiment or arm names")
+            raise ValueError(
+                f"child name {longest!r} is longer than 64 characters: shorten the experiment or arm names"
+            )
         seen: dict[str, str] = {}
         for arm, cfg in configs.items():
             d = {k: v for k, v in cfg.training_dict().items() if k != "name"}
@@ -196,7 +198,7 @@ class ExperimentConfig(BaseModel):
         record = [[c.arm, c.seed, c.config.config_hash()] for c in expand(self)]
         return hashlib.sha256(json.dumps([self.baseline, record]).encode()).hexdigest()
 
-    def select(self, arms: Sequence[str] | None = None, seeds: int | None = None) -> "ExperimentConfig":
+    def select(self, arms: Sequence[str] | None = None, seeds: int | None = None) -> ExperimentConfig:
         """A copy restricted to ``arms`` (the baseline is always kept) and/or seeds ``0..seeds-1``."""
         update: dict[str, Any] = {}
         if arms is not None:
@@ -216,7 +218,7 @@ class ExperimentConfig(BaseModel):
 
     # --- loading ---------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> "ExperimentConfig":
+    def from_dict(cls, raw: Any, source: str = "config") -> ExperimentConfig:
         """An experiment mapping (with ``base``) or a plain TrainConfig mapping (default arms).
 
         Raises :class:`ConfigError` with one line per bad field (``base.epochs``, ``arms.kd...``).
@@ -234,7 +236,7 @@ class ExperimentConfig(BaseModel):
             raise ConfigError("\n".join(lines)) from None
 
     @classmethod
-    def from_yaml(cls, path: Path | str) -> "ExperimentConfig":
+    def from_yaml(cls, path: Path | str) -> ExperimentConfig:
         """Read an experiment (or training) config file; same file checks as TrainConfig.from_yaml."""
         import yaml
 
@@ -252,7 +254,7 @@ class ExperimentConfig(BaseModel):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         return cls.from_dict(raw, source=str(path))
 
-    def confined(self, roots: Sequence[Path]) -> "ExperimentConfig":
+    def confined(self, roots: Sequence[Path]) -> ExperimentConfig:
         """A copy whose base paths are absolute, real and inside ``roots``; every arm is checked too.
 
         The one path rule (:func:`lastkd.student.paths.confine_config_paths`, as for ``lastkd
@@ -316,14 +318,18 @@ class ChildResult:
     wall_s: float | None = None
 
     @classmethod
-    def from_train_result(cls, arm: str, seed: int, result: Any, wall_s: float | None = None) -> "ChildResult":
+    def from_train_result(cls, arm: str, seed: int, result: Any, wall_s: float | None = None) -> ChildResult:
         """From a :class:`lastkd.student.training.TrainResult`."""
         return cls(arm, seed, dict(result.metrics), list(result.history), wall_s)
 
     @classmethod
-    def from_metrics_json(cls, arm: str, seed: int, obj: Mapping[str, Any]) -> "ChildResult":
+    def from_metrics_json(cls, arm: str, seed: int, obj: Mapping[str, Any]) -> ChildResult:
         """From a published ``metrics.json`` (``{"final": ..., "history": [...]}``)."""
-        if not isinstance(obj, Mapping) or not isinstance(obj.get("final"), Mapping) or not isinstance(obj.get("history"), list):
+        if (
+            not isinstance(obj, Mapping)
+            or not isinstance(obj.get("final"), Mapping)
+            or not isinstance(obj.get("history"), list)
+        ):
             raise ExperimentError(f"child {arm}-s{seed}: metrics must have 'final' (mapping) and 'history' (list)")
         return cls(arm, seed, dict(obj["final"]), list(obj["history"]))
 
@@ -337,6 +343,7 @@ def _t_cdf(x: float, df: int) -> float:
     z = df / (df + x * x)
     a, b = df / 2.0, 0.5
     ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(z) + b * math.log1p(-z)
+
     # Lentz's continued fraction for I_z(a, b); converges fast for z < (a+1)/(a+b+2).
     def cf(a: float, b: float, z: float) -> float:
         tiny = 1e-300
@@ -345,7 +352,10 @@ def _t_cdf(x: float, df: int) -> float:
         h = d
         for m in range(1, 300):
             m2 = 2 * m
-            for num in (m * (b - m) * z / ((a + m2 - 1) * (a + m2)), -(a + m) * (a + b + m) * z / ((a + m2) * (a + m2 + 1))):
+            for num in (
+                m * (b - m) * z / ((a + m2 - 1) * (a + m2)),
+                -(a + m) * (a + b + m) * z / ((a + m2) * (a + m2 + 1)),
+            ):
                 d = 1.0 + num * d
                 d = 1.0 / (d if abs(d) > tiny else tiny)
                 c = 1.0 + num / c
@@ -417,7 +427,9 @@ def _per_class(child: ChildResult) -> dict[int, tuple[str, float]]:
 
 
 def _robustness(child: ChildResult) -> dict[str, float]:
-    return {k: float(v["top1"]) for k, v in (child.metrics.get("robustness") or {}).items() if v.get("top1") is not None}
+    return {
+        k: float(v["top1"]) for k, v in (child.metrics.get("robustness") or {}).items() if v.get("top1") is not None
+    }
 
 
 def _object_top1(child: ChildResult) -> float | None:
@@ -427,6 +439,7 @@ def _object_top1(child: ChildResult) -> float | None:
 
 def _shuffled_twins(exp: ExperimentConfig) -> dict[str, str]:
     """``{shuffled_arm: joined_arm}`` for arms that differ only by ``distill.teacher_order``."""
+
     def key(cfg: TrainConfig) -> str:
         d = cfg.training_dict()
         d.pop("name", None)
@@ -435,16 +448,23 @@ def _shuffled_twins(exp: ExperimentConfig) -> dict[str, str]:
 
     cfgs = {arm: exp.arm_config(arm) for arm in exp.arms}
     joined = {key(c): arm for arm, c in cfgs.items() if c.distill.teacher_order == "joined" and c.distill.enabled}
-    return {arm: joined[key(c)] for arm, c in cfgs.items() if c.distill.teacher_order == "shuffled" and key(c) in joined}
+    return {
+        arm: joined[key(c)] for arm, c in cfgs.items() if c.distill.teacher_order == "shuffled" and key(c) in joined
+    }
 
 
-def _sentence(arm: str, baseline: str, what: str, iv: dict[str, Any], scale: float = 100.0, unit: str = " points") -> str:
+def _sentence(
+    arm: str, baseline: str, what: str, iv: dict[str, Any], scale: float = 100.0, unit: str = " points"
+) -> str:
     diff = f"{scale * iv['mean']:+.2f}{unit}"
     if iv["lo"] is None:
         return f"{arm} vs {baseline}, {what}: {diff} from 1 seed: no interval, so noise cannot be told from an effect."
     ci = f"95% CI [{scale * iv['lo']:+.2f}, {scale * iv['hi']:+.2f}] over {iv['n']} seeds"
-    verdict = "within noise (the interval contains 0)" if iv["within_noise"] else (
-        "a real difference (the interval excludes 0)")
+    verdict = (
+        "within noise (the interval contains 0)"
+        if iv["within_noise"]
+        else ("a real difference (the interval excludes 0)")
+    )
     return f"{arm} vs {baseline}, {what}: {diff} ({ci}): {verdict}."
 
 
@@ -502,7 +522,9 @@ def build_report(exp: ExperimentConfig, children: Sequence[ChildResult]) -> dict
             "top5": interval([a.metrics["top5"] - b.metrics["top5"] for a, b in pairs]),
         }
         obj = [(_object_top1(a), _object_top1(b)) for a, b in pairs]
-        entry["object_top1"] = interval([x - y for x, y in obj]) if all(x is not None and y is not None for x, y in obj) else None
+        entry["object_top1"] = (
+            interval([x - y for x, y in obj]) if all(x is not None and y is not None for x, y in obj) else None
+        )
         classes = sorted(set.intersection(*[set(_per_class(a)) & set(_per_class(b)) for a, b in pairs]))
         entry["per_class"] = [
             {
@@ -530,30 +552,38 @@ def build_report(exp: ExperimentConfig, children: Sequence[ChildResult]) -> dict
             sentences.append(
                 f"final distillation loss {shuffled} / {joined} = {a['mean'] / b['mean']:.2f} "
                 f"({a['mean']:.4f} vs {b['mean']:.4f}): "
-                + ("the teacher carries information about the clip the student can use."
-                   if a["mean"] / b["mean"] >= 1.5 else
-                   "shuffling the teacher barely matters: it carries little the student can learn per clip.")
+                + (
+                    "the teacher carries information about the clip the student can use."
+                    if a["mean"] / b["mean"] >= 1.5
+                    else "shuffling the teacher barely matters: it carries little the student can learn per clip."
+                )
             )
 
-    return to_jsonable({
-        "name": exp.name,
-        "baseline": base,
-        "arms": arms,
-        "seeds": seeds,
-        "missing": missing,
-        "confidence": CONFIDENCE,
-        "per_arm": per_arm,
-        "paired": paired,
-        "distill_loss_ratio": ratios,
-        "summary": sentences,
-        "children": [
-            {
-                "arm": c.arm, "seed": c.seed, "top1": c.metrics.get("top1"), "top5": c.metrics.get("top5"),
-                "final_distill_loss": _final_distill(c, distilling[c.arm]), "wall_s": c.wall_s,
-            }
-            for c in (by_key[(a, s)] for s in seeds for a in arms)
-        ],
-    })
+    return to_jsonable(
+        {
+            "name": exp.name,
+            "baseline": base,
+            "arms": arms,
+            "seeds": seeds,
+            "missing": missing,
+            "confidence": CONFIDENCE,
+            "per_arm": per_arm,
+            "paired": paired,
+            "distill_loss_ratio": ratios,
+            "summary": sentences,
+            "children": [
+                {
+                    "arm": c.arm,
+                    "seed": c.seed,
+                    "top1": c.metrics.get("top1"),
+                    "top5": c.metrics.get("top5"),
+                    "final_distill_loss": _final_distill(c, distilling[c.arm]),
+                    "wall_s": c.wall_s,
+                }
+                for c in (by_key[(a, s)] for s in seeds for a in arms)
+            ],
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,11 +614,18 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         a = report["per_arm"][arm]
         loss = a["final_distill_loss"]
         loss_txt = "n/a" if loss is None else f"{loss['mean']:.4f}"
-        lines.append(f"| {arm} | {_pct_iv(a['top1'])} | {_pct_iv(a['top5'])} | {_pct_iv(a['object_top1'])} | {loss_txt} |")
+        lines.append(
+            f"| {arm} | {_pct_iv(a['top1'])} | {_pct_iv(a['top5'])} | {_pct_iv(a['object_top1'])} | {loss_txt} |"
+        )
     if report["paired"]:
-        lines += ["", f"## Paired differences against `{report['baseline']}` (points)", "",
-                  "| arm | top-1 | top-5 | object top-1 | " + " | ".join(
-                      sorted({k for p in report["paired"].values() for k in p["robustness"]})) + " |"]
+        lines += [
+            "",
+            f"## Paired differences against `{report['baseline']}` (points)",
+            "",
+            "| arm | top-1 | top-5 | object top-1 | "
+            + " | ".join(sorted({k for p in report["paired"].values() for k in p["robustness"]}))
+            + " |",
+        ]
         rkeys = sorted({k for p in report["paired"].values() for k in p["robustness"]})
         lines.append("|---" * (4 + len(rkeys)) + "|")
         for arm, p in report["paired"].items():
@@ -619,9 +656,13 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[str]:
     for offset, metric in ((-0.15, "top1"), (0.15, "top5")):
         ivs = [report["per_arm"][a][metric] for a in arms]
         means = [iv["mean"] for iv in ivs]
-        err = [[iv["mean"] - iv["lo"] if iv["lo"] is not None else 0 for iv in ivs],
-               [iv["hi"] - iv["mean"] if iv["hi"] is not None else 0 for iv in ivs]]
-        ax.errorbar(np.arange(len(arms)) + offset, means, yerr=err, fmt="o", capsize=4, label=metric.replace("top", "top-"))
+        err = [
+            [iv["mean"] - iv["lo"] if iv["lo"] is not None else 0 for iv in ivs],
+            [iv["hi"] - iv["mean"] if iv["hi"] is not None else 0 for iv in ivs],
+        ]
+        ax.errorbar(
+            np.arange(len(arms)) + offset, means, yerr=err, fmt="o", capsize=4, label=metric.replace("top", "top-")
+        )
     ax.set_xticks(range(len(arms)), arms)
     ax.set_ylabel("val accuracy (mean, 95% interval)")
     ax.set_ylim(0, 1.05)
@@ -638,7 +679,9 @@ def write_plots(report: Mapping[str, Any], out_dir: Path) -> list[str]:
             if pcs:
                 means = [c["diff"]["mean"] for c in pcs]
                 ax.bar(range(len(pcs)), means, color=["tab:green" if m >= 0 else "tab:red" for m in means])
-                ax.set_xticks(range(len(pcs)), [c["name"] for c in pcs], rotation=90 if len(pcs) > 12 else 0, fontsize=7)
+                ax.set_xticks(
+                    range(len(pcs)), [c["name"] for c in pcs], rotation=90 if len(pcs) > 12 else 0, fontsize=7
+                )
             ax.axhline(0, color="black", lw=0.8)
             ax.set_ylabel("accuracy diff")
             ax.set_title(f"per-class: {arm} - {report['baseline']}")
@@ -711,8 +754,11 @@ def run_local(
         hooks = hooks_for(child) if hooks_for is not None else None
         t1 = time.perf_counter()
         result = engine.train(
-            child.config, out_dir / "runs" / child.key,
-            store_path=store_path if child.config.distill.enabled else None, hooks=hooks, data_roots=data_roots,
+            child.config,
+            out_dir / "runs" / child.key,
+            store_path=store_path if child.config.distill.enabled else None,
+            hooks=hooks,
+            data_roots=data_roots,
         )
         if result.state is not engine.RunState.COMPLETED:
             raise ExperimentError(f"child {child.key} was cancelled after {result.epochs_completed} epoch(s)")

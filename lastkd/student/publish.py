@@ -34,9 +34,6 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lastkd.ids import check_job_id
-from lastkd.registry import LINEAGE_FILE, METRICS_FILE, PublishedStudent, Registry, RegistryError
-from lastkd.student.data.dataset import DataInfo
-from lastkd.student.training import RunState, TrainResult
 from lastkd.models.last_v2 import (
     STREAM_BN_FILE,
     STUDENT_CONFIG_FILE,
@@ -45,6 +42,9 @@ from lastkd.models.last_v2 import (
     LASTv2,
     num_parameters,
 )
+from lastkd.registry import LINEAGE_FILE, METRICS_FILE, PublishedStudent, Registry, RegistryError
+from lastkd.student.data.dataset import DataInfo
+from lastkd.student.training import RunState, TrainResult
 
 MODEL_CARD_FILE = "README.md"
 TRAIN_CONFIG_FILE = "train_config.yaml"
@@ -85,7 +85,10 @@ def code_version() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(here), "describe", "--always", "--dirty", "--tags"],
-            capture_output=True, text=True, timeout=5, check=False,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
         if out.returncode == 0 and out.stdout.strip():
             return f"{version}+git.{out.stdout.strip()}"
@@ -154,6 +157,7 @@ def _short_name(name: str, index: int, width: int = 28) -> str:
     text = str(name).removeprefix("synthetic: ").strip() or f"A{index + 1:03d}"
     return text if len(text) <= width else text[: width - 1] + "\u2026"
 
+
 def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
     """Loss/accuracy curves, per-class accuracy and confusion matrix as PNGs (matplotlib Agg)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -172,7 +176,12 @@ def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
 
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    for key, label in (("train_total", "train loss"), ("train_ce", "train CE"), ("train_distill", "train distill"), ("val_nll", "val NLL")):
+    for key, label in (
+        ("train_total", "train loss"),
+        ("train_ce", "train CE"),
+        ("train_distill", "train distill"),
+        ("val_nll", "val NLL"),
+    ):
         ys = [h.get(key) for h in hist]
         if any(y is not None for y in ys):
             ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
@@ -208,11 +217,19 @@ def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
         objects = set(result.metrics.get("object_classes", {}).get("classes", []))
         colors = ["tab:orange" if i in objects else "tab:blue" for i in shown]
         ax.bar(range(len(shown)), acc, color=colors)
-        ax.set_xticks(range(len(shown)), labels, rotation=60 if len(shown) > 6 else 0, ha="right" if len(shown) > 6 else "center", fontsize=8)
+        ax.set_xticks(
+            range(len(shown)),
+            labels,
+            rotation=60 if len(shown) > 6 else 0,
+            ha="right" if len(shown) > 6 else "center",
+            fontsize=8,
+        )
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-        ax.set_title(f"per-class validation accuracy ({len(shown)} classes with val samples"
-                     + ("; orange = object interaction)" if objects else ")"))
+        ax.set_title(
+            f"per-class validation accuracy ({len(shown)} classes with val samples"
+            + ("; orange = object interaction)" if objects else ")")
+        )
         save(fig, "per_class.png")
 
     confusion = result.metrics.get("confusion")
@@ -234,8 +251,15 @@ def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
             for r in range(len(used)):
                 for c in range(len(used)):
                     if cm[r, c]:
-                        ax.text(c, r, f"{int(cm[r, c])}", ha="center", va="center", fontsize=7,
-                                color="black" if norm[r, c] > 0.5 else "white")
+                        ax.text(
+                            c,
+                            r,
+                            f"{int(cm[r, c])}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="black" if norm[r, c] > 0.5 else "white",
+                        )
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title("confusion matrix (row-normalised; counts)")
@@ -272,11 +296,23 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
         "license": "apache-2.0",
         "tags": tags,
         "metrics": ["accuracy"],
-        "lastkd": {"format": STUDENT_FORMAT, "name": cfg.name, "version": lineage["version"],
-                   "top1": m.get("top1"), "top5": m.get("top5"), "job_id": lineage.get("job_id")},
+        "lastkd": {
+            "format": STUDENT_FORMAT,
+            "name": cfg.name,
+            "version": lineage["version"],
+            "top1": m.get("top1"),
+            "top5": m.get("top5"),
+            "job_id": lineage.get("job_id"),
+        },
     }
-    lines = ["---", yaml.safe_dump(_jsonable(front), sort_keys=False).rstrip(), "---", "",
-             f"# {cfg.name} v{lineage['version']}", ""]
+    lines = [
+        "---",
+        yaml.safe_dump(_jsonable(front), sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {cfg.name} v{lineage['version']}",
+        "",
+    ]
     for w in warnings:
         lines.append(f"> **Warning:** {w}")
     if warnings:
@@ -295,7 +331,11 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
         f"- train {info.train_size} / val {info.val_size} samples; data hash `{info.data_hash}`",
         *_skipped_lines(info),
         f"- teacher feature set: `{cfg.distill.feature_set or 'none (plain cross-entropy baseline)'}`"
-        + (f"; coverage train {_pct(info.coverage_train)}, val {_pct(info.coverage_val)}" if cfg.distill.enabled else ""),
+        + (
+            f"; coverage train {_pct(info.coverage_train)}, val {_pct(info.coverage_val)}"
+            if cfg.distill.enabled
+            else ""
+        ),
         "",
         "## Training",
         f"- {result.epochs_completed} epochs, batch {cfg.batch_size}, {cfg.optimizer.name} lr {cfg.optimizer.lr}, "
@@ -327,12 +367,22 @@ def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, 
         "## Use",
         "```python",
         "from lastkd.models.last_v2 import LASTv2",
-        "student = LASTv2.from_pretrained(\"<this folder>\")  # strict, eval mode",
+        'student = LASTv2.from_pretrained("<this folder>")  # strict, eval mode',
         "```",
         "",
         "## Lineage",
     ]
-    for key in ("job_id", "feature_set", "dataset", "split", "data_hash", "seed", "code_version", "config_hash", "created"):
+    for key in (
+        "job_id",
+        "feature_set",
+        "dataset",
+        "split",
+        "data_hash",
+        "seed",
+        "code_version",
+        "config_hash",
+        "created",
+    ):
         lines.append(f"- {key}: `{lineage.get(key)}`")
     for key, val in (lineage.get("extra") or {}).items():
         lines.append(f"- {key}: `{val}`")
@@ -395,12 +445,17 @@ def publish(
             "params": num_parameters(model),
             "flops": estimate_flops(model, cfg.data.num_frames, tuple(cfg.data.streams)),
             "class_names": result.class_names,
-            "bn_stats": "per_stream" if result.stream_bn else ("running" if cfg.eval.bn_stats == "running" else "shared"),
+            "bn_stats": "per_stream"
+            if result.stream_bn
+            else ("running" if cfg.eval.bn_stats == "running" else "shared"),
         }
         # Clone: safetensors refuses tensors that share storage, and the file must be self-contained.
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "student": STUDENT_FORMAT,
-                                                              "variant": cfg.variant})
+        save_file(
+            tensors,
+            str(tmp / WEIGHTS_FILE),
+            metadata={"format": "pt", "student": STUDENT_FORMAT, "variant": cfg.variant},
+        )
         if result.stream_bn:
             stream_bn = {k: v.detach().cpu().contiguous() for k, v in result.stream_bn.items()}
             save_file(stream_bn, str(tmp / STREAM_BN_FILE), metadata={"format": "pt", "student": STUDENT_FORMAT})

@@ -41,21 +41,63 @@ FPS = 30
 VIDEO_SIZE = (160, 120)  # width, height
 NUM_JOINTS = 25
 EDGES_1BASED = (
-    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
-    (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
-    (22, 23), (23, 8), (24, 25), (25, 12),
+    (1, 2),
+    (2, 21),
+    (3, 21),
+    (4, 3),
+    (5, 21),
+    (6, 5),
+    (7, 6),
+    (8, 7),
+    (9, 21),
+    (10, 9),
+    (11, 10),
+    (12, 11),
+    (13, 1),
+    (14, 13),
+    (15, 14),
+    (16, 15),
+    (17, 1),
+    (18, 17),
+    (19, 18),
+    (20, 19),
+    (22, 23),
+    (23, 8),
+    (24, 25),
+    (25, 12),
 )
 # Standing pose, metres, relative to the spine base; +y up, the person faces the camera (-z), and
 # their left side is at -x, as in real NTU data (see the shared sample).
-_POSE = np.array([
-    (0.00, 0.00, 0.00), (0.00, 0.27, -0.01), (0.00, 0.52, -0.02), (0.00, 0.64, -0.02),  # 1-4
-    (-0.17, 0.43, 0.00), (-0.22, 0.17, 0.02), (-0.24, -0.05, 0.00), (-0.245, -0.12, -0.01),  # 5-8
-    (0.17, 0.43, 0.00), (0.22, 0.17, 0.02), (0.24, -0.05, 0.00), (0.245, -0.12, -0.01),  # 9-12
-    (-0.08, -0.02, 0.00), (-0.09, -0.42, 0.01), (-0.09, -0.80, 0.03), (-0.09, -0.86, -0.07),  # 13-16
-    (0.08, -0.02, 0.00), (0.09, -0.42, 0.01), (0.09, -0.80, 0.03), (0.09, -0.86, -0.07),  # 17-20
-    (0.00, 0.45, -0.01), (-0.25, -0.19, -0.01), (-0.21, -0.12, -0.04),  # 21-23
-    (0.25, -0.19, -0.01), (0.21, -0.12, -0.04),  # 24-25
-], dtype=np.float64)
+_POSE = np.array(
+    [
+        (0.00, 0.00, 0.00),
+        (0.00, 0.27, -0.01),
+        (0.00, 0.52, -0.02),
+        (0.00, 0.64, -0.02),  # 1-4
+        (-0.17, 0.43, 0.00),
+        (-0.22, 0.17, 0.02),
+        (-0.24, -0.05, 0.00),
+        (-0.245, -0.12, -0.01),  # 5-8
+        (0.17, 0.43, 0.00),
+        (0.22, 0.17, 0.02),
+        (0.24, -0.05, 0.00),
+        (0.245, -0.12, -0.01),  # 9-12
+        (-0.08, -0.02, 0.00),
+        (-0.09, -0.42, 0.01),
+        (-0.09, -0.80, 0.03),
+        (-0.09, -0.86, -0.07),  # 13-16
+        (0.08, -0.02, 0.00),
+        (0.09, -0.42, 0.01),
+        (0.09, -0.80, 0.03),
+        (0.09, -0.86, -0.07),  # 17-20
+        (0.00, 0.45, -0.01),
+        (-0.25, -0.19, -0.01),
+        (-0.21, -0.12, -0.04),  # 21-23
+        (0.25, -0.19, -0.01),
+        (0.21, -0.12, -0.04),  # 24-25
+    ],
+    dtype=np.float64,
+)
 _LEAF_JOINTS = (4, 16, 20, 22, 23, 24, 25)  # Kinect reports zero orientation for these
 _L_ARM, _R_ARM = (6, 7, 8, 22, 23), (10, 11, 12, 24, 25)
 _L_FORE, _R_FORE = (7, 8, 22, 23), (11, 12, 24, 25)
@@ -164,9 +206,7 @@ def _kinect_fields(xyz: np.ndarray, quats: np.ndarray, states: np.ndarray) -> np
     depth_x, depth_y = 255.5 + 365.5 * x / z, 211.5 - 365.5 * y / z
     color_x, color_y = 959.5 + 1081.4 * x / z, 539.5 - 1081.4 * y / z
     q = np.broadcast_to(quats, xyz.shape[:2] + (4,))
-    return np.concatenate(
-        [xyz, np.stack([depth_x, depth_y, color_x, color_y], -1), q, states[..., None]], axis=-1
-    )
+    return np.concatenate([xyz, np.stack([depth_x, depth_y, color_x, color_y], -1), q, states[..., None]], axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +235,9 @@ def _sample_names(classes: int, per_class: int, dataset: str) -> list[tuple[str,
                 if name not in used:
                     break
             else:
-                raise SynthError(f"cannot make {per_class} distinct names for class {label}; use fewer samples per class")
+                raise SynthError(
+                    f"cannot make {per_class} distinct names for class {label}; use fewer samples per class"
+                )
             used.add(name)
             out.append((name, label))
     return out
@@ -387,21 +429,32 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="new (or empty) output folder")
     parser.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
     parser.add_argument("--samples-per-class", type=int, default=12, help="samples per class, >= 4 (default 12)")
-    parser.add_argument("--frames", type=int, default=120, help="longest clip in frames; clips vary from a third of it (default 120)")
-    parser.add_argument("--video", action=argparse.BooleanOptionalAction, default=True, help="render _rgb.avi videos (default on)")
+    parser.add_argument(
+        "--frames", type=int, default=120, help="longest clip in frames; clips vary from a third of it (default 120)"
+    )
+    parser.add_argument(
+        "--video", action=argparse.BooleanOptionalAction, default=True, help="render _rgb.avi videos (default on)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
-    parser.add_argument("--dataset", choices=("ntu60", "ntu120"), default="ntu60", help="name ranges to use (default ntu60)")
+    parser.add_argument(
+        "--dataset", choices=("ntu60", "ntu120"), default="ntu60", help="name ranges to use (default ntu60)"
+    )
     parser.set_defaults(func=run)
     return parser
 
 
-def run(args: argparse.Namespace, settings: "Settings") -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``lastkd synth``; returns the process exit code."""
     del settings  # the output folder is given explicitly
     try:
         result = generate(
-            args.out_dir, classes=args.classes, samples_per_class=args.samples_per_class,
-            frames=args.frames, video=args.video, seed=args.seed, dataset=args.dataset,
+            args.out_dir,
+            classes=args.classes,
+            samples_per_class=args.samples_per_class,
+            frames=args.frames,
+            video=args.video,
+            seed=args.seed,
+            dataset=args.dataset,
         )
     except SynthError as exc:
         print(f"lastkd synth: {exc}", file=sys.stderr)

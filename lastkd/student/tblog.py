@@ -54,7 +54,7 @@ class TensorBoardLogger:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"{prefix}/{key}", float(value), step)
 
-    def on_progress(self, p: "Progress") -> None:
+    def on_progress(self, p: Progress) -> None:
         """Log one progress event (train step or epoch end; the other phases carry nothing new)."""
         if p.phase == "train":
             step = p.epoch * p.steps_per_epoch + p.step

@@ -44,6 +44,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from lastkd.datapaths import confine
 from lastkd.devices import DeviceError, resolve_device
+from lastkd.lifeline import die_with_parent
+from lastkd.models.last_v2 import LASTv2, create_last_v2
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student import tblog
@@ -51,9 +53,7 @@ from lastkd.student.bn_stats import recompute_bn_stats
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
 from lastkd.student.data.dataset import DataInfo, SkeletonDataset, build_datasets
-from lastkd.lifeline import die_with_parent
 from lastkd.student.data.sources import load_splits
-from lastkd.models.last_v2 import LASTv2, create_last_v2
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ class GlobalBatchSampler(Sampler[int]):
     contiguous ``1/world`` slice of every global batch. The order is a function of (seed, epoch);
     the trailing partial global batch is dropped so every rank has equal, full batches."""
 
-    def __init__(self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, max_batches: int | None = None) -> None:
+    def __init__(
+        self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, max_batches: int | None = None
+    ) -> None:
         if global_batch % world:
             raise TrainError(f"batch_size {global_batch} is not divisible by the {world} DDP ranks")
         if size < global_batch:
@@ -268,7 +270,9 @@ def lr_factor_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[[int], f
 def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     o = config.optimizer
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay)
+        return torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
+        )
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
@@ -295,7 +299,9 @@ def load_checkpoint_file(path: Path) -> dict[str, Any]:
     except Exception as exc:  # truncated, corrupt or foreign file: say which and why
         raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ResumeError(f"{path}: not a lastkd training checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__})")
+        raise ResumeError(
+            f"{path}: not a lastkd training checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__})"
+        )
     return obj
 
 
@@ -352,7 +358,12 @@ class TrainingRun:
     """
 
     def __init__(
-        self, config: TrainConfig, run_dir: Path, store_path: Path | None, hooks: TrainHooks, data_roots: list[Path] | None
+        self,
+        config: TrainConfig,
+        run_dir: Path,
+        store_path: Path | None,
+        hooks: TrainHooks,
+        data_roots: list[Path] | None,
     ) -> None:
         self.config, self.run_dir, self.hooks = config, Path(run_dir), hooks
         self.data_roots = data_roots
@@ -363,14 +374,14 @@ class TrainingRun:
             raise TrainError(str(exc)) from None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
+        self.amp_dtype = (
+            {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if self.device.type == "cuda" else None
+        )
         if config.amp != "none" and self.amp_dtype is None:
             log.warning("amp=%s ignored: training on %s (autocast is CUDA only)", config.amp, self.device)
         self.distilling = bool(config.distill.enabled)
         if self.distilling and store_path is None:
-            raise TrainError(
-                f"distillation with feature set {config.distill.feature_set!r} needs a feature store path"
-            )
+            raise TrainError(f"distillation with feature set {config.distill.feature_set!r} needs a feature store path")
         self.store_path = store_path if self.distilling else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -400,7 +411,8 @@ class TrainingRun:
         if self.info.skipped and di.is_main:
             log.warning(
                 "%d data file(s)/sample(s) skipped as unusable; first: %s",
-                self.info.skipped, "; ".join(self.info.skipped_first),
+                self.info.skipped,
+                "; ".join(self.info.skipped_first),
             )
         if self.distilling and self.info.coverage_train == 0.0:
             raise TrainError(
@@ -415,7 +427,9 @@ class TrainingRun:
         self.projector: nn.Module | None = None
         self.stats = None
         if self.distilling:
-            self.projector = kd.Projector(self.model.feature_dim, self.info.feature_dim, cfg.distill.projector_hidden).to(self.device)
+            self.projector = kd.Projector(
+                self.model.feature_dim, self.info.feature_dim, cfg.distill.projector_hidden
+            ).to(self.device)
             mean, std = self.train_ds.teacher.stats()
             self.stats = kd.FeatureStats(torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device))
         _broadcast_module(self.model, di)
@@ -457,7 +471,9 @@ class TrainingRun:
         # BatchNorm statistics for evaluation are recomputed over a fixed subset of the training
         # set in its deterministic (validation-style) view, batched as in training.
         n_bn = min(len(self.train_ds), cfg.eval.bn_samples)
-        bn_order = torch.randperm(len(self.train_ds), generator=torch.Generator().manual_seed(_mix_seed(cfg.seed, 0xB4))).tolist()
+        bn_order = torch.randperm(
+            len(self.train_ds), generator=torch.Generator().manual_seed(_mix_seed(cfg.seed, 0xB4))
+        ).tolist()
         bn_ds = SkeletonDataset(self.train_ds.collection, cfg.data, train=False, seed=cfg.seed)
         self.bn_loader = DataLoader(
             torch.utils.data.Subset(bn_ds, sorted(bn_order[:n_bn])[di.rank :: di.world]),
@@ -571,7 +587,9 @@ class TrainingRun:
         # unscale_ is a no-op without fp16, so the norm is always that of the true gradients; an
         # infinite max_norm scales by exactly 1.0 (no clipping) and just measures (logged as grad_norm).
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip is not None else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -584,7 +602,9 @@ class TrainingRun:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             values = dict(zip(keys, (t / self.di.world).tolist()))
         if not math.isfinite(values["total"]):
-            raise TrainError(f"loss is {values['total']} at step {global_step}: training diverged (lower the lr or set grad_clip)")
+            raise TrainError(
+                f"loss is {values['total']} at step {global_step}: training diverged (lower the lr or set grad_clip)"
+            )
         return values, alpha
 
     def run_epoch(self, epoch: int) -> bool:
@@ -622,9 +642,15 @@ class TrainingRun:
             per_step = elapsed / n_steps
             self._emit(
                 Progress(
-                    epoch=epoch, epochs=cfg.epochs, step=step + 1, steps_per_epoch=self.steps_per_epoch,
-                    losses=losses, alpha=alpha, samples_per_s=rate,
-                    eta_s=per_step * (self.total_steps - done), phase="train",
+                    epoch=epoch,
+                    epochs=cfg.epochs,
+                    step=step + 1,
+                    steps_per_epoch=self.steps_per_epoch,
+                    losses=losses,
+                    alpha=alpha,
+                    samples_per_s=rate,
+                    eta_s=per_step * (self.total_steps - done),
+                    phase="train",
                     lr=float(self.optimizer.param_groups[0]["lr"]),
                 )
             )
@@ -648,9 +674,17 @@ class TrainingRun:
         self.history.append(entry)
         self._emit(
             Progress(
-                epoch=epoch, epochs=cfg.epochs, step=self.steps_per_epoch, steps_per_epoch=self.steps_per_epoch,
-                losses={k: v / n_steps for k, v in sums.items()}, alpha=alpha, samples_per_s=entry["samples_per_s"],
-                eta_s=wall * (cfg.epochs - epoch - 1), phase="eval", lr=entry["lr"], val=val,
+                epoch=epoch,
+                epochs=cfg.epochs,
+                step=self.steps_per_epoch,
+                steps_per_epoch=self.steps_per_epoch,
+                losses={k: v / n_steps for k, v in sums.items()},
+                alpha=alpha,
+                samples_per_s=entry["samples_per_s"],
+                eta_s=wall * (cfg.epochs - epoch - 1),
+                phase="eval",
+                lr=entry["lr"],
+                val=val,
             )
         )
         return True
@@ -662,8 +696,12 @@ class TrainingRun:
         if mode == "running" or not self.bn_stale:
             return
         recompute_bn_stats(
-            self.model, self.bn_loader, self.device, self.config.data.streams,
-            per_stream=mode == "per_stream", autocast=self.autocast,
+            self.model,
+            self.bn_loader,
+            self.device,
+            self.config.data.streams,
+            per_stream=mode == "per_stream",
+            autocast=self.autocast,
         )
         self.bn_stale = False
 
@@ -671,10 +709,20 @@ class TrainingRun:
         """Predictions over the whole val split, gathered on rank 0 (None on other ranks)."""
         self.refresh_bn_stats()
         _broadcast_module(self.model, self.di)  # everyone evaluates rank 0's BN statistics
-        parents = data_streams.REFERENCE_BONE_PARENTS if self.config.data.streams_mode == "reference" else data_streams.NTU_BONE_PARENTS
+        parents = (
+            data_streams.REFERENCE_BONE_PARENTS
+            if self.config.data.streams_mode == "reference"
+            else data_streams.NTU_BONE_PARENTS
+        )
         lp, lb, idx = ev.predict(
-            self.model, self.val_loader, self.device, self.config.data.streams,
-            corruption=corruption, noise_seed=self.config.eval.noise_seed, bone_parents=parents, autocast=self.autocast,
+            self.model,
+            self.val_loader,
+            self.device,
+            self.config.data.streams,
+            corruption=corruption,
+            noise_seed=self.config.eval.noise_seed,
+            bone_parents=parents,
+            autocast=self.autocast,
         )
         parts = _gather((lp, lb, idx), self.di)
         if not self.di.is_main:
@@ -690,7 +738,11 @@ class TrainingRun:
         if got is None:
             return None
         lp, lb = got
-        return {"top1": ev.topk_accuracy(lp, lb, 1), "top5": ev.topk_accuracy(lp, lb, 5), "nll": float(-lp[np.arange(len(lb)), lb].mean())}
+        return {
+            "top1": ev.topk_accuracy(lp, lb, 1),
+            "top5": ev.topk_accuracy(lp, lb, 5),
+            "nll": float(-lp[np.arange(len(lb)), lb].mean()),
+        }
 
     def final_metrics(self) -> dict[str, Any]:
         ecfg = self.config.eval
@@ -736,7 +788,9 @@ class TrainingRun:
                 return self.result(RunState.CANCELLED, metrics, epoch)
             self.save_checkpoint(epoch + 1)
         self._emit(
-            Progress(cfg.epochs - 1, cfg.epochs, self.steps_per_epoch, self.steps_per_epoch, {}, 0.0, 0.0, 0.0, "final_eval")
+            Progress(
+                cfg.epochs - 1, cfg.epochs, self.steps_per_epoch, self.steps_per_epoch, {}, 0.0, 0.0, 0.0, "final_eval"
+            )
         )
         metrics = self.final_metrics()
         metrics["coverage_train"] = self.info.coverage_train
@@ -748,8 +802,18 @@ class TrainingRun:
         if self.di.is_main:
             save_result(result)
         self._emit(
-            Progress(cfg.epochs - 1, cfg.epochs, self.steps_per_epoch, self.steps_per_epoch, {}, 0.0, 0.0, 0.0, "done",
-                     val={"top1": metrics.get("top1", 0.0), "top5": metrics.get("top5", 0.0)})
+            Progress(
+                cfg.epochs - 1,
+                cfg.epochs,
+                self.steps_per_epoch,
+                self.steps_per_epoch,
+                {},
+                0.0,
+                0.0,
+                0.0,
+                "done",
+                val={"top1": metrics.get("top1", 0.0), "top5": metrics.get("top5", 0.0)},
+            )
         )
         return result
 
@@ -854,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--store", type=Path, default=None, help="feature store (needed when distilling)")
-    parser.add_argument("--data-root", type=Path, action="append", default=None, help="allowed data folder (repeatable)")
+    parser.add_argument(
+        "--data-root", type=Path, action="append", default=None, help="allowed data folder (repeatable)"
+    )
     args = parser.parse_args(argv)
     from lastkd.student.config import ConfigError
 

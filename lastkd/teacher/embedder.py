@@ -179,8 +179,9 @@ def limits_from_settings(settings: Settings) -> VideoLimits:
     )
 
 
-def preprocess_from_settings(settings: Settings, sampling: str | None = None,
-                             protocol: str | None = None) -> PreprocessConfig:
+def preprocess_from_settings(
+    settings: Settings, sampling: str | None = None, protocol: str | None = None
+) -> PreprocessConfig:
     """The sampling / preprocessing of the typed Settings (``teacher_sampling``, ``teacher_protocol``),
     with optional overrides (the ``lastkd embed --sampling/--protocol`` flags).
 
@@ -484,9 +485,7 @@ class Embedder:
 
     def _result(self, item: _Item, cached: bool) -> EmbedResult:
         assert item.clip_id is not None and item.sha256 is not None
-        return EmbedResult(
-            item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used
-        )
+        return EmbedResult(item.clip_id, item.sha256, self.set_id, self.dim, cached, item.frames_used)
 
     def _fail(self, item: _Item, failure: BaseException) -> None:
         self.counters.add(failed=1)
@@ -545,8 +544,10 @@ class Embedder:
         exc = task.exception()
         if isinstance(exc, BrokenProcessPool):
             self._restart_pool(pool)
-            self._fail(item, ClipFailure(
-                "decode_crashed", "the decoder process crashed on this clip (or on one decoded beside it)"))
+            self._fail(
+                item,
+                ClipFailure("decode_crashed", "the decoder process crashed on this clip (or on one decoded beside it)"),
+            )
             return
         if exc is not None:
             self._fail(item, ClipFailure("decode_failed", f"{type(exc).__name__}: {exc}"))
@@ -672,7 +673,9 @@ class Embedder:
         feats = torch.cat(outputs).numpy()
         out, lo = [], 0
         for v in views:
-            out.append(feats[lo : lo + v].mean(axis=0, dtype=np.float64).astype(np.float32) if v > 1 else feats[lo].copy())
+            out.append(
+                feats[lo : lo + v].mean(axis=0, dtype=np.float64).astype(np.float32) if v > 1 else feats[lo].copy()
+            )
             lo += v
         return out
 
@@ -760,4 +763,6 @@ class Embedder:
         except FeatureStoreError as exc:
             raise EngineError(f"cannot open the feature set for {teacher!r}: {exc}") from None
         if meta.set_id != self.set_id or meta.dim != self.dim:
-            raise EngineError(f"feature set {meta.set_id!r} (dim {meta.dim}) does not match this teacher (dim {self.dim})")
+            raise EngineError(
+                f"feature set {meta.set_id!r} (dim {meta.dim}) does not match this teacher (dim {self.dim})"
+            )

@@ -351,9 +351,7 @@ def _check_file(path: str | Path, limits: VideoLimits) -> tuple[Path, str]:
 
 def _open(path: Path, demuxer: str) -> av.container.InputContainer:
     try:
-        return av.open(
-            "file:" + str(path.resolve()), mode="r", format=demuxer, options={"protocol_whitelist": "file"}
-        )
+        return av.open("file:" + str(path.resolve()), mode="r", format=demuxer, options={"protocol_whitelist": "file"})
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"corrupt {demuxer} file: the container cannot be read ({_why(exc)})") from exc
 

@@ -54,8 +54,8 @@ from lastkd.services.http import (
     serve,
 )
 from lastkd.services.settings import Settings
-from lastkd.teacher.clip_ids import InvalidClipIdError, clip_id_from_filename, validate_clip_id
 from lastkd.services.teacher_api.uploads import UploadError, receive_multipart
+from lastkd.teacher.clip_ids import InvalidClipIdError, clip_id_from_filename, validate_clip_id
 
 if TYPE_CHECKING:  # torch and the engine load in create_app: `lastkd serve-teacher --help` stays fast
     from lastkd.teacher.embedder import Embedder
@@ -100,11 +100,16 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = HttpMetrics("teacher")
     registry: CollectorRegistry = metrics.registry
     batch_sizes = Histogram(
-        "lastkd_teacher_batch_size", "Clips per inference batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry
+        "lastkd_teacher_batch_size",
+        "Clips per inference batch.",
+        buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        registry=registry,
     )
     batch_seconds = Histogram(
-        "lastkd_teacher_batch_seconds", "Seconds per inference batch (forward + store write).",
-        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60), registry=registry,
+        "lastkd_teacher_batch_seconds",
+        "Seconds per inference batch (forward + store write).",
+        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+        registry=registry,
     )
     queue_depth = Gauge("lastkd_teacher_queue_depth", "Clips accepted and not yet answered.", registry=registry)
     queue_depth.set_function(lambda: float(state["embedder"].pending) if state["embedder"] else 0.0)
@@ -135,7 +140,10 @@ def create_app(settings: Settings) -> FastAPI:
             return
         log.info(
             "teacher ready: model=%s device=%s feature_set=%s decode_workers=%d",
-            settings.teacher_model, embedder.device, embedder.set_id, embedder.decode_workers,
+            settings.teacher_model,
+            embedder.device,
+            embedder.set_id,
+            embedder.decode_workers,
         )
 
     @asynccontextmanager
@@ -151,7 +159,9 @@ def create_app(settings: Settings) -> FastAPI:
         state["store"] = store
         try:
             embedder = Embedder(
-                EngineConfig.from_settings(settings), preprocess_from_settings(settings), limits_from_settings(settings),
+                EngineConfig.from_settings(settings),
+                preprocess_from_settings(settings),
+                limits_from_settings(settings),
                 store,
                 on_batch=on_batch,
             )
@@ -183,18 +193,20 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"status": "failed", "reason": state["failed"]}, status_code=503)
         if not _ready(state) or embedder is None:
             return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "5"})
-        return JSONResponse({
-            "status": "ready",
-            "model": settings.teacher_model,
-            "random_init": settings.teacher_random_init,
-            "device": str(embedder.device),
-            "feature_set": embedder.set_id,
-            "dim": embedder.dim,
-            "sampling": embedder.preprocess.sampling,
-            "protocol": embedder.preprocess.protocol,
-            "decode_workers": embedder.decode_workers,
-            "queue_depth": embedder.pending,
-        })
+        return JSONResponse(
+            {
+                "status": "ready",
+                "model": settings.teacher_model,
+                "random_init": settings.teacher_random_init,
+                "device": str(embedder.device),
+                "feature_set": embedder.set_id,
+                "dim": embedder.dim,
+                "sampling": embedder.preprocess.sampling,
+                "protocol": embedder.preprocess.protocol,
+                "decode_workers": embedder.decode_workers,
+                "queue_depth": embedder.pending,
+            }
+        )
 
     @app.get("/metrics", tags=["health"])
     async def prometheus() -> Response:
@@ -233,8 +245,14 @@ def create_app(settings: Settings) -> FastAPI:
         if "application/octet-stream" in request.headers.get("accept", ""):
             return Response(vector.tobytes(), media_type="application/octet-stream", headers=headers)
         return JSONResponse(
-            {"feature_set": set_id, "clip_id": clip_id, "dim": meta.dim, "dtype": meta.dtype,
-             "frames_used": (info or {}).get("frames_used"), "vector": vector.tolist()},
+            {
+                "feature_set": set_id,
+                "clip_id": clip_id,
+                "dim": meta.dim,
+                "dtype": meta.dtype,
+                "frames_used": (info or {}).get("frames_used"),
+                "vector": vector.tolist(),
+            },
             headers=headers,
         )
 
@@ -247,7 +265,9 @@ def create_app(settings: Settings) -> FastAPI:
             # Refuse before reading a byte of the body: the queue is full now.
             raise _queue_full(embedder, settings.teacher_queue_size)
         try:
-            form = await receive_multipart(request, upload_dir, max_bytes=settings.max_upload_bytes, max_files=max_files)
+            form = await receive_multipart(
+                request, upload_dir, max_bytes=settings.max_upload_bytes, max_files=max_files
+            )
         except UploadError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
         try:
@@ -273,7 +293,9 @@ def _queue_full(embedder: Embedder, queue_size: int) -> ApiError:
     # Time for the queue ahead to drain at the recent rate, at least a second, at most a minute.
     wait = min(60, max(1, math.ceil(embedder.pending * embedder.seconds_per_clip())))
     return ApiError(
-        503, "queue_full", f"the teacher queue is full ({embedder.pending} of {queue_size} clips); retry later",
+        503,
+        "queue_full",
+        f"the teacher queue is full ({embedder.pending} of {queue_size} clips); retry later",
         headers={"Retry-After": str(wait)},
     )
 
@@ -285,7 +307,9 @@ async def _embed_form(embedder: Embedder, form: Any, queue_size: int) -> JSONRes
     ids = form.fields.get("clip_ids", [])
     if ids and len(ids) != len(files):
         raise ApiError(
-            400, "clip_ids_mismatch", f"{len(ids)} clip_ids for {len(files)} files: give one id per file, in order, or none"
+            400,
+            "clip_ids_mismatch",
+            f"{len(ids)} clip_ids for {len(files)} files: give one id per file, in order, or none",
         )
     results: list[dict[str, Any] | None] = [None] * len(files)
     work: list[tuple[int, Any, str]] = []
@@ -334,8 +358,10 @@ async def _embed_form(embedder: Embedder, form: Any, queue_size: int) -> JSONRes
         status = max(server) if len(server) == len(codes) else 422
         first = failed[0]["error"]
         noun = "the clip" if len(done) == 1 else f"all {len(done)} clips"
-        body["error"] = {"code": "all_clips_failed" if len(done) > 1 else first["code"],
-                         "message": f"{noun} failed; first: {first['code']}: {first['message']}"}
+        body["error"] = {
+            "code": "all_clips_failed" if len(done) > 1 else first["code"],
+            "message": f"{noun} failed; first: {first['code']}: {first['message']}",
+        }
         return JSONResponse(body, status_code=status)
     return JSONResponse(body)
 

@@ -20,7 +20,7 @@ import stat
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +147,13 @@ def embed_files(
     ids_seen: set[str] = set()
     in_flight: dict[cf.Future, tuple[Path, str]] = {}
     start = time.perf_counter()
-    bar = tqdm(total=len(files), unit="clip", disable=(not sys.stderr.isatty()) if progress is None else not progress,
-               dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=len(files),
+        unit="clip",
+        disable=(not sys.stderr.isatty()) if progress is None else not progress,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
 
     def settle(done: set[cf.Future]) -> None:
         from lastkd.teacher.embedder import ClipFailure
@@ -242,15 +247,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description="Embed every clip under PATH... with the teacher into the feature store; resumable.",
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="video files or folders")
-    parser.add_argument("--feature-set", default=None, metavar="ID",
-                        help="refuse to run unless the teacher settings produce this feature-set id")
-    parser.add_argument("--workers", type=_positive, default=None, help="decoder processes (default: LASTKD_DECODE_WORKERS)")
-    parser.add_argument("--batch-size", type=_positive, default=None, help="clips per inference batch (default: LASTKD_TEACHER_BATCH_SIZE)")
-    parser.add_argument("--sampling", choices=("uniform", "multiview"), default=None,
-                        help="frame sampling (default: LASTKD_TEACHER_SAMPLING, else uniform)")
-    parser.add_argument("--protocol", choices=("imagenet", "official_extraction"), default=None,
-                        help="preprocessing (default: LASTKD_TEACHER_PROTOCOL, else imagenet)")
-    parser.add_argument("--report", type=Path, default=None, help="JSON report (default: <data_dir>/reports/embed-<time>.json)")
+    parser.add_argument(
+        "--feature-set",
+        default=None,
+        metavar="ID",
+        help="refuse to run unless the teacher settings produce this feature-set id",
+    )
+    parser.add_argument(
+        "--workers", type=_positive, default=None, help="decoder processes (default: LASTKD_DECODE_WORKERS)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=None,
+        help="clips per inference batch (default: LASTKD_TEACHER_BATCH_SIZE)",
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=("uniform", "multiview"),
+        default=None,
+        help="frame sampling (default: LASTKD_TEACHER_SAMPLING, else uniform)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=("imagenet", "official_extraction"),
+        default=None,
+        help="preprocessing (default: LASTKD_TEACHER_PROTOCOL, else imagenet)",
+    )
+    parser.add_argument(
+        "--report", type=Path, default=None, help="JSON report (default: <data_dir>/reports/embed-<time>.json)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -294,7 +320,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not files:
         return err("no video files found under " + ", ".join(map(str, args.paths)))
     report = args.report or settings.data_dir / "reports" / f"embed-{datetime.now():%Y%m%d-%H%M%S}.json"
-    summary = BulkSummary(started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), not_files=not_files)
+    summary = BulkSummary(started_at=datetime.now(UTC).isoformat(timespec="seconds"), not_files=not_files)
     try:
         preprocess = preprocess_from_settings(settings, sampling=args.sampling, protocol=args.protocol)
         planned = planned_set_id(config, preprocess)
@@ -320,7 +346,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         embedder.close()
         store.close()
-    summary.finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    summary.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     write_report(summary, report)
     word = "interrupted" if summary.interrupted else "done"
     print(

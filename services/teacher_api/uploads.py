@@ -79,7 +79,8 @@ def _extended_filename(disposition: bytes) -> str | None:
         _, quoted, encoded = rest.partition("'")
         if not quoted:
             raise UploadError(
-                400, "malformed_multipart",
+                400,
+                "malformed_multipart",
                 "filename* must have the RFC 2231 form charset'language'percent-encoded-name "
                 "(e.g. UTF-8''vid%C3%A9o.mp4)",
             )
@@ -141,12 +142,12 @@ class _Receiver:
         if filename is not None or self._name == FILE_FIELD:
             if self._name != FILE_FIELD:
                 raise UploadError(
-                    400, "unexpected_field", f"file parts must be sent as {FILE_FIELD!r} fields, got {self._name[:60]!r}"
+                    400,
+                    "unexpected_field",
+                    f"file parts must be sent as {FILE_FIELD!r} fields, got {self._name[:60]!r}",
                 )
             if len(self.form.files) >= self.max_files:
-                raise UploadError(
-                    413, "too_many_files", f"at most {self.max_files} clips may be sent in one request"
-                )
+                raise UploadError(413, "too_many_files", f"at most {self.max_files} clips may be sent in one request")
             self._filename = filename or ""  # a nameless file part is still a clip (id: its sha256)
             suffix = Path(self._filename.replace("\\", "/")).suffix
             fd, name = tempfile.mkstemp(
@@ -158,7 +159,9 @@ class _Receiver:
             self.form.files.append(UploadedFile(self._filename, self._path, 0, ""))
         elif self._name != ID_FIELD:
             raise UploadError(
-                400, "unexpected_field", f"unknown form field {self._name[:60]!r}; expected {FILE_FIELD!r} and {ID_FIELD!r}"
+                400,
+                "unexpected_field",
+                f"unknown form field {self._name[:60]!r}; expected {FILE_FIELD!r} and {ID_FIELD!r}",
             )
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
@@ -218,8 +221,14 @@ async def receive_multipart(request: Request, tmp_dir: Path, *, max_bytes: int, 
     callbacks = {
         name: getattr(receiver, name)
         for name in (
-            "on_part_begin", "on_part_data", "on_part_end", "on_header_field",
-            "on_header_value", "on_header_end", "on_headers_finished", "on_end",
+            "on_part_begin",
+            "on_part_data",
+            "on_part_end",
+            "on_header_field",
+            "on_header_value",
+            "on_header_end",
+            "on_headers_finished",
+            "on_end",
         )
     }
     parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]

@@ -39,6 +39,10 @@ from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from lastkd.datapaths import DataPathError
+from lastkd.ids import check_job_id
+from lastkd.jsonsafe import to_jsonable
+from lastkd.registry import Registry
 from lastkd.services.http import (
     ApiError,
     BindRefusedError,
@@ -53,15 +57,11 @@ from lastkd.services.http import (
 )
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, broker_reachable, create_celery_app
-from lastkd.ids import check_job_id
-from lastkd.jsonsafe import to_jsonable
-from lastkd.sse import format_comment, format_event
-from lastkd.registry import Registry
-from lastkd.student.config import MAX_CONFIG_BYTES, TrainConfig
 from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobState, JobStore, JobStoreError
-from lastkd.datapaths import DataPathError
-from lastkd.student.paths import confine_config_paths
 from lastkd.services.trainer.tasks import enqueue
+from lastkd.sse import format_comment, format_event
+from lastkd.student.config import MAX_CONFIG_BYTES, TrainConfig
+from lastkd.student.paths import confine_config_paths
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,18 @@ def check_feature_set(store_path: Path, set_id: str) -> str | None:
     except (FeatureStoreError, OSError) as exc:
         return f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store ({exc})"
     except Exception as exc:  # lmdb's own errors: still "cannot read", never a 500
-        return (f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store at "
-                f"{store_path} ({type(exc).__name__}: {str(exc)[:200]})")
+        return (
+            f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store at "
+            f"{store_path} ({type(exc).__name__}: {str(exc)[:200]})"
+        )
     if set_id not in sets:
         listed = ", ".join(repr(s) for s in sets) if sets else "none (the store holds no feature sets)"
         raise ApiError(
-            422, "unknown_feature_set",
+            422,
+            "unknown_feature_set",
             f"distill.feature_set: no feature set {set_id!r} in the feature store at {store_path}; sets that exist: {listed}",
-            field="distill.feature_set", feature_sets=sets,
+            field="distill.feature_set",
+            feature_sets=sets,
         )
     return None
 
@@ -183,7 +187,9 @@ def create_app(
         store: JobStore = state["store"]
         for record in store.stale_running(stale_after_s):
             if store.requeue(record.id, f"worker {record.owner} stopped sending heartbeats; requeued"):
-                log.warning("job %s: worker %s lost (no heartbeat for %.0fs), requeued", record.id, record.owner, stale_after_s)
+                log.warning(
+                    "job %s: worker %s lost (no heartbeat for %.0fs), requeued", record.id, record.owner, stale_after_s
+                )
         for job_id in store.pending_ids():
             if not submit(job_id):
                 break  # broker still down; try again next sweep
@@ -248,9 +254,13 @@ def create_app(
             problems["broker"] = "starting up"
         if problems:
             return JSONResponse(
-                {"status": "not_ready", "problems": problems}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+                {"status": "not_ready", "problems": problems},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        return JSONResponse({"status": "ready", "broker": settings.resolved_broker_url.split("://", 1)[0], "queue": queue})
+        return JSONResponse(
+            {"status": "ready", "broker": settings.resolved_broker_url.split("://", 1)[0], "queue": queue}
+        )
 
     @app.get("/metrics", tags=["health"])
     async def prometheus() -> Response:
@@ -269,17 +279,22 @@ def create_app(
         except (UnicodeDecodeError, ValueError) as exc:
             raise ApiError(422, "invalid_config", f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
-            raise ApiError(422, "invalid_config", f"body must be a JSON object of TrainConfig fields, got {type(body).__name__}")
+            raise ApiError(
+                422, "invalid_config", f"body must be a JSON object of TrainConfig fields, got {type(body).__name__}"
+            )
         client_id = body.pop("job_id", None)
         if client_id is not None:
             try:
                 check_job_id(client_id)
             except ValueError as exc:
-                raise ApiError(422, "invalid_config", f"job_id: {exc}",
-                               details=[{"field": "job_id", "msg": str(exc)}]) from None
+                raise ApiError(
+                    422, "invalid_config", f"job_id: {exc}", details=[{"field": "job_id", "msg": str(exc)}]
+                ) from None
         key = request.headers.get("idempotency-key")
         if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
-            raise ApiError(422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces")
+            raise ApiError(
+                422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces"
+            )
         try:
             config = TrainConfig.model_validate(body)
         except ValidationError as exc:
@@ -298,8 +313,13 @@ def create_app(
         try:
             record, created = await run_in_threadpool(
                 lambda: store.create(
-                    config.name, config.model_dump(mode="json"), _config_digest(config),
-                    max_attempts=max_attempts, idempotency_key=key, job_id=client_id, submit_lease_s=SUBMIT_LEASE_S,
+                    config.name,
+                    config.model_dump(mode="json"),
+                    _config_digest(config),
+                    max_attempts=max_attempts,
+                    idempotency_key=key,
+                    job_id=client_id,
+                    submit_lease_s=SUBMIT_LEASE_S,
                 )
             )
         except IdempotencyConflict as exc:
@@ -370,13 +390,21 @@ def create_app(
                 record = await run_in_threadpool(store.get, job_id)
                 if record is None:
                     return
-                stamp = (record.state, record.updated_at, record.progress and json.dumps(record.progress, sort_keys=True))
+                stamp = (
+                    record.state,
+                    record.updated_at,
+                    record.progress and json.dumps(record.progress, sort_keys=True),
+                )
                 if stamp != last:
                     last = stamp
                     quiet_since = time.monotonic()
                     payload = {
-                        "job_id": record.id, "state": record.state.value, "progress": record.progress,
-                        "attempts": record.attempts, "error": record.error, "result": record.result,
+                        "job_id": record.id,
+                        "state": record.state.value,
+                        "progress": record.progress,
+                        "attempts": record.attempts,
+                        "error": record.error,
+                        "result": record.result,
                     }
                     kind = "end" if record.terminal else "progress"
                     yield format_event(kind, to_jsonable(payload))
@@ -423,9 +451,7 @@ def create_app(
                     return None
 
             metrics_doc = load("metrics.json") or {}
-            files = sorted(
-                str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
-            )
+            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
             return {
                 "name": name,
                 "version": number,
@@ -463,10 +489,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_bind_arguments(parser, "trainer")
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help=f"Celery queue for jobs (default {DEFAULT_QUEUE})")
-    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
-                        help="deliveries per job before it is FAILED (worker lost each time)")
-    parser.add_argument("--stale-after", type=float, default=120.0,
-                        help="seconds without a heartbeat after which a RUNNING job is requeued")
+    parser.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        help="deliveries per job before it is FAILED (worker lost each time)",
+    )
+    parser.add_argument(
+        "--stale-after",
+        type=float,
+        default=120.0,
+        help="seconds without a heartbeat after which a RUNNING job is requeued",
+    )
     parser.add_argument("--sweep-interval", type=float, default=2.0, help="seconds between re-submitter rounds")
     parser.set_defaults(func=run)
     return parser
@@ -491,7 +525,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"lastkd serve-trainer: {exc}", file=sys.stderr)
         return 2
     app = create_app(
-        settings, queue=args.queue, max_attempts=args.max_attempts,
-        stale_after_s=args.stale_after, sweep_interval_s=args.sweep_interval,
+        settings,
+        queue=args.queue,
+        max_attempts=args.max_attempts,
+        stale_after_s=args.stale_after,
+        sweep_interval_s=args.sweep_interval,
     )
     return serve(app, host, port, settings.token(), settings.log_level)

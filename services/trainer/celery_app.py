@@ -121,14 +121,14 @@ def _use_wal(path: str) -> None:
 def _prepare_sqlite(url: str) -> str:
     """WAL for a ``sqla+sqlite:///`` broker file, routed through :class:`SQLiteTransport`."""
     target = url.split("+", 1)[1]
-    _use_wal(target[len("sqlite:///"):] if target.startswith("sqlite:///") else "")
+    _use_wal(target[len("sqlite:///") :] if target.startswith("sqlite:///") else "")
     return f"{_SQLA_ALIAS}+{target}"
 
 
 def _prepare_result_backend(url: str) -> str:
     """WAL for a ``db+sqlite:///`` result backend file; other backends pass through."""
     if url.startswith("db+sqlite:///"):
-        _use_wal(url[len("db+sqlite:///"):])
+        _use_wal(url[len("db+sqlite:///") :])
     return url
 
 
@@ -151,7 +151,12 @@ def celery_config(broker_url: str, result_backend: str, queue: str = DEFAULT_QUE
         "broker_connection_timeout": 3,
         # producer side: fail fast so the API can answer 503 instead of hanging
         "task_publish_retry": True,
-        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3},
+        "task_publish_retry_policy": {
+            "max_retries": 1,
+            "interval_start": 0.1,
+            "interval_step": 0.2,
+            "interval_max": 0.3,
+        },
         "task_default_queue": queue,
         "task_routes": {TASK_NAME: {"queue": queue}},
         "task_serializer": "json",

@@ -67,7 +67,7 @@ def print_paired(report: dict[str, Any]) -> None:
         print(f"- {line}")
 
 
-def run(args: argparse.Namespace, settings: "Settings") -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``lastkd compare``; returns the exit code (0 ok, 2 bad input, 3 cancelled)."""
     from lastkd.datapaths import DataPathError
     from lastkd.student import training as engine
@@ -97,13 +97,19 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
     children = expand(exp)
     out = args.out or settings.resolved_jobs_dir / "experiments" / f"{exp.name}-{exp.config_hash()[:12]}"
     store = settings.resolved_store_path if any(c.config.distill.enabled for c in children) else None
-    print(f"experiment {exp.name}: arms {', '.join(exp.arms)} x seeds {list(exp.seeds)} = {len(children)} runs", file=sys.stderr)
+    print(
+        f"experiment {exp.name}: arms {', '.join(exp.arms)} x seeds {list(exp.seeds)} = {len(children)} runs",
+        file=sys.stderr,
+    )
     print(f"output: {out}", file=sys.stderr)
     from lastkd.student import tblog
 
     if tblog.available():  # one log folder per child; pointing TensorBoard at runs/ shows the arms side by side
-        print(f"tensorboard logs: {out / 'runs'}/<arm>-s<seed>/{tblog.LOG_DIR_NAME}  "
-              f"(view: tensorboard --logdir {out / 'runs'})", file=sys.stderr)
+        print(
+            f"tensorboard logs: {out / 'runs'}/<arm>-s<seed>/{tblog.LOG_DIR_NAME}  "
+            f"(view: tensorboard --logdir {out / 'runs'})",
+            file=sys.stderr,
+        )
     else:
         print(tensorboard_line(out), file=sys.stderr)
 
@@ -124,12 +130,19 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
         done["n"] += 1
         loss = result.history[-1].get("train_distill") if result.history and child.config.distill.enabled else None
         extra = "" if loss is None else f"  final distill loss {loss:.4f}"
-        print(f"[{done['n']}/{len(children)}] {child.key}: val top-1 {100 * result.metrics['top1']:.2f}%  "
-              f"top-5 {100 * result.metrics['top5']:.2f}%{extra}", file=sys.stderr)
+        print(
+            f"[{done['n']}/{len(children)}] {child.key}: val top-1 {100 * result.metrics['top1']:.2f}%  "
+            f"top-5 {100 * result.metrics['top5']:.2f}%{extra}",
+            file=sys.stderr,
+        )
 
     try:
         local = run_local(
-            exp, out, store_path=store, data_roots=roots, on_child=on_child,
+            exp,
+            out,
+            store_path=store,
+            data_roots=roots,
+            on_child=on_child,
             hooks_for=lambda child: engine.TrainHooks(should_cancel=lambda: cancel["flag"]),
         )
     except ExperimentError as exc:

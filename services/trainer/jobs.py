@@ -306,8 +306,18 @@ class JobStore:
             conn.execute(
                 "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
                 " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (new_id, name, JobState.PENDING.value, _dumps(config), config_hash, idempotency_key,
-                 max_attempts, now, now, None if submit_lease_s is None else now + submit_lease_s),
+                (
+                    new_id,
+                    name,
+                    JobState.PENDING.value,
+                    _dumps(config),
+                    config_hash,
+                    idempotency_key,
+                    max_attempts,
+                    now,
+                    now,
+                    None if submit_lease_s is None else now + submit_lease_s,
+                ),
             )
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (new_id,)).fetchone()
         return self._record(row), True
@@ -331,8 +341,7 @@ class JobStore:
         with self._write() as conn:
             if queued:
                 conn.execute(
-                    "UPDATE jobs SET state=?, queued_at=?, updated_at=?, submitting_until=NULL"
-                    " WHERE id=? AND state=?",
+                    "UPDATE jobs SET state=?, queued_at=?, updated_at=?, submitting_until=NULL WHERE id=? AND state=?",
                     (JobState.QUEUED.value, now, now, job_id, JobState.PENDING.value),
                 )
             else:

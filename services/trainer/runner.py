@@ -83,8 +83,9 @@ class _Reporter(threading.Thread):
             self._dirty = self._history_dirty = False
             first = self.first_epoch
         try:
-            if self.store.heartbeat(self.job_id, self.owner, to_jsonable(progress), to_jsonable(history),
-                                    resumed_from_epoch=first):
+            if self.store.heartbeat(
+                self.job_id, self.owner, to_jsonable(progress), to_jsonable(history), resumed_from_epoch=first
+            ):
                 self.cancel.set()
         except Exception:  # a busy or briefly unavailable DB must not kill training
             log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
@@ -132,8 +133,10 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
     # are its children and their parent-death signal follows it. A runner inherits the fork-server
     # start method otherwise, and would start a second fork server that outlives it.
     multiprocessing.set_start_method("fork", force=True)
-    logging.basicConfig(level=spec.get("log_level", "INFO"),
-                        format="[%(asctime)s: %(levelname)s/runner-%(process)d] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=spec.get("log_level", "INFO"),
+        format="[%(asctime)s: %(levelname)s/runner-%(process)d] %(name)s: %(message)s",
+    )
     threading.Thread(target=_watch_supervisor, args=(conn,), name="lastkd-supervisor-watch", daemon=True).start()
     job_id = spec["job_id"]
     jobs_dir, registry_dir = Path(spec["jobs_dir"]), Path(spec["registry_dir"])
@@ -169,9 +172,19 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
         history = to_jsonable(result.history)
         metrics = to_jsonable(result.metrics)
         if result.state is RunState.CANCELLED:
-            store.finish(job_id, owner, JobState.CANCELLED, metrics=metrics, history=history, error=None,
-                         result={"run_dir": str(run_dir), "epochs_completed": result.epochs_completed,
-                                 "partial_checkpoint": partial_checkpoint(run_dir)})
+            store.finish(
+                job_id,
+                owner,
+                JobState.CANCELLED,
+                metrics=metrics,
+                history=history,
+                error=None,
+                result={
+                    "run_dir": str(run_dir),
+                    "epochs_completed": result.epochs_completed,
+                    "partial_checkpoint": partial_checkpoint(run_dir),
+                },
+            )
             log.info("job %s: cancelled after %d epoch(s)", job_id, result.epochs_completed)
             return
         published = publish(result, registry_dir, job_id=job_id)

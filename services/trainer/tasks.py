@@ -78,7 +78,7 @@ def _runner_entry(spec: dict[str, Any], conn: Any) -> None:
     run_in_runner(spec, conn)
 
 
-def run_job(task: "Task", job_id: str) -> dict[str, Any]:
+def run_job(task: Task, job_id: str) -> dict[str, Any]:
     """Supervise one delivery of job ``job_id``; returns a small summary for the result backend."""
     runtime = task.app.lastkd  # type: ignore[attr-defined]
     store = JobStore(runtime.jobs_dir)
@@ -116,8 +116,15 @@ def run_job(task: "Task", job_id: str) -> dict[str, Any]:
     code = proc.exitcode
     record = store.get(job_id)
     state = record.state if record else None
-    log.info("job %s: runner pid %s exited %s after %.1fs (claim %s, job %s)", job_id, proc.pid, code,
-             time.monotonic() - started, claim, state.value if state else None)
+    log.info(
+        "job %s: runner pid %s exited %s after %.1fs (claim %s, job %s)",
+        job_id,
+        proc.pid,
+        code,
+        time.monotonic() - started,
+        claim,
+        state.value if state else None,
+    )
     if claim is not None and claim != ClaimOutcome.RUN.value:
         return {"job_id": job_id, "outcome": claim, "state": state.value if state else None}
     if record is not None and state is JobState.FAILED:
@@ -153,21 +160,28 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-def register(app: "Celery") -> None:
+def register(app: Celery) -> None:
     """Register the training task on ``app`` (name :data:`TASK_NAME`)."""
 
     # shared=False: the task belongs to this app only, so building a second app in one process
     # (the API builds one per broker it checks) registers it again instead of warning.
     # throws: the two outcomes above are expected ends of a delivery, logged without a traceback.
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=False,
-              shared=False, throws=(JobFailed, RunnerLost))
-    def train_job(self: "Task", job_id: str) -> dict[str, Any]:
+    @app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=False,
+        shared=False,
+        throws=(JobFailed, RunnerLost),
+    )
+    def train_job(self: Task, job_id: str) -> dict[str, Any]:
         return run_job(self, job_id)
 
     del train_job
 
 
-def enqueue(app: "Celery", job_id: str) -> None:
+def enqueue(app: Celery, job_id: str) -> None:
     """Send job ``job_id`` to the broker (raises on a broker error; the caller decides).
 
     Each send gets its own Celery task id: one job may be sent again after its worker is lost.

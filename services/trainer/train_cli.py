@@ -49,14 +49,20 @@ def _progress_bar() -> tuple[Any, Any]:
     def on_progress(p: Any) -> None:
         bar = state["bar"]
         if bar is None:
-            bar = state["bar"] = tqdm(total=p.epochs * p.steps_per_epoch, unit="step", file=sys.stderr, dynamic_ncols=True)
+            bar = state["bar"] = tqdm(
+                total=p.epochs * p.steps_per_epoch, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
             bar.update(p.epoch * p.steps_per_epoch + max(p.step - 1, 0))
         if p.phase == "train":
             bar.update(1)
             bar.set_description(f"epoch {p.epoch + 1}/{p.epochs}")
-            bar.set_postfix(loss=f"{p.losses.get('total', 0):.3f}", alpha=f"{p.alpha:.2f}", sps=f"{p.samples_per_s:.0f}")
+            bar.set_postfix(
+                loss=f"{p.losses.get('total', 0):.3f}", alpha=f"{p.alpha:.2f}", sps=f"{p.samples_per_s:.0f}"
+            )
         elif p.phase == "eval" and p.val:
-            bar.write(f"epoch {p.epoch + 1}/{p.epochs}: val top-1 {100 * p.val['top1']:.2f}%  top-5 {100 * p.val['top5']:.2f}%")
+            bar.write(
+                f"epoch {p.epoch + 1}/{p.epochs}: val top-1 {100 * p.val['top1']:.2f}%  top-5 {100 * p.val['top5']:.2f}%"
+            )
         elif p.phase == "final_eval":
             bar.set_description("final evaluation")
         elif p.phase == "done":
@@ -79,8 +85,19 @@ def tensorboard_line(run_dir: Path) -> str:
 
 
 def _run_ddp(config_path: Path, run_dir: Path, nproc: int, store: Path | None, roots: list[Path]) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "lastkd.student.training", "--config", str(config_path), "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "lastkd.student.training",
+        "--config",
+        str(config_path),
+        "--run-dir",
+        str(run_dir),
+    ]
     if store is not None:
         cmd += ["--store", str(store)]
     for root in roots:
@@ -99,10 +116,10 @@ def _print_skipped(report: dict[str, Any]) -> None:
         print(f"  {reason}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace, settings: "Settings") -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``lastkd train``; returns the process exit code (0 ok, 2 bad input, 3 cancelled)."""
-    from lastkd.student import training as engine
     from lastkd.datapaths import DataPathError
+    from lastkd.student import training as engine
     from lastkd.student.config import ConfigError, TrainConfig
     from lastkd.student.paths import confine_config_paths
     from lastkd.student.publish import PublishError, publish
@@ -155,7 +172,10 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
             on_progress, close_bar = _progress_bar()
             try:
                 result = engine.train(
-                    config, run_dir, store_path=store, data_roots=roots,
+                    config,
+                    run_dir,
+                    store_path=store,
+                    data_roots=roots,
                     hooks=engine.TrainHooks(on_progress=on_progress, should_cancel=lambda: cancel["flag"]),
                 )
             finally:
@@ -166,7 +186,9 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
         return fail(str(exc))
     if result.state is engine.RunState.CANCELLED:
         _print_skipped(result.data_info.data_skipped())
-        print(f"cancelled after {result.epochs_completed} epoch(s); run the same command again to resume", file=sys.stderr)
+        print(
+            f"cancelled after {result.epochs_completed} epoch(s); run the same command again to resume", file=sys.stderr
+        )
         return EXIT_CANCELLED
     m = result.metrics
     print(f"val top-1 {100 * m['top1']:.2f}%  top-5 {100 * m['top5']:.2f}%  ({m['num_samples']} clips)")
@@ -176,7 +198,9 @@ def run(args: argparse.Namespace, settings: "Settings") -> int:
         return EXIT_OK
     try:
         published = publish(
-            result, settings.resolved_registry_dir, job_id=args.job_id or f"cli-{Path(run_dir).name}",
+            result,
+            settings.resolved_registry_dir,
+            job_id=args.job_id or f"cli-{Path(run_dir).name}",
             extra_lineage={"launched_by": "lastkd train", "ddp_processes": args.ddp},
         )
     except PublishError as exc:

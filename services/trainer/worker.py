@@ -44,12 +44,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``lastkd worker``."""
     parser = sub.add_parser("worker", help="run a Celery worker for training jobs", description=__doc__.splitlines()[0])
     parser.add_argument("--queue", default=DEFAULT_QUEUE, help=f"queue to consume (default {DEFAULT_QUEUE})")
-    parser.add_argument("--concurrency", type=int, default=1, help="jobs at once in this worker (default 1; one per GPU)")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="jobs at once in this worker (default 1; one per GPU)"
+    )
     parser.add_argument("--name", default=None, help="worker name (default lastkd-<pid>@<host>)")
     parser.add_argument(
-        "--claim-gpu", default=None, metavar="all|I,J,...",
+        "--claim-gpu",
+        default=None,
+        metavar="all|I,J,...",
         help="claim the least-used GPU of these (all = every GPU the driver lists) among the workers sharing "
-             "the jobs folder, and train on it only (sets CUDA_VISIBLE_DEVICES); for `docker compose --scale`",
+        "the jobs folder, and train on it only (sets CUDA_VISIBLE_DEVICES); for `docker compose --scale`",
     )
     parser.set_defaults(func=run)
     return parser
@@ -69,7 +73,7 @@ def gpu_candidates(spec: str, gpu_count: int) -> list[int]:
     return indices
 
 
-def _claim_gpu(spec: str, settings: "Settings") -> str:
+def _claim_gpu(spec: str, settings: Settings) -> str:
     """Claim a GPU for this worker before anything can start CUDA; the line to print about it."""
     from lastkd.devices import claim_gpu, probe_gpus
 
@@ -88,7 +92,7 @@ def _claim_gpu(spec: str, settings: "Settings") -> str:
 _HELD: list[int] = []
 
 
-def run(args: argparse.Namespace, settings: "Settings") -> int:
+def run(args: argparse.Namespace, settings: Settings) -> int:
     """Start the worker in this process; returns when it shuts down."""
     if not 1 <= args.concurrency <= 64:
         print(f"lastkd worker: --concurrency must be 1..64, got {args.concurrency}", file=sys.stderr)

@@ -70,8 +70,12 @@ def test_every_registered_command_help_works(tmp_path: Path) -> None:
     side: several of them import torch)."""
     procs = {
         name: subprocess.Popen(
-            [str(CONSOLE_SCRIPT), name, "--help"], cwd=tmp_path, env=_env(tmp_path),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [str(CONSOLE_SCRIPT), name, "--help"],
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in COMMANDS
     }

@@ -19,9 +19,15 @@ def test_claims_spread_over_gpus_then_share_and_die_with_their_holder(tmp_path: 
     assert [(c.index, c.slot) for c in (first, second, third, fourth)] == [(1, 0), (2, 0), (3, 0), (1, 1)]
     # A holder that dies (kill -9 included) frees its GPU: the kernel drops the flock.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time; from lastkd.devices import claim_gpu; "
-         f"c = claim_gpu({str(locks / 'other')!r}, [0, 1]); print(c.index, flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from lastkd.devices import claim_gpu; "
+            f"c = claim_gpu({str(locks / 'other')!r}, [0, 1]); print(c.index, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "0"
         assert claim_gpu(locks / "other", [0, 1]).index == 1  # 0 is held by the child

@@ -48,8 +48,11 @@ def make_informative_data(base: Path, classes: int = 3, per_class: int = 8, seed
     store = FeatureStore(store_path, map_size=32 << 20)
     try:
         meta = store.create_set(
-            teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"test": "informative"},
-            dim=INFORMATIVE_DIM, dtype="float16",
+            teacher="videomae_v2_vit_b",
+            weights_sha256=None,
+            preprocessing={"test": "informative"},
+            dim=INFORMATIVE_DIM,
+            dtype="float16",
         )
         store.put_many(meta.set_id, result.names, class_vectors(result.labels).astype(np.float16))
     finally:
@@ -70,8 +73,12 @@ def experiment_base(informative: InformativeData, **overrides: Any) -> dict[str,
         "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0},
         "schedule": {"kind": "constant"},
         "distill": {
-            "feature_set": data.feature_set, "alpha_start": 0.9, "schedule": "constant", "loss": "cosine",
-            "projector_hidden": 32, "teacher_norm": "standardize",
+            "feature_set": data.feature_set,
+            "alpha_start": 0.9,
+            "schedule": "constant",
+            "loss": "cosine",
+            "projector_hidden": 32,
+            "teacher_norm": "standardize",
         },
         "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
         "device": "cpu",

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 
 from lastkd.services.stack import free_port, port_free
-
 from tests.support.paths import PROJECT_ROOT
 
 
@@ -39,6 +38,7 @@ def lastkd_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
 
 __all__ = [
     "descendants",
@@ -60,8 +60,13 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-             describe: Callable[[], str] | None = None) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.2,
+    describe: Callable[[], str] | None = None,
+) -> Any:
     """Poll ``predicate`` until it returns something truthy (returned); AssertionError naming
     ``what`` (and what ``describe`` says then) after ``timeout`` seconds. The predicate may raise
     to fail early."""

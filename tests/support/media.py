@@ -211,9 +211,7 @@ def truncated_copy(src: str | Path, dst: str | Path, fraction: float = 0.5) -> P
     return dst
 
 
-def corrupted_copy(
-    src: str | Path, dst: str | Path, at: float = 0.5, length: int = 4096, seed: int = 0
-) -> Path:
+def corrupted_copy(src: str | Path, dst: str | Path, at: float = 0.5, length: int = 4096, seed: int = 0) -> Path:
     """Copy ``src`` with ``length`` random bytes overwritten at relative position ``at``."""
     data = bytearray(Path(src).read_bytes())
     start = int(len(data) * at)

@@ -25,8 +25,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.paths import PROJECT_ROOT
 from tests.support.live import free_port, port_open, wait_for, wait_http
+from tests.support.paths import PROJECT_ROOT
 
 TOKEN = "stack-token-0123456789"
 REDIS_PORT = 6379
@@ -48,8 +48,16 @@ class TinyData:
     names: list[str]
 
 
-def tiny_config(data: TinyData, name: str = "tiny", *, epochs: int = 1, steps: int = 1, distill: bool = True,
-                samples: int = 2, **extra: Any) -> dict[str, Any]:
+def tiny_config(
+    data: TinyData,
+    name: str = "tiny",
+    *,
+    epochs: int = 1,
+    steps: int = 1,
+    distill: bool = True,
+    samples: int = 2,
+    **extra: Any,
+) -> dict[str, Any]:
     """A TrainConfig (JSON) for a job of a few seconds: small variant, 16 frames, 2-sample splits."""
     config: dict[str, Any] = {
         "name": name,
@@ -77,7 +85,10 @@ def make_tiny_data(base: Path) -> TinyData:
     store = FeatureStore(store_path, map_size=32 << 20)
     try:
         meta = store.create_set(
-            teacher="videomae_v2_tiny", weights_sha256=None, preprocessing={"test": "stack"}, dim=TEACHER_DIM,
+            teacher="videomae_v2_tiny",
+            weights_sha256=None,
+            preprocessing={"test": "stack"},
+            dim=TEACHER_DIM,
             dtype="float16",
         )
         vectors = np.random.default_rng(0).standard_normal((len(result.names), TEACHER_DIM)).astype(np.float16)
@@ -196,7 +207,11 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Pro
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lastkd.services.cli", *args],
-            env=env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env,
+            cwd=PROJECT_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     return Proc(name, proc, log_path)
 
@@ -227,7 +242,8 @@ class Stack:
         self.api = spawn(
             f"api-{self.port}",
             ["serve-trainer", "--port", str(self.port), "--queue", self.queue, *self.api_args],
-            self.env, self.data_dir / "logs",
+            self.env,
+            self.data_dir / "logs",
         )
 
         wait_http(f"{self.url}/health/live", START_TIMEOUT_S, proc=self.api.proc, log=self.api.log)
@@ -235,8 +251,12 @@ class Stack:
 
     def start_worker(self, name: str | None = None) -> Proc:
         name = name or f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
-        worker = spawn(f"worker-{name}", ["worker", "--queue", self.queue, "--name", f"{name}@test"], self.env,
-                       self.data_dir / "logs")
+        worker = spawn(
+            f"worker-{name}",
+            ["worker", "--queue", self.queue, "--name", f"{name}@test"],
+            self.env,
+            self.data_dir / "logs",
+        )
         self.workers.append(worker)
         return worker
 
@@ -281,8 +301,13 @@ def make_stack(base: Path, data: TinyData, broker_url: str | None = None, api_ar
     data_dir.mkdir(parents=True)
     overrides = {"LASTKD_BROKER_URL": broker_url} if broker_url else {}
     queue = f"lastkd-test-{uuid.uuid4().hex[:10]}"
-    return Stack(data_dir, data, stack_env(data_dir, data, **overrides), queue,
-                 api_args if api_args is not None else ["--stale-after", "4", "--sweep-interval", "0.5"])
+    return Stack(
+        data_dir,
+        data,
+        stack_env(data_dir, data, **overrides),
+        queue,
+        api_args if api_args is not None else ["--stale-after", "4", "--sweep-interval", "0.5"],
+    )
 
 
 def redis_url(port: int = REDIS_PORT) -> str:
@@ -301,9 +326,24 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.dir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         wait_for(lambda: port_open(self.port), 20, f"redis-server on port {self.port}")
 

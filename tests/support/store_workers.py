@@ -88,7 +88,9 @@ def reader(path: str, set_id: str, batches: int, size: int, dim: int, timeout: f
         problems += check_snapshot(arr, found, batches, size)
         if problems or count == batches * size:
             break
-    print(json.dumps({"observations": observations, "counts": sorted(counts), "final": last, "problems": problems[:10]}))
+    print(
+        json.dumps({"observations": observations, "counts": sorted(counts), "final": last, "problems": problems[:10]})
+    )
     return 1 if problems else 0
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from tests.support.live import free_port, lastkd_env, wait_http
 
 TOKEN = "test-token-0123456789"
@@ -30,7 +31,11 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
     """Run ``lastkd ARGS`` (as ``python -m lastkd.services.cli``) and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "lastkd.services.cli", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -79,7 +84,10 @@ def start_teacher(data_dir: Path, **env_overrides: str) -> LiveTeacher:
     log = open(log_path, "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lastkd.services.cli", "serve-teacher"],
-        env=env, cwd=data_dir, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        cwd=data_dir,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     log.close()
     server = LiveTeacher(f"http://127.0.0.1:{port}", data_dir, env.get("LASTKD_API_TOKEN"), proc, log_path)

@@ -47,8 +47,9 @@ def test_auto_on_a_machine_without_gpu_is_the_cpu() -> None:
 
 
 @pytest.mark.parametrize("spec", ["auto", "cuda", "cuda:1"])
-def test_a_present_but_unusable_gpu_is_refused_with_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                 spec: str) -> None:
+def test_a_present_but_unusable_gpu_is_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, spec: str
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
     def too_old() -> None:

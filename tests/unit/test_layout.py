@@ -18,8 +18,11 @@ import pytest
 
 from tests.support.paths import PROJECT_ROOT
 
-FOLDERS = {"lastkd": PROJECT_ROOT / "lastkd", "lastkd.featurestore": PROJECT_ROOT / "featurestore",
-           "lastkd.services": PROJECT_ROOT / "services"}
+FOLDERS = {
+    "lastkd": PROJECT_ROOT / "lastkd",
+    "lastkd.featurestore": PROJECT_ROOT / "featurestore",
+    "lastkd.services": PROJECT_ROOT / "services",
+}
 SERVICE_ONLY = ("fastapi", "starlette", "celery", "kombu", "uvicorn", "pydantic_settings", "lastkd.services")
 # Small torch-free rule modules any layer may use (they import nothing of lastkd but errors).
 LEAVES = ("lastkd.errors", "lastkd.hashing", "lastkd.jsonsafe", "lastkd.ids", "lastkd.validation", "lastkd.sse")
@@ -132,7 +135,10 @@ def _cycle_from(start: str) -> list[str] | None:
 def test_no_import_cycles(module: str) -> None:
     # A package importing its own submodules (re-exports in __init__) is not a cycle of concerns.
     cycle = _cycle_from(module)
-    if cycle is not None and all(c.startswith(module + ".") or c == module for c in cycle) and \
-            MODULES[module].name == "__init__.py":
+    if (
+        cycle is not None
+        and all(c.startswith(module + ".") or c == module for c in cycle)
+        and MODULES[module].name == "__init__.py"
+    ):
         cycle = None
     assert cycle is None, " -> ".join(cycle or [])

@@ -59,7 +59,11 @@ def test_env_prefix_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         ("LASTKD_MAX_UPLOAD_BYTES", "0", "LASTKD_MAX_UPLOAD_BYTES"),
         ("LASTKD_MAX_CLIP_SECONDS", "-5", "LASTKD_MAX_CLIP_SECONDS"),
         ("LASTKD_MAX_CLIPS_PER_REQUEST", "1000000", "LASTKD_MAX_CLIPS_PER_REQUEST"),
-        ("LASTKD_BROKER_URL", "redsi://localhost:6379/0", "LASTKD_BROKER_URL: 'redsi://localhost:6379/0' is not a usable URL"),
+        (
+            "LASTKD_BROKER_URL",
+            "redsi://localhost:6379/0",
+            "LASTKD_BROKER_URL: 'redsi://localhost:6379/0' is not a usable URL",
+        ),
         ("LASTKD_BROKER_URL", "localhost:6379", "expected one of amqp://"),
         ("LASTKD_BROKER_URL", "redis://localhost:63a9/0", "has a bad port"),
         ("LASTKD_BROKER_URL", "sqla+sqlite://", "names no database"),
@@ -154,16 +158,31 @@ def test_public_bind_requires_token(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().trainer_host == "0.0.0.0"
 
 
-@pytest.mark.parametrize(("host", "expected"), [("127.0.0.1", True), ("::1", True), ("localhost", True),
-                                                 ("0.0.0.0", False), ("10.1.2.3", False), ("example.org", False)])
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+        ("example.org", False),
+    ],
+)
 def test_is_loopback(host: str, expected: bool) -> None:
     assert is_loopback(host) is expected
 
 
 def test_cli_reports_bad_settings(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "LASTKD_TEACHER_PORT": "-1", "HOME": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "lastkd.services.cli", "store", "stats"], cwd=tmp_path, env=env | {"PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lastkd.services.cli", "store", "stats"],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "LASTKD_TEACHER_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -172,7 +172,11 @@ def load_ntu_folder(
     if cached is not None:
         return cached
     kwargs = {
-        "body_assignment": body_assignment, "dataset": dataset, "missing": missing, "workers": workers, "split": split,
+        "body_assignment": body_assignment,
+        "dataset": dataset,
+        "missing": missing,
+        "workers": workers,
+        "split": split,
         "roots": roots,
     }
     try:

@@ -39,7 +39,7 @@ class SkeletonCollection:
     def __len__(self) -> int:
         return len(self.names)
 
-    def subset(self, indices: np.ndarray) -> "SkeletonCollection":
+    def subset(self, indices: np.ndarray) -> SkeletonCollection:
         """A collection of the given rows (arrays are fancy-indexed, i.e. copied)."""
         idx = np.asarray(indices, dtype=np.int64)
         return SkeletonCollection(

@@ -43,7 +43,7 @@ class AugmentConfig(StrictModel):
     part_drop_prob: float = Field(0.1, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _ranges(self) -> "AugmentConfig":
+    def _ranges(self) -> AugmentConfig:
         lo, hi = self.scale_range
         if not 0 < lo <= hi <= 10:
             raise ValueError("scale_range must satisfy 0 < low <= high <= 10")
@@ -69,14 +69,16 @@ class DataConfig(StrictModel):
     augment: AugmentConfig = AugmentConfig()
     max_samples: int | None = Field(None, ge=1, description="Cap per split, for quick experiments.")
     classes: int | None = Field(
-        None, ge=2, le=120,
+        None,
+        ge=2,
+        le=120,
         description="Classifier outputs (labels must lie below it); default 60 (ntu60) or 120 (ntu120). "
         "Set it to the classes in the data, e.g. 5 for a 5-class subset: a 60-way head trained on 5 "
         "classes spends its label smoothing on 55 classes that never occur.",
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> "DataConfig":
+    def _consistent(self) -> DataConfig:
         if self.split in ("xsub120", "xset120") and self.dataset != "ntu120":
             raise ValueError(f"split {self.split!r} needs dataset 'ntu120'")
         if not self.streams or len(set(self.streams)) != len(self.streams):

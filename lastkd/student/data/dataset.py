@@ -27,7 +27,6 @@ import torch
 from torch.utils.data import Dataset
 
 from lastkd.featurestore import FeatureStore, FeatureStoreError
-
 from lastkd.student.data import augment as aug
 from lastkd.student.data import streams as st
 from lastkd.student.data.collection import SkeletonCollection
@@ -70,15 +69,15 @@ class TeacherFeatures:
         vectors = np.asarray(vectors)
         found = np.asarray(found, dtype=bool)
         if vectors.ndim != 2 or vectors.shape[0] != len(names) or found.shape != (len(names),):
-            raise DatasetError(
-                f"teacher vectors {vectors.shape} / found {found.shape} do not match {len(names)} names"
-            )
+            raise DatasetError(f"teacher vectors {vectors.shape} / found {found.shape} do not match {len(names)} names")
         vectors = vectors.astype(np.float32)
         vectors[~found] = 0.0
         bad = found & ~np.isfinite(vectors).all(axis=1)
         if bad.any():
             examples = [names[i] for i in np.flatnonzero(bad)[:5]]
-            raise DatasetError(f"feature set {feature_set!r} holds non-finite vectors for {int(bad.sum())} samples, e.g. {examples}")
+            raise DatasetError(
+                f"feature set {feature_set!r} holds non-finite vectors for {int(bad.sum())} samples, e.g. {examples}"
+            )
         self.names = list(names)
         self.vectors = vectors
         self.found = found
@@ -104,7 +103,7 @@ class TeacherFeatures:
             raise DatasetError(f"feature set {self.feature_set!r} covers none of the {len(self.names)} samples")
         return rows.mean(axis=0).astype(np.float32), np.maximum(rows.std(axis=0), eps).astype(np.float32)
 
-    def shuffled(self, seed: int) -> "TeacherFeatures":
+    def shuffled(self, seed: int) -> TeacherFeatures:
         """The control arm's features: the covered vectors permuted among the covered clips.
 
         The permutation is a function of ``seed`` only (same seed, same permutation, in every arm
@@ -119,7 +118,7 @@ class TeacherFeatures:
         return TeacherFeatures(self.names, vectors, self.found.copy(), self.feature_set)
 
     @classmethod
-    def from_store(cls, store_path: str | os.PathLike[str], feature_set: str, names: Sequence[str]) -> "TeacherFeatures":
+    def from_store(cls, store_path: str | os.PathLike[str], feature_set: str, names: Sequence[str]) -> TeacherFeatures:
         """Read the vectors of ``names`` from ``feature_set`` in the store at ``store_path`` (one batch read)."""
         path = Path(store_path)
         if not path.exists():
@@ -192,7 +191,9 @@ class SkeletonDataset(Dataset):
             arrays = {"data": col.data}
         else:
             have = sorted(col.streams or {})
-            raise DatasetError(f"collection has ready-made streams {have} but no raw data; cfg.streams asks for {list(cfg.streams)}")
+            raise DatasetError(
+                f"collection has ready-made streams {have} but no raw data; cfg.streams asks for {list(cfg.streams)}"
+            )
         shapes = {k: a.shape for k, a in arrays.items()}
         for k, shape in shapes.items():
             if len(shape) != 5 or shape[1] != 3 or shape[3:] != (st.NUM_JOINTS, st.NUM_BODIES):
@@ -371,7 +372,9 @@ def skipped_reasons(train_col: SkeletonCollection, val_col: SkeletonCollection) 
     return list(dict.fromkeys([*train_col.malformed, *val_col.malformed]))
 
 
-def data_hash(cfg: DataConfig, train_col: SkeletonCollection, val_col: SkeletonCollection, feature_set: str | None) -> str:
+def data_hash(
+    cfg: DataConfig, train_col: SkeletonCollection, val_col: SkeletonCollection, feature_set: str | None
+) -> str:
     """Fingerprint (16 hex) of what the model sees: both sources, their sizes and the stream settings."""
     record = {
         "train": [train_col.source_hash, len(train_col)],

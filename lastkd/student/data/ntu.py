@@ -70,10 +70,7 @@ class SampleName:
         return self.action - 1
 
     def __str__(self) -> str:
-        return (
-            f"S{self.setup:03d}C{self.camera:03d}P{self.performer:03d}"
-            f"R{self.replication:03d}A{self.action:03d}"
-        )
+        return f"S{self.setup:03d}C{self.camera:03d}P{self.performer:03d}R{self.replication:03d}A{self.action:03d}"
 
 
 def parse_sample_name(name: str, dataset: Literal["ntu60", "ntu120"] = "ntu120") -> SampleName:
@@ -92,9 +89,7 @@ def parse_sample_name(name: str, dataset: Literal["ntu60", "ntu120"] = "ntu120")
     col = 0 if dataset == "ntu60" else 1
     for field_name, limits in _LIMITS.items():
         if not 1 <= values[field_name] <= limits[col]:
-            raise SampleNameError(
-                f"{name}: {field_name} {values[field_name]} outside 1..{limits[col]} for {dataset}"
-            )
+            raise SampleNameError(f"{name}: {field_name} {values[field_name]} outside 1..{limits[col]} for {dataset}")
     return SampleName(**values)
 
 
@@ -187,7 +182,9 @@ def _read_text(path: str) -> list[str]:
     if bad is not None:
         line = raw.count(b"\n", 0, bad.start()) + 1
         raise SkeletonParseError(
-            path, line, f"binary data (byte 0x{raw[bad.start()]:02x} at offset {bad.start()}): not a .skeleton text file"
+            path,
+            line,
+            f"binary data (byte 0x{raw[bad.start()]:02x} at offset {bad.start()}): not a .skeleton text file",
         )
     text = raw.decode("ascii")
     lines = text.splitlines()
@@ -202,7 +199,9 @@ def _joint_block(cur: _Lines) -> np.ndarray:
     end = start + NUM_JOINTS
     if end > len(cur.lines):
         raise SkeletonParseError(
-            cur.path, len(cur.lines), f"truncated file: body at line {start} has {len(cur.lines) - start} of {NUM_JOINTS} joint lines"
+            cur.path,
+            len(cur.lines),
+            f"truncated file: body at line {start} has {len(cur.lines) - start} of {NUM_JOINTS} joint lines",
         )
     rows = [cur.lines[i].split() for i in range(start, end)]
     cur.pos = end
@@ -234,7 +233,9 @@ def _read_frames(path: str, lines: list[str]) -> list[list[tuple[BodyId, np.ndar
     frames: list[list[tuple[BodyId, np.ndarray]]] = []
     for f in range(n_frames):
         if cur.pos >= len(lines):
-            raise SkeletonParseError(path, len(lines), f"truncated file: {n_frames} frames declared, file ends after {f}")
+            raise SkeletonParseError(
+                path, len(lines), f"truncated file: {n_frames} frames declared, file ends after {f}"
+            )
         n_bodies = cur.next_int(f"body count of frame {f + 1}", 0, MAX_BODIES_PER_FRAME)
         bodies: list[tuple[BodyId, np.ndarray]] = []
         for _ in range(n_bodies):
@@ -340,4 +341,3 @@ def read_missing_list(path: str | os.PathLike[str]) -> frozenset[str]:
             raise ValueError(f"{path}:{number}: {exc}") from None
         names.add(entry)
     return frozenset(names)
-

@@ -71,7 +71,9 @@ def _check_labels(labels: np.ndarray, dataset: str, where: str) -> np.ndarray:
     classes = _num_classes(dataset)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
         bad = int(np.flatnonzero((labels < 0) | (labels >= classes))[0])
-        raise DataSourceError(f"{where}: label {int(labels[bad])} of sample {bad} is outside 0..{classes - 1} for {dataset}")
+        raise DataSourceError(
+            f"{where}: label {int(labels[bad])} of sample {bad} is outside 0..{classes - 1} for {dataset}"
+        )
     return labels.astype(np.int64, copy=False)
 
 
@@ -234,7 +236,9 @@ def read_ntu_folder(
         labels.append(label)
         lengths.append(frames)
     if not names:
-        raise DataSourceError(f"{folder}: none of the {len(todo)} .skeleton files is usable; first problem: {malformed[0]}")
+        raise DataSourceError(
+            f"{folder}: none of the {len(todo)} .skeleton files is usable; first problem: {malformed[0]}"
+        )
     return SkeletonCollection(
         names=names,
         labels=np.asarray(labels, dtype=np.int64),
@@ -510,12 +514,16 @@ def read_pyskl(
     for side in ("train", "val"):
         names_in = splits.get(f"{key}_{side}")
         if not isinstance(names_in, (list, tuple)) or not all(isinstance(n, str) for n in names_in):
-            raise DataSourceError(f"{path}: split '{key}_{side}' missing or not a list of names; splits: {sorted(map(str, splits))}")
+            raise DataSourceError(
+                f"{path}: split '{key}_{side}' missing or not a list of names; splits: {sorted(map(str, splits))}"
+            )
         excluded = sum(1 for n in names_in if n in missing)
         chosen = [n for n in names_in if n not in missing]
         unknown = [n for n in chosen if n not in by_name]
         if unknown:
-            raise DataSourceError(f"{path}: split '{key}_{side}' names {len(unknown)} samples without annotation, e.g. {unknown[0]!r}")
+            raise DataSourceError(
+                f"{path}: split '{key}_{side}' names {len(unknown)} samples without annotation, e.g. {unknown[0]!r}"
+            )
         if len(set(chosen)) != len(chosen):
             raise DataSourceError(f"{path}: split '{key}_{side}' lists a sample twice")
         rows, labels = [], []
@@ -563,7 +571,9 @@ def _last_labels(obj: object, where: str) -> tuple[list[str] | None, np.ndarray]
             raise DataSourceError(f"{where}: label {bad} is {obj[bad]!r}, expected an integer")
         labels = np.asarray([int(v) for v in obj], dtype=np.int64)
     else:
-        raise DataSourceError(f"{where}: expected a list of labels or a (names, labels) tuple, got {type(obj).__name__}")
+        raise DataSourceError(
+            f"{where}: expected a list of labels or a (names, labels) tuple, got {type(obj).__name__}"
+        )
     if names is not None and len(names) != len(labels):
         raise DataSourceError(f"{where}: {len(names)} names but {len(labels)} labels")
     return names, labels
@@ -619,7 +629,11 @@ def read_last_npy(
         t = streams["joint"].shape[2]
         coll = SkeletonCollection(
             names or [f"last_{side}_{i:06d}" for i in range(n)],
-            labels, None, np.full(n, t, dtype=np.int64), source_hash, streams=streams,
+            labels,
+            None,
+            np.full(n, t, dtype=np.int64),
+            source_hash,
+            streams=streams,
         )
         keep = _valid_lengths(streams["joint"]) > 0
         malformed = [f"{side}_joint.npy:{i}: all-zero sample" for i in np.flatnonzero(~keep)]

@@ -131,15 +131,24 @@ def load_splits(
                 f"{path}: refusing to load a PYSKL pickle without configured data roots (pickles run code when loaded)"
             )
         train, val = read_pyskl(
-            Path(path), split=cfg.split, dataset=cfg.dataset, missing=missing, roots=roots,
+            Path(path),
+            split=cfg.split,
+            dataset=cfg.dataset,
+            missing=missing,
+            roots=roots,
             source_hash=_files_hash([Path(path)], options),
         )
     elif cfg.format == "last_npy":
         root = Path(path)
         files = sorted(p for pattern in ("*.npy", "*.pkl", "*/*.npy", "*/*.pkl") for p in root.glob(pattern))
         train, val = read_last_npy(
-            root, split_type=cfg.split, dataset=cfg.dataset, label_dir=label_dir, missing=missing,
-            roots=roots, source_hash=_files_hash(files, options),
+            root,
+            split_type=cfg.split,
+            dataset=cfg.dataset,
+            label_dir=label_dir,
+            missing=missing,
+            roots=roots,
+            source_hash=_files_hash(files, options),
         )
     else:  # unreachable through a validated DataConfig
         raise DataSourceError(f"unknown data format {cfg.format!r}")

@@ -27,14 +27,62 @@ REFERENCE_STORED_FRAMES = 300
 
 # Spec 7.3: parents of the reference bone stream (0-based, joint 0 is its own parent -> zero bone).
 REFERENCE_BONE_PARENTS: tuple[int, ...] = (
-    0, 0, 20, 2, 20, 4, 5, 6, 20, 8, 9, 10, 0, 12, 13, 14, 0, 16, 17, 18, 1, 7, 6, 11, 10,
+    0,
+    0,
+    20,
+    2,
+    20,
+    4,
+    5,
+    6,
+    20,
+    8,
+    9,
+    10,
+    0,
+    12,
+    13,
+    14,
+    0,
+    16,
+    17,
+    18,
+    1,
+    7,
+    6,
+    11,
+    10,
 )
 
 # Standard bone stream: the NTU skeleton graph (ntu_data.md / spec 1.1, the graph the model
 # convolves over) oriented away from its centre joint 20 (spine shoulder), which is its own parent.
 # These are the common CTR-GCN NTU bone pairs.
 NTU_BONE_PARENTS: tuple[int, ...] = (
-    1, 20, 20, 2, 20, 4, 5, 6, 20, 8, 9, 10, 0, 12, 13, 14, 0, 16, 17, 18, 20, 22, 7, 24, 11,
+    1,
+    20,
+    20,
+    2,
+    20,
+    4,
+    5,
+    6,
+    20,
+    8,
+    9,
+    10,
+    0,
+    12,
+    13,
+    14,
+    0,
+    16,
+    17,
+    18,
+    20,
+    22,
+    7,
+    24,
+    11,
 )
 
 SPINE_BASE, NECK, LEFT_SHOULDER, RIGHT_SHOULDER = 0, 2, 4, 8
@@ -195,7 +243,9 @@ def reference_window(
     cos = np.empty(m_count, np.float32)
     sin = np.empty(m_count, np.float32)
     for m in range(m_count):
-        a = -np.arctan2(f0[2, RIGHT_SHOULDER, m] - f0[2, LEFT_SHOULDER, m], f0[0, RIGHT_SHOULDER, m] - f0[0, LEFT_SHOULDER, m])
+        a = -np.arctan2(
+            f0[2, RIGHT_SHOULDER, m] - f0[2, LEFT_SHOULDER, m], f0[0, RIGHT_SHOULDER, m] - f0[0, LEFT_SHOULDER, m]
+        )
         cos[m], sin[m] = np.cos(a), np.sin(a)
 
     # Per-body loops on x[..., m] views: broadcasting (M,) parameters over a trailing axis of

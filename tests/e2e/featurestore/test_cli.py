@@ -22,8 +22,12 @@ def lastkd(*args: object, env: dict[str, str] | None = None, script: bool = Fals
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LASTKD_")}
     full_env.update(env or {})
     return subprocess.run(
-        [*command, "store", *map(str, args)], cwd=PROJECT_ROOT, env=full_env,
-        capture_output=True, text=True, timeout=120,
+        [*command, "store", *map(str, args)],
+        cwd=PROJECT_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -62,7 +66,12 @@ def test_ls_lists_sets_with_counts(filled_store) -> None:
     assert result.returncode == 0, result.stderr
     listed = {m["set_id"]: m for m in json.loads(result.stdout)["sets"]}
     assert set(listed) == {a, b}
-    assert (listed[a]["count"], listed[a]["dim"], listed[a]["dtype"], listed[a]["weights_sha256"]) == (30, 768, "float16", "random-init")
+    assert (listed[a]["count"], listed[a]["dim"], listed[a]["dtype"], listed[a]["weights_sha256"]) == (
+        30,
+        768,
+        "float16",
+        "random-init",
+    )
     assert (listed[b]["count"], listed[b]["weights_sha256"]) == (2, "c0" * 32)
     text = lastkd("ls", "--path", path).stdout.splitlines()
     assert text[0].startswith("SET ID") and any(line.startswith(a) and " 30 " in line for line in text[1:])

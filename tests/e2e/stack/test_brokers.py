@@ -32,8 +32,9 @@ def test_full_flow_on_redis(stack_factory: Callable[..., Stack], tiny_data: Tiny
     assert listed == [(name, 1, job_id)]
 
 
-def test_broker_down_then_back(stack_factory: Callable[..., Stack], tiny_data: TinyData,
-                               private_redis: RedisServer) -> None:
+def test_broker_down_then_back(
+    stack_factory: Callable[..., Stack], tiny_data: TinyData, private_redis: RedisServer
+) -> None:
     stack = stack_factory(broker_url=private_redis.url)
     stack.start_api()
     worker = stack.start_worker()
@@ -79,8 +80,11 @@ def test_two_workers_run_two_jobs_at_once(stack_factory: Callable[..., Stack], t
     ids = []
     with stack.client() as c:
         for i in range(3):  # three jobs for two workers: one must wait in the SQLite queue
-            ids.append(c.post("/train", json=tiny_config(tiny_data, f"pair-{i}-{uuid.uuid4().hex[:4]}", epochs=2))
-                       .json()["job_id"])
+            ids.append(
+                c.post("/train", json=tiny_config(tiny_data, f"pair-{i}-{uuid.uuid4().hex[:4]}", epochs=2)).json()[
+                    "job_id"
+                ]
+            )
 
     seen_running: list[set[str]] = []
     stop = threading.Event()

@@ -58,8 +58,9 @@ def test_building_the_worker_app_imports_no_torch(tmp_path: Path) -> None:
         "app.loader.import_default_modules()\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'timm'))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [], result.stdout
 
 
@@ -98,12 +99,20 @@ def test_processes_declaring_a_new_queue_at_once_all_start(tmp_path: Path) -> No
     for _ in range(3):  # a fresh queue name each round: the race is at the row's creation
         code_round = code.replace("q-race", f"q-race-{_}")
         start = time.time() + 15  # every process is waiting at the start line by then
-        procs = [subprocess.Popen([sys.executable, "-c", code_round, str(start)], cwd=PROJECT_ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code_round, str(start)],
+                cwd=PROJECT_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
         for p in procs:
             out, err = p.communicate(timeout=120)
             if p.returncode != 0 or "declared" not in out:
                 failures += 1
-                last = [l for l in err.splitlines() if "Error" in l][-1:] or [err[-300:]]
+                last = [line for line in err.splitlines() if "Error" in line][-1:] or [err[-300:]]
                 print("declare failed:", last[0])
     assert failures == 0, f"{failures} of 18 processes failed to declare a new queue"

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from lastkd.services.demo import DemoError, prepare_dataset
-from tests.support.paths import NTU_SAMPLE_DIR, PROJECT_ROOT
 from tests.support.live import descendants, free_port, kill_all, port_free, running
+from tests.support.paths import NTU_SAMPLE_DIR, PROJECT_ROOT
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -45,10 +45,16 @@ def demo_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_demo(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+def run_demo(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 420
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lastkd.services.cli", "demo", *args],
-        cwd=cwd, env=env or demo_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env or demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -61,8 +67,18 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     env = demo_env()
     out = tmp_path / "demo"
     result = run_demo(
-        tmp_path, "--out", str(out), "--classes", "2", "--samples-per-class", "4", "--epochs", "1",
-        "--student-frames", "16", env=env,
+        tmp_path,
+        "--out",
+        str(out),
+        "--classes",
+        "2",
+        "--samples-per-class",
+        "4",
+        "--epochs",
+        "1",
+        "--student-frames",
+        "16",
+        env=env,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text
@@ -135,9 +151,27 @@ def test_ctrl_c_during_training_stops_the_demo_stack(tmp_path: Path) -> None:
     log_path = tmp_path / "demo.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lastkd.services.cli", "demo", "--out", str(tmp_path / "demo"), "--classes", "2",
-             "--samples-per-class", "4", "--epochs", "3", "--student-frames", "16", "--no-ntu-sample"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "lastkd.services.cli",
+                "demo",
+                "--out",
+                str(tmp_path / "demo"),
+                "--classes",
+                "2",
+                "--samples-per-class",
+                "4",
+                "--epochs",
+                "3",
+                "--student-frames",
+                "16",
+                "--no-ntu-sample",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     pids: set[int] = set()
     try:
@@ -213,7 +247,11 @@ def test_a_running_teacher_with_real_weights_is_refused(tmp_path: Path) -> None:
         (("--concurrency", "0"), {}, "--concurrency must be 1..32"),
         (("--name", "../evil"), {}, "--name '../evil'"),
         (("--teacher-url", "http://127.0.0.1:1"), {}, "--teacher-url and --trainer-url go together"),
-        (("--teacher-url", "file:///etc/passwd", "--trainer-url", "http://127.0.0.1:1"), {}, "--teacher-url must look like"),
+        (
+            ("--teacher-url", "file:///etc/passwd", "--trainer-url", "http://127.0.0.1:1"),
+            {},
+            "--teacher-url must look like",
+        ),
         ((), {"LASTKD_TEACHER_MODEL": "videomae_v2_vit_g"}, "too large for a CPU demo"),
         (("--teacher-model", "resnet50"), {}, "invalid choice: 'resnet50'"),
     ],

@@ -125,8 +125,10 @@ def test_cancel_keeps_partial_checkpoint(embedded_stack: Stack, tiny_data: TinyD
     with stack.client(token=None) as c:
         assert not [cp for cp in c.get("/checkpoints").json()["checkpoints"] if cp["name"] == name]
         # a cancelled job cannot be cancelled into another state, and a finished one is a conflict
-        assert c.post(f"/jobs/{job_id}/cancel", headers={"Authorization": "Bearer stack-token-0123456789"}).json()[
-            "state"] == "CANCELLED"
+        assert (
+            c.post(f"/jobs/{job_id}/cancel", headers={"Authorization": "Bearer stack-token-0123456789"}).json()["state"]
+            == "CANCELLED"
+        )
 
 
 @pytest.mark.faults
@@ -239,7 +241,9 @@ def test_unknown_feature_set_is_refused_up_front(embedded_stack: Stack, tiny_dat
 def test_auth_and_lookups(embedded_stack: Stack, tiny_data: TinyData) -> None:
     with embedded_stack.client(token=None) as c:
         assert c.post("/train", json=tiny_config(tiny_data)).status_code == 401
-        assert c.post("/train", json=tiny_config(tiny_data), headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert (
+            c.post("/train", json=tiny_config(tiny_data), headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
         assert c.get("/jobs/does-not-exist").status_code == 404
         assert c.get("/jobs/..%2F..%2Fetc").status_code == 404
         assert c.get("/jobs", params={"state": "SLEEPING"}).status_code == 422

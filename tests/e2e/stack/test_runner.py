@@ -15,12 +15,22 @@ import pytest
 
 from lastkd.student.data.readers import POOL_MIN_FILES
 from lastkd.student.data.sources import MAX_PARSE_WORKERS
-from tests.support.stack import Stack, TinyData, big_raw_folder, cmdline, redis_url, require_redis, tiny_config, wait_for
+from tests.support.stack import (
+    Stack,
+    TinyData,
+    big_raw_folder,
+    cmdline,
+    redis_url,
+    require_redis,
+    tiny_config,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("broker", ["sqlite", "redis"])
-def test_job_with_loader_workers_and_parse_pool(stack_factory: Callable[..., Stack], tiny_data: TinyData,
-                                                broker: str) -> None:
+def test_job_with_loader_workers_and_parse_pool(
+    stack_factory: Callable[..., Stack], tiny_data: TinyData, broker: str
+) -> None:
     """``workers: 2`` and a folder big enough for the parallel parse: both start child processes
     from the process that trains, which a daemonic Celery pool child may not do."""
     if broker == "redis":
@@ -62,7 +72,9 @@ def test_final_jobs_drain_without_starting_runners(stack_factory: Callable[..., 
     t0 = time.monotonic()
     body = stack.wait_job(real, {"RUNNING", "COMPLETED"}, timeout=300)
     drained_s = time.monotonic() - t0
-    print(f"drained {n} cancelled messages (+ claim of the next job) in {drained_s:.2f}s: {n / drained_s:.1f} messages/s")
+    print(
+        f"drained {n} cancelled messages (+ claim of the next job) in {drained_s:.2f}s: {n / drained_s:.1f} messages/s"
+    )
     log = worker.log()
     assert log.count("acknowledged without running (terminal)") == n, log[-3000:]
     assert "runner pid" not in log.split(real)[0], "a runner was started for a cancelled job"
@@ -92,7 +104,6 @@ def test_runner_keeps_torch_out_of_the_worker(stack_factory: Callable[..., Stack
     assert "libcuda.so" not in server_maps, "CUDA was initialised in the fork server"
 
 
-
 def _deliveries(stack: Stack, broker: str, job_id: str) -> list[tuple[str | None, str]]:
     """(task id, status) of every result-backend record that belongs to ``job_id`` (and every
     record without a task id, which belongs to nobody)."""
@@ -118,8 +129,9 @@ def _deliveries(stack: Stack, broker: str, job_id: str) -> list[tuple[str | None
 
 @pytest.mark.faults
 @pytest.mark.parametrize("broker", ["sqlite", "redis"])
-def test_result_backend_agrees_with_the_job(stack_factory: Callable[..., Stack], tiny_data: TinyData,
-                                           broker: str) -> None:
+def test_result_backend_agrees_with_the_job(
+    stack_factory: Callable[..., Stack], tiny_data: TinyData, broker: str
+) -> None:
     """The job database is the record of progress; the result backend keeps one record per
     delivery, with the job's outcome: SUCCESS for a completed job, FAILURE for a failed one. No
     progress rows, no rows without a task id, no 'task_id must not be empty' in the log."""

@@ -20,8 +20,8 @@ import pytest
 
 from lastkd.services.settings import Settings, load_settings
 from lastkd.services.stack import settings_env
-from tests.support.paths import PROJECT_ROOT
 from tests.support.live import descendants, free_port, kill_all, lastkd_env, port_free, running
+from tests.support.paths import PROJECT_ROOT
 
 READY_TIMEOUT_S = 180.0
 EXIT_TIMEOUT_S = 60.0
@@ -47,7 +47,10 @@ class Up:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lastkd.services.cli", "up", *args],
-                cwd=tmp_path, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.teacher = f"http://127.0.0.1:{self.env['LASTKD_TEACHER_PORT']}"
         self.trainer = f"http://127.0.0.1:{self.env['LASTKD_TRAINER_PORT']}"
@@ -181,12 +184,17 @@ def test_a_child_failing_at_start_up_is_named_and_nothing_is_left(tmp_path: Path
         ((), {"LASTKD_TEACHER_PORT": "70000"}, "LASTKD_TEACHER_PORT"),
     ],
 )
-def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path, args: tuple[str, ...], env: dict[str, str],
-                                                        needle: str) -> None:
+def test_bad_settings_are_refused_before_anything_starts(
+    tmp_path: Path, args: tuple[str, ...], env: dict[str, str], needle: str
+) -> None:
     full_env = up_env(tmp_path / "data", **env)
     result = subprocess.run(
         [sys.executable, "-m", "lastkd.services.cli", "up", *args],
-        cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert needle in result.stderr
@@ -196,8 +204,13 @@ def test_bad_settings_are_refused_before_anything_starts(tmp_path: Path, args: t
 
 def test_children_get_exactly_the_parents_settings(tmp_path: Path) -> None:
     parent = load_settings(
-        data_dir=tmp_path / "d", teacher_port=18001, trainer_port=18002, teacher_random_init=True,
-        api_token="secret-token-123", data_roots=[tmp_path / "r1", tmp_path / "r2"], log_level="WARNING",
+        data_dir=tmp_path / "d",
+        teacher_port=18001,
+        trainer_port=18002,
+        teacher_random_init=True,
+        api_token="secret-token-123",
+        data_roots=[tmp_path / "r1", tmp_path / "r2"],
+        log_level="WARNING",
         max_clip_seconds=12.5,
     )
     env = settings_env(parent, base={"PATH": "/bin", "LASTKD_TEACHER_PORT": "1", "LASTKD_BROKER_URL": "redis://x"})
@@ -229,8 +242,13 @@ def _settings_from_env(env: dict[str, str], cwd: Path) -> Settings:
         "d = json.loads(s.model_dump_json()); d['api_token'] = s.token(); print(json.dumps(d))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
-        capture_output=True, text=True, timeout=60, check=True,
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(PROJECT_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return Settings(**json.loads(result.stdout))
 
@@ -241,8 +259,15 @@ def test_stack_gives_the_trainer_api_and_the_worker_one_queue(tmp_path: Path) ->
 
     settings = load_settings(data_dir=tmp_path / "d", trainer_port=free_port(), log_level="INFO")
     queue = "lastkd-test-shared-queue"
-    stack = Stack(settings, components=("trainer", "worker"), echo=False, announce=False, cwd=PROJECT_ROOT,
-                  queue=queue, extra_env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"})
+    stack = Stack(
+        settings,
+        components=("trainer", "worker"),
+        echo=False,
+        announce=False,
+        cwd=PROJECT_ROOT,
+        queue=queue,
+        extra_env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"},
+    )
     try:
         stack.start()
         ready = httpx.get(f"{stack.trainer_url}/health/ready", timeout=10).json()

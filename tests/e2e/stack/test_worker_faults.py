@@ -5,10 +5,10 @@ redelivery cap it fails with a clear error."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import signal
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -30,7 +30,9 @@ def _wait_epoch(stack: Stack, job_id: str, epoch: int) -> dict:
 
 def _published_versions(stack: Stack, name: str) -> list[tuple[int, str]]:
     with stack.client(token=None) as c:
-        return [(cp["version"], cp["job_id"]) for cp in c.get("/checkpoints").json()["checkpoints"] if cp["name"] == name]
+        return [
+            (cp["version"], cp["job_id"]) for cp in c.get("/checkpoints").json()["checkpoints"] if cp["name"] == name
+        ]
 
 
 def test_kill_runner_resumes_from_checkpoint(stack_factory: Callable[..., Stack], tiny_data: TinyData) -> None:
@@ -84,7 +86,9 @@ def test_redelivery_cap_fails_the_job(stack_factory: Callable[..., Stack], tiny_
     worker = stack.start_worker()
     stack.wait_worker_ready(worker)
     with stack.client() as c:
-        job_id = c.post("/train", json=tiny_config(tiny_data, f"cap-{uuid.uuid4().hex[:6]}", epochs=50)).json()["job_id"]
+        job_id = c.post("/train", json=tiny_config(tiny_data, f"cap-{uuid.uuid4().hex[:6]}", epochs=50)).json()[
+            "job_id"
+        ]
 
     def running() -> bool:
         body = stack.job(job_id)
@@ -148,8 +152,9 @@ def _session(sid: int) -> list[int]:
 
 
 @pytest.mark.faults
-def test_kill_worker_leaves_no_runner_or_loader_processes(stack_factory: Callable[..., Stack],
-                                                          tiny_data: TinyData) -> None:
+def test_kill_worker_leaves_no_runner_or_loader_processes(
+    stack_factory: Callable[..., Stack], tiny_data: TinyData
+) -> None:
     """kill -9 of the worker process alone (not its group): the fork server, the runner and the
     runner's DataLoader workers all go with it, and the job is requeued for the next worker."""
     stack = stack_factory()
@@ -173,15 +178,21 @@ def test_kill_worker_leaves_no_runner_or_loader_processes(stack_factory: Callabl
     worker.proc.wait(timeout=30)
     # every process the worker ever started lives in its session (loader workers come and go)
     try:
-        wait_for(lambda: not _session(worker.proc.pid), 20, "every process of the killed worker to exit",
-                 describe=lambda: "\n".join(f"{p}: {cmdline(p)[:150]} {Path(f'/proc/{p}/stat').read_text()[:80]}"
-                                            for p in _session(worker.proc.pid)))
+        wait_for(
+            lambda: not _session(worker.proc.pid),
+            20,
+            "every process of the killed worker to exit",
+            describe=lambda: "\n".join(
+                f"{p}: {cmdline(p)[:150]} {Path(f'/proc/{p}/stat').read_text()[:80]}" for p in _session(worker.proc.pid)
+            ),
+        )
     finally:
         kill_all(_session(worker.proc.pid))  # never leave them behind for the next test
     assert not any(running(p) for p in tree)
     # the job is not lost: the API requeues it once its runner is gone, and a new worker resumes it
     second = stack.start_worker()
     stack.wait_worker_ready(second)
+
     def rerun() -> dict | None:
         body = stack.job(job_id)
         ok = body["attempts"] == 2 and body["state"] == "RUNNING" and body["resumed_from_epoch"] is not None

@@ -12,15 +12,19 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support import media
+from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support.teacher import TOKEN, LiveTeacher, run_cli, start_teacher, stop_teacher, teacher_env
 
 pytestmark = pytest.mark.slow
 
 
-def _post(server: LiveTeacher, files: list[tuple[str, bytes]], clip_ids: list[str] | None = None,
-          token: str | None = "default") -> httpx.Response:
+def _post(
+    server: LiveTeacher,
+    files: list[tuple[str, bytes]],
+    clip_ids: list[str] | None = None,
+    token: str | None = "default",
+) -> httpx.Response:
     parts = [("files", (name, data, "application/octet-stream")) for name, data in files]
     data = {"clip_ids": clip_ids} if clip_ids is not None else None
     with server.client(token=token) as client:
@@ -65,8 +69,9 @@ def test_embed_round_trip_json_and_octet_stream(live_teacher: LiveTeacher, clips
 
     with live_teacher.client(token=None) as client:  # reads need no token
         js = client.get(f"/features/{result['feature_set']}/{result['clip_id']}")
-        raw = client.get(f"/features/{result['feature_set']}/{result['clip_id']}",
-                         headers={"Accept": "application/octet-stream"})
+        raw = client.get(
+            f"/features/{result['feature_set']}/{result['clip_id']}", headers={"Accept": "application/octet-stream"}
+        )
     assert js.status_code == 200 and raw.status_code == 200
     assert js.json()["frames_used"] == 16  # stored with the vector, not only said in the answer
     vector = np.asarray(js.json()["vector"], dtype=np.float32)
@@ -140,8 +145,10 @@ def test_oversized_upload_is_413_and_nothing_kept(live_teacher: LiveTeacher) -> 
 def test_oversized_chunked_upload_is_cut_off(live_teacher: LiveTeacher, clips: dict[str, Path]) -> None:
     """No Content-Length: the limit is enforced while streaming."""
     boundary = "lastkdboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.mp4\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.mp4"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
 
     def body():
         yield head
@@ -152,8 +159,9 @@ def test_oversized_chunked_upload_is_cut_off(live_teacher: LiveTeacher, clips: d
     count = live_teacher.active_set()["count"]
     with live_teacher.client() as client:
         try:
-            resp = client.post("/embed", content=body(),
-                               headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+            resp = client.post(
+                "/embed", content=body(), headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+            )
             status = resp.status_code
         except httpx.TransportError:  # the server may close the connection while we still send
             status = 413
@@ -188,11 +196,17 @@ def test_hostile_clip_ids_are_rejected(live_teacher: LiveTeacher, clips: dict[st
         ({"files": [("clip_ids", (None, b"abc"))]}, 400, "no_files"),  # a form without any file part
         ({"json": {"files": ["a.mp4"]}}, 415, "unsupported_media_type"),
         ({"content": b"just bytes", "headers": {"Content-Type": "video/mp4"}}, 415, "unsupported_media_type"),
-        ({"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
-         400, "malformed_multipart"),
+        (
+            {"content": b"--x\r\nbroken", "headers": {"Content-Type": "multipart/form-data; boundary=x"}},
+            400,
+            "malformed_multipart",
+        ),
         ({"files": [("file", ("a.mp4", b"abc"))]}, 400, "unexpected_field"),
-        ({"files": [("files", ("a.mp4", b"abc")), ("files", ("b.mp4", b"abd"))], "data": {"clip_ids": ["one"]}},
-         400, "clip_ids_mismatch"),
+        (
+            {"files": [("files", ("a.mp4", b"abc")), ("files", ("b.mp4", b"abd"))], "data": {"clip_ids": ["one"]}},
+            400,
+            "clip_ids_mismatch",
+        ),
     ],
 )
 def test_malformed_requests(live_teacher: LiveTeacher, kwargs: dict, status: int, code: str) -> None:
@@ -208,9 +222,15 @@ def test_malformed_requests(live_teacher: LiveTeacher, kwargs: dict, status: int
 
 def test_mixed_good_and_bad_clips(live_teacher: LiveTeacher, clips: dict[str, Path]) -> None:
     count = live_teacher.active_set()["count"]
-    resp = _post(live_teacher, [("good.mp4", clips["good"].read_bytes()), ("random.mp4", clips["random"].read_bytes()),
-                                ("sound.wav", clips["audio"].read_bytes())],
-                 clip_ids=["mixed-good", "mixed-bad", "mixed-audio"])
+    resp = _post(
+        live_teacher,
+        [
+            ("good.mp4", clips["good"].read_bytes()),
+            ("random.mp4", clips["random"].read_bytes()),
+            ("sound.wav", clips["audio"].read_bytes()),
+        ],
+        clip_ids=["mixed-good", "mixed-bad", "mixed-audio"],
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     ok, bad, audio = body["results"]
@@ -255,7 +275,9 @@ def test_sixteen_concurrent_uploads_all_answered_and_stored(live_teacher: LiveTe
     text = live_teacher.metrics()
     assert "lastkd_teacher_batch_size_count" in text
     # micro-batching happened: fewer batches than clips
-    assert live_teacher.metric("lastkd_teacher_batch_size_count") < live_teacher.metric("lastkd_teacher_clips_embedded_total")
+    assert live_teacher.metric("lastkd_teacher_batch_size_count") < live_teacher.metric(
+        "lastkd_teacher_clips_embedded_total"
+    )
     assert 'lastkd_http_requests_total{method="POST",route="/embed",service="teacher",status="200"}' in text
 
 
@@ -273,12 +295,19 @@ def test_service_and_cli_give_identical_vectors(live_teacher: LiveTeacher, tmp_p
     assert resp.status_code == 200
     set_id = resp.json()["results"][0]["feature_set"]
     with live_teacher.client() as client:
-        served = np.frombuffer(client.get(f"/features/{set_id}/S001C001P001R001A001",
-                                          headers={"Accept": "application/octet-stream"}).content, "<f4")
+        served = np.frombuffer(
+            client.get(
+                f"/features/{set_id}/S001C001P001R001A001", headers={"Accept": "application/octet-stream"}
+            ).content,
+            "<f4",
+        )
 
     data_dir = tmp_path / "cli"
-    done = run_cli(["embed", str(NTU_SAMPLE_VIDEO), "--no-progress", "--report", str(tmp_path / "r.json")],
-                   teacher_env(data_dir), cwd=tmp_path)
+    done = run_cli(
+        ["embed", str(NTU_SAMPLE_VIDEO), "--no-progress", "--report", str(tmp_path / "r.json")],
+        teacher_env(data_dir),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     with FeatureStore(data_dir / "features.lmdb", readonly=True) as store:
         arr, found = store.get_many(set_id, ["S001C001P001R001A001"])  # same set id: same settings
@@ -291,7 +320,9 @@ def test_queue_full_answers_503_with_retry_after(tmp_path: Path) -> None:
     try:
         data = NTU_SAMPLE_VIDEO.read_bytes()  # 1080p: decoding keeps the only slot busy for a while
         first: dict[str, httpx.Response] = {}
-        worker = threading.Thread(target=lambda: first.setdefault("r", _post(server, [("S001C001P001R001A001_rgb.avi", data)])))
+        worker = threading.Thread(
+            target=lambda: first.setdefault("r", _post(server, [("S001C001P001R001A001_rgb.avi", data)]))
+        )
         worker.start()
         deadline = time.monotonic() + 60
         while server.metric("lastkd_teacher_queue_depth") < 1 and time.monotonic() < deadline:
@@ -353,8 +384,19 @@ def test_official_protocol_service_matches_cli_with_the_same_flags(live_teacher:
     assert not np.allclose(served, default_vec, atol=1e-3)  # no mean/std, squashed: other inputs
 
     data_dir = tmp_path / "cli"
-    done = run_cli(["embed", str(NTU_SAMPLE_VIDEO), "--protocol", "official_extraction", "--no-progress",
-                    "--report", str(tmp_path / "r.json")], teacher_env(data_dir), cwd=tmp_path)
+    done = run_cli(
+        [
+            "embed",
+            str(NTU_SAMPLE_VIDEO),
+            "--protocol",
+            "official_extraction",
+            "--no-progress",
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+        teacher_env(data_dir),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert official_set in done.stdout
     with FeatureStore(data_dir / "features.lmdb", readonly=True) as store:

@@ -15,8 +15,8 @@ import pytest
 
 from lastkd.featurestore import FeatureStore, NotAStoreError
 from lastkd.services.teacher_api.bulk import discover
-from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support import media
+from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support.teacher import run_cli, teacher_env
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,10 @@ def test_discover_walks_folders_and_reports_missing(tmp_path: Path) -> None:
     found, missing, not_files = discover([tmp_path / "a", explicit, tmp_path / "a" / "clip.MP4", tmp_path / "nope"])
     assert not_files == []
     assert [p.relative_to(tmp_path).as_posix() for p in found] == [
-        "a/clip.MP4", "a/b/S001C001P001R001A002_rgb.avi", "explicit.bin"]
+        "a/clip.MP4",
+        "a/b/S001C001P001R001A002_rgb.avi",
+        "explicit.bin",
+    ]
     assert missing == [str(tmp_path / "nope")]
 
 
@@ -54,8 +57,11 @@ def test_embed_report_and_resume(tmp_path: Path) -> None:
     env = teacher_env(tmp_path / "data")
     report = tmp_path / "report.json"
 
-    first = run_cli(["embed", str(clips), "--workers", "2", "--batch-size", "2", "--report", str(report), "--no-progress"],
-                    env, cwd=tmp_path)
+    first = run_cli(
+        ["embed", str(clips), "--workers", "2", "--batch-size", "2", "--report", str(report), "--no-progress"],
+        env,
+        cwd=tmp_path,
+    )
     assert first.returncode == 1, first.stderr  # some clips failed
     assert "embedded 3, skipped 0, failed 2 of 5" in first.stdout
     body = json.loads(report.read_text())
@@ -73,8 +79,9 @@ def test_embed_report_and_resume(tmp_path: Path) -> None:
         assert store.contains(set_id, hashlib.sha256(b.read_bytes()).hexdigest())  # else content hash
         assert store.lookup_sha256(set_id, hashlib.sha256(a.read_bytes()).hexdigest()) == "S003C001P002R002A010"
 
-    second = run_cli(["embed", str(clips), "--report", str(report), "--no-progress", "--feature-set", set_id],
-                     env, cwd=tmp_path)
+    second = run_cli(
+        ["embed", str(clips), "--report", str(report), "--no-progress", "--feature-set", set_id], env, cwd=tmp_path
+    )
     assert second.returncode == 1
     body = json.loads(report.read_text())
     assert (body["embedded"], body["skipped"], body["failed"]) == (0, 3, 2)
@@ -89,7 +96,9 @@ def test_embed_argument_errors(tmp_path: Path) -> None:
     empty = run_cli(["embed", str(tmp_path / "empty")], env, cwd=tmp_path)
     assert empty.returncode == 2 and "no video files" in empty.stderr
     clip = media.make_clip(tmp_path / "c.mp4", frames=8, size=(64, 48))
-    wrong = run_cli(["embed", str(clip), "--feature-set", "videomae_v2_tiny-random-init-000000000000"], env, cwd=tmp_path)
+    wrong = run_cli(
+        ["embed", str(clip), "--feature-set", "videomae_v2_tiny-random-init-000000000000"], env, cwd=tmp_path
+    )
     assert wrong.returncode == 2 and "produce feature set" in wrong.stderr
     bad_batch = run_cli(["embed", str(clip), "--batch-size", "0"], env, cwd=tmp_path)
     assert bad_batch.returncode == 2 and "1..4096" in bad_batch.stderr
@@ -108,9 +117,25 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
     store_path = tmp_path / "data" / "features.lmdb"
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lastkd.services.cli", "embed", str(clips), "--workers", "1", "--batch-size", "1",
-         "--report", str(report), "--no-progress"],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lastkd.services.cli",
+            "embed",
+            str(clips),
+            "--workers",
+            "1",
+            "--batch-size",
+            "1",
+            "--report",
+            str(report),
+            "--no-progress",
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 240
     stored = 0

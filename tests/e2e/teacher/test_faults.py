@@ -90,8 +90,11 @@ def test_embed_two_files_under_one_ntu_name(tmp_path: Path) -> None:
     first = media.make_clip(tmp_path / "clips" / "one" / name, frames=12, size=(96, 64))
     second = media.make_clip(tmp_path / "clips" / "two" / name, frames=16, size=(96, 64))
     report = tmp_path / "report.json"
-    done = run_cli(["embed", str(tmp_path / "clips"), "--report", str(report), "--no-progress"],
-                   teacher_env(tmp_path / "data"), cwd=tmp_path)
+    done = run_cli(
+        ["embed", str(tmp_path / "clips"), "--report", str(report), "--no-progress"],
+        teacher_env(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr
     body = json.loads(report.read_text())
     assert (body["embedded"], body["failed"]) == (1, 1), body
@@ -102,10 +105,15 @@ def test_embed_two_files_under_one_ntu_name(tmp_path: Path) -> None:
         (meta,) = store.list_sets()
         assert meta.count == 1
         assert store.clip_sha256(meta.set_id, "S009C001P001R001A001") == (
-            True, hashlib.sha256(winner.read_bytes()).hexdigest())
+            True,
+            hashlib.sha256(winner.read_bytes()).hexdigest(),
+        )
     # A second run never replaces the stored clip with the other file: it is refused again.
-    again = run_cli(["embed", str(tmp_path / "clips"), "--report", str(report), "--no-progress"],
-                    teacher_env(tmp_path / "data"), cwd=tmp_path)
+    again = run_cli(
+        ["embed", str(tmp_path / "clips"), "--report", str(report), "--no-progress"],
+        teacher_env(tmp_path / "data"),
+        cwd=tmp_path,
+    )
     body = json.loads(report.read_text())
     assert again.returncode == 1 and (body["skipped"], body["failed"]) == (1, 1), body
     assert [f["path"] for f in body["failures"]] == [str(loser)]
@@ -119,13 +127,18 @@ def test_client_disconnect_mid_upload_is_a_quiet_499(live_teacher: LiveTeacher) 
     label = 'lastkd_http_requests_total{method="POST",route="/embed",service="teacher",status="%s"}'
     before_499, before_500 = live_teacher.metric(label % "499"), live_teacher.metric(label % "500")
     boundary = "xXbOuNdArYx"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"cut.mp4\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="cut.mp4"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(
-            (f"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live_teacher.token}\r\n"
-             f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 200000\r\n\r\n").encode()
-            + head + os.urandom(20_000)
+            (
+                f"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {live_teacher.token}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 200000\r\n\r\n"
+            ).encode()
+            + head
+            + os.urandom(20_000)
         )
         time.sleep(0.5)  # the server is now reading the body
     wait_for(lambda: live_teacher.metric(label % "499") == before_499 + 1, 30, "the aborted upload to be counted")
@@ -143,9 +156,13 @@ def test_rfc2231_filename_is_decoded(live_teacher: LiveTeacher, tmp_path: Path) 
     data = media.make_clip(tmp_path / "v.mp4", frames=11, size=(96, 64)).read_bytes()
     boundary = "b0undary2231"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename*=UTF-8''vid%C3%A9o.mp4\r\n"
-        "Content-Type: video/mp4\r\n\r\n"
-    ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename*=UTF-8''vid%C3%A9o.mp4\r\n"
+            "Content-Type: video/mp4\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     with live_teacher.client() as client:
         resp = client.post("/embed", content=body, headers=headers)
@@ -166,15 +183,22 @@ def test_embed_skips_a_fifo_with_its_kind_and_does_not_hang(tmp_path: Path) -> N
     media.make_clip(clips / "real.mp4", frames=12, size=(96, 64))
     os.mkfifo(clips / "pipe.avi")
     report = tmp_path / "report.json"
-    done = run_cli(["embed", str(clips), "--report", str(report), "--no-progress"],
-                   teacher_env(tmp_path / "data"), cwd=tmp_path, timeout=240)
+    done = run_cli(
+        ["embed", str(clips), "--report", str(report), "--no-progress"],
+        teacher_env(tmp_path / "data"),
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr
     assert f"skipped {clips / 'pipe.avi'}: not a regular file (named pipe (fifo))" in done.stderr
     body = json.loads(report.read_text())
-    assert body["embedded"] == 1 and body["not_files"] == [{"path": str(clips / "pipe.avi"), "kind": "named pipe (fifo)"}]
+    assert body["embedded"] == 1 and body["not_files"] == [
+        {"path": str(clips / "pipe.avi"), "kind": "named pipe (fifo)"}
+    ]
     # named on the command line, it is reported the same way, not as "no such file"
-    alone = run_cli(["embed", str(clips / "pipe.avi"), "--no-progress"], teacher_env(tmp_path / "data"),
-                    cwd=tmp_path, timeout=240)
+    alone = run_cli(
+        ["embed", str(clips / "pipe.avi"), "--no-progress"], teacher_env(tmp_path / "data"), cwd=tmp_path, timeout=240
+    )
     assert alone.returncode == 2 and "named pipe (fifo)" in alone.stderr and "no such file" not in alone.stderr
 
 
@@ -187,8 +211,12 @@ def test_min_clip_frames_setting_refuses_a_one_frame_clip_in_lastkd_embed(tmp_pa
     media.make_clip(clips / "one.mp4", frames=1, size=(96, 64))
     media.make_clip(clips / "many.mp4", frames=12, size=(96, 64))
     report = tmp_path / "report.json"
-    done = run_cli(["embed", str(clips), "--report", str(report), "--no-progress"],
-                   teacher_env(tmp_path / "data", LASTKD_MIN_CLIP_FRAMES="2"), cwd=tmp_path, timeout=240)
+    done = run_cli(
+        ["embed", str(clips), "--report", str(report), "--no-progress"],
+        teacher_env(tmp_path / "data", LASTKD_MIN_CLIP_FRAMES="2"),
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert done.returncode == 1, done.stderr  # one clip failed, the other was embedded
     body = json.loads(report.read_text())
     assert body["embedded"] == 1 and [f["code"] for f in body["failures"]] == ["too_short"]
@@ -207,13 +235,19 @@ def _cmdline(pid: int) -> str:
 
 
 def _assert_tree_dies(pid: int, proc: subprocess.Popen, min_children: int) -> None:
-    tree = wait_for(lambda: (lambda d: d if len(d) >= min_children else None)(descendants(pid)), 120,
-                    f"{min_children} helper processes under {pid}")
+    tree = wait_for(
+        lambda: (lambda d: d if len(d) >= min_children else None)(descendants(pid)),
+        120,
+        f"{min_children} helper processes under {pid}",
+    )
     os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     try:
-        wait_for(lambda: not [p for p in tree if running(p)], 10, "every helper process to exit: "
-                 + "; ".join(f"{p}: {_cmdline(p)}" for p in tree if running(p)))
+        wait_for(
+            lambda: not [p for p in tree if running(p)],
+            10,
+            "every helper process to exit: " + "; ".join(f"{p}: {_cmdline(p)}" for p in tree if running(p)),
+        )
     finally:
         kill_all(p for p in tree if running(p))
 
@@ -225,7 +259,10 @@ def test_kill9_of_lastkd_embed_leaves_no_process(tmp_path: Path) -> None:
         shutil.copy(NTU_SAMPLE_VIDEO, clips / f"S001C001P001R001A{i + 1:03d}_rgb.avi")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lastkd.services.cli", "embed", str(clips), "--workers", "2", "--no-progress"],
-        env=teacher_env(tmp_path / "data"), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=teacher_env(tmp_path / "data"),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     # forkserver + resource tracker + 2 decoders
     _assert_tree_dies(proc.pid, proc, min_children=4)
@@ -252,12 +289,18 @@ def test_ready_is_503_starting_until_the_model_is_warm(tmp_path: Path) -> None:
     # A ViT-S at 224 px, random-init on the CPU: seconds of build and warm-up forward.
     env = teacher_env(tmp_path, LASTKD_TEACHER_PORT=str(port), LASTKD_TEACHER_MODEL="videomae_v2_vit_s")
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lastkd.services.cli", "serve-teacher"],
-                            env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lastkd.services.cli", "serve-teacher"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     log.close()
     url = f"http://127.0.0.1:{port}"
     seen: list[tuple[int, str]] = []
     try:
+
         def answered() -> bool:
             assert proc.poll() is None, (tmp_path / "server.log").read_text()
             try:
@@ -294,8 +337,12 @@ def test_unknown_model_name_same_message_and_exit_code_for_both_commands(tmp_pat
 def test_start_up_failure_behind_the_open_port_exits_2_without_traceback(tmp_path: Path) -> None:
     weights = tmp_path / "garbage.pth"
     weights.write_bytes(b"not a checkpoint at all")
-    env = teacher_env(tmp_path / "data", LASTKD_TEACHER_RANDOM_INIT="false", LASTKD_TEACHER_WEIGHTS=str(weights),
-                      LASTKD_TEACHER_PORT=str(free_port()))
+    env = teacher_env(
+        tmp_path / "data",
+        LASTKD_TEACHER_RANDOM_INIT="false",
+        LASTKD_TEACHER_WEIGHTS=str(weights),
+        LASTKD_TEACHER_PORT=str(free_port()),
+    )
     done = run_cli(["serve-teacher"], env, cwd=tmp_path, timeout=180)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr + done.stdout

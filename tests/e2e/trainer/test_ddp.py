@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lastkd.models.last_v2 import create_last_v2
 from lastkd.services import cli
 from lastkd.student import training as engine
 from lastkd.student.config import TrainConfig
 from lastkd.student.paths import confine_config_paths
-from lastkd.models.last_v2 import create_last_v2
 from lastkd.student.publish import list_published, load_student
 from lastkd.student.synth import generate
 

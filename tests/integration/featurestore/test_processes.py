@@ -15,10 +15,8 @@ import numpy as np
 import pytest
 
 from lastkd.featurestore import FeatureStore
-
-from tests.support.store_workers import batch_ids, batch_vectors, check_snapshot
 from tests.support.paths import PROJECT_ROOT
-
+from tests.support.store_workers import batch_ids, batch_vectors, check_snapshot
 
 
 def _worker(*args: object) -> list[str]:
@@ -35,13 +33,19 @@ def test_readers_only_ever_see_whole_committed_batches(store_path: Path) -> None
     set_id = _make_set(store_path, dim)
     writer = subprocess.Popen(
         _worker("writer", store_path, set_id, batches, size, dim, 0.02, 2),
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     # the writer waits for both readers' first read, so they watch the store fill up
     readers = [
         subprocess.Popen(
             _worker("reader", store_path, set_id, batches, size, dim, 60),
-            cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=PROJECT_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -66,7 +70,10 @@ def test_kill_9_mid_write_leaves_only_whole_batches(store_path: Path) -> None:
     set_id = _make_set(store_path, dim)
     writer = subprocess.Popen(
         _worker("writer", store_path, set_id, many, size, dim, 0),
-        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     reported = -1
     deadline = time.monotonic() + 120
@@ -126,9 +133,7 @@ def test_forked_dataloader_workers_reopen_the_store(store_path: Path, writer_in_
     ids = [clip for b in range(4) for clip in batch_ids(b, size)] + ["absent"]
     assert reader.count(set_id) == 64  # opened in the parent before the fork
     parent = os.getpid()
-    loader = DataLoader(
-        _StoreDataset(reader, set_id, ids), batch_size=5, num_workers=2, multiprocessing_context="fork"
-    )
+    loader = DataLoader(_StoreDataset(reader, set_id, ids), batch_size=5, num_workers=2, multiprocessing_context="fork")
     vectors, found, pids, opened = [], [], [], []
     for vec, hit, pid, opened_pid in loader:
         vectors.append(vec)
@@ -163,7 +168,9 @@ def test_reader_follows_a_map_grown_by_another_process(store_path: Path) -> None
         f"    s.put_many({set_id!r}, [f'b{{b}}-{{i}}' for i in range(64)], np.full((64, 768), b, np.float32))\n"
         "print(s.stats()['map_size'])\n"
     )
-    grown = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    grown = subprocess.run(
+        [sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+    )
     assert grown.returncode == 0, grown.stderr
     assert int(grown.stdout) > 256 << 10
     assert reader.count(set_id) == 1 + 640

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from lastkd.featurestore import FeatureSetMeta, FeatureStore, SnapshotError, UnknownFeatureSetError, verify_snapshot
-
 from tests.support.store import PREPROCESSING
 
 
@@ -36,7 +35,10 @@ def test_export_whole_store_is_compact_and_verifies(filled, tmp_path: Path) -> N
     assert manifest_path == tmp_path / "snap" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     data = tmp_path / "snap" / "data.mdb"
-    assert manifest["files"]["data.mdb"] == {"bytes": data.stat().st_size, "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    assert manifest["files"]["data.mdb"] == {
+        "bytes": data.stat().st_size,
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+    }
     assert {k: v["count"] for k, v in manifest["sets"].items()} == {fset.set_id: 300, other.set_id: 2}
     assert manifest["sets"][fset.set_id]["dim"] == 16 and manifest["vectors"] == 302
     assert data.stat().st_size < (store.path / "data.mdb").stat().st_size  # compacted
@@ -100,7 +102,10 @@ def test_verify_rereads_vectors_and_catches_count_mismatch(filled, tmp_path: Pat
     manifest_path = tmp_path / "snap" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     data = tmp_path / "snap" / "data.mdb"
-    manifest["files"]["data.mdb"] = {"bytes": data.stat().st_size, "sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+    manifest["files"]["data.mdb"] = {
+        "bytes": data.stat().st_size,
+        "sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+    }
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(SnapshotError) as info:
         verify_snapshot(tmp_path / "snap")

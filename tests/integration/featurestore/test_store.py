@@ -19,7 +19,6 @@ from lastkd.featurestore import (
     UnknownFeatureSetError,
     feature_set_id,
 )
-
 from tests.support.store import PREPROCESSING, WEIGHTS
 
 
@@ -28,10 +27,12 @@ def _digest(data: bytes) -> str:
 
 
 def test_feature_set_id_is_deterministic_and_derived_from_its_inputs() -> None:
-    prep_hash = hashlib.sha256(
-        json.dumps(PREPROCESSING, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()[:12]
-    assert feature_set_id("videomae_v2_vit_b", WEIGHTS, PREPROCESSING) == f"videomae_v2_vit_b-{WEIGHTS[:12]}-{prep_hash}"
+    prep_hash = hashlib.sha256(json.dumps(PREPROCESSING, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[
+        :12
+    ]
+    assert (
+        feature_set_id("videomae_v2_vit_b", WEIGHTS, PREPROCESSING) == f"videomae_v2_vit_b-{WEIGHTS[:12]}-{prep_hash}"
+    )
     assert feature_set_id("videomae_v2_vit_b", None, PREPROCESSING) == f"videomae_v2_vit_b-random-init-{prep_hash}"
     assert feature_set_id("videomae_v2_vit_b", "random-init", PREPROCESSING).endswith(f"-random-init-{prep_hash}")
     # key order and tuple/list spelling do not matter; values, teacher and weights do
@@ -50,7 +51,11 @@ def test_create_set_records_metadata_and_is_idempotent(store: FeatureStore) -> N
     assert isinstance(meta, FeatureSetMeta)
     assert meta.set_id == feature_set_id("videomae_v2_vit_b", WEIGHTS, PREPROCESSING)
     assert (meta.teacher, meta.weights_sha256, meta.dim, meta.dtype, meta.count) == (
-        "videomae_v2_vit_b", WEIGHTS, 768, "float16", 0,
+        "videomae_v2_vit_b",
+        WEIGHTS,
+        768,
+        "float16",
+        0,
     )
     assert meta.preprocessing == PREPROCESSING
     assert datetime.fromisoformat(meta.created_at).tzinfo is not None
@@ -229,8 +234,9 @@ def test_reader_first_then_writer_in_one_process(store_path: Path) -> None:
 def test_clip_info_is_stored_with_an_added_vector_only(store: FeatureStore, fset: FeatureSetMeta) -> None:
     a, b = _digest(b"a"), _digest(b"b")
     vecs = np.ones((3, 16), np.float32)
-    outcome = store.put_if_absent(fset.set_id, ["x", "x", "y"], vecs, sha256s=[a, b, b],
-                                  infos=[{"frames_used": 1}, {"frames_used": 9}, None])
+    outcome = store.put_if_absent(
+        fset.set_id, ["x", "x", "y"], vecs, sha256s=[a, b, b], infos=[{"frames_used": 1}, {"frames_used": 9}, None]
+    )
     assert outcome == ["added", "conflict", "added"]
     assert store.clip_info(fset.set_id, "x") == {"frames_used": 1}  # the loser's facts are not kept
     assert store.clip_info(fset.set_id, "y") is None and store.clip_info(fset.set_id, "nope") is None

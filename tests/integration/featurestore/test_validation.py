@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from lastkd.featurestore import FeatureSetMeta, FeatureStore, InvalidFeatureError
-
 from tests.support.store import PREPROCESSING
 
 DIM = 16
@@ -151,7 +150,13 @@ BAD_METADATA = [
 
 @pytest.mark.parametrize(("change", "message"), BAD_METADATA)
 def test_bad_metadata_is_rejected(store: FeatureStore, change: dict, message: str) -> None:
-    args = {"teacher": "videomae_v2_vit_b", "weights_sha256": None, "preprocessing": PREPROCESSING, "dim": 768, "dtype": "float16"}
+    args = {
+        "teacher": "videomae_v2_vit_b",
+        "weights_sha256": None,
+        "preprocessing": PREPROCESSING,
+        "dim": 768,
+        "dtype": "float16",
+    }
     with pytest.raises(InvalidFeatureError, match=message):
         store.create_set(**{**args, **change})
     assert store.list_sets() == []

@@ -28,8 +28,13 @@ def trainer(tmp_path: Path) -> Iterator[TrainerClient]:
 def _config(tmp_path: Path) -> dict:
     data = tmp_path / "datasets" / "skeletons"
     data.mkdir(exist_ok=True)
-    return {"name": "client-test", "data": {"format": "ntu_raw", "path": str(data), "dataset": "ntu60", "split": "xsub"},
-            "epochs": 1, "batch_size": 2, "workers": 0}
+    return {
+        "name": "client-test",
+        "data": {"format": "ntu_raw", "path": str(data), "dataset": "ntu60", "split": "xsub"},
+        "epochs": 1,
+        "batch_size": 2,
+        "workers": 0,
+    }
 
 
 def test_submit_is_idempotent_and_follow_ends_on_cancel(trainer: TrainerClient, tmp_path: Path) -> None:

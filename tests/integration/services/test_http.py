@@ -63,8 +63,7 @@ def test_validation_names_the_field_without_the_body_prefix(client: TestClient) 
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
-    r = client.post("/things", content=b"{" + b" " * 5000 + b"}",
-                          headers={**AUTH, "content-type": "application/json"})
+    r = client.post("/things", content=b"{" + b" " * 5000 + b"}", headers={**AUTH, "content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
 

@@ -12,20 +12,29 @@ import pytest
 import torch
 
 from lastkd.featurestore import FeatureStore
-from lastkd.teacher.embedder import ClipFailure, Embedder, EngineConfig, EngineError, _ping
-from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import save_official
 from lastkd.models.videomae import create_videomae
-from tests.support.paths import NTU_SAMPLE_VIDEO
+from lastkd.teacher.embedder import ClipFailure, Embedder, EngineConfig, EngineError, _ping
+from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 from tests.support import media
+from tests.support.paths import NTU_SAMPLE_VIDEO
 
 TINY = "videomae_v2_tiny"
 
 
 def _config(**kw) -> EngineConfig:
-    return EngineConfig(**{"model_name": TINY, "random_init": True, "device": "cpu", "decode_workers": 1,
-                           "batch_size": 4, "max_wait_ms": 50, **kw})
+    return EngineConfig(
+        **{
+            "model_name": TINY,
+            "random_init": True,
+            "device": "cpu",
+            "decode_workers": 1,
+            "batch_size": 4,
+            "max_wait_ms": 50,
+            **kw,
+        }
+    )
 
 
 def _direct_features(path: Path, cfg: PreprocessConfig, weights: Path | None = None) -> np.ndarray:
@@ -161,7 +170,9 @@ def test_start_up_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="LASTKD_TEACHER_WEIGHTS"):
         Embedder(_config(random_init=False), PreprocessConfig(), VideoLimits(), store)
     with pytest.raises(EngineError, match="not found"):
-        Embedder(_config(random_init=False, weights=tmp_path / "nope.pth"), PreprocessConfig(), VideoLimits(), store).start()
+        Embedder(
+            _config(random_init=False, weights=tmp_path / "nope.pth"), PreprocessConfig(), VideoLimits(), store
+        ).start()
     with pytest.raises(EngineError, match="unknown VideoMAE V2 model"):
         Embedder(_config(model_name="resnet50"), PreprocessConfig(), VideoLimits(), store).start()
     bad = tmp_path / "garbage.pth"
@@ -180,8 +191,9 @@ def test_model_yields_a_core_to_each_running_decoder(engine: Embedder, monkeypat
     monkeypatch.setattr(engine, "_threads_now", 2)
     torch.set_num_threads(2)
     seen: list[int] = []
-    hooks = [blk.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
-             for blk in engine.model.blocks]
+    hooks = [
+        blk.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads())) for blk in engine.model.blocks
+    ]
     frames = np.zeros((1, 16, 224, 224, 3), np.uint8)
     try:
         assert len(engine._hooks) == len(engine.model.blocks)  # installed at start on CPU

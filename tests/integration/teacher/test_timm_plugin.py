@@ -20,8 +20,9 @@ print(json.dumps({{"before": before, "dim": model.num_features, "names": timm.li
 
 
 def _probe(imports: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True, timeout=120, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

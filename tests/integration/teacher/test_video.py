@@ -32,8 +32,8 @@ from lastkd.teacher.video import (
     resized_size,
     uniform_indices,
 )
-from tests.support.paths import NTU_SAMPLE_VIDEO
 from tests.support import media
+from tests.support.paths import NTU_SAMPLE_VIDEO
 
 LIMITS = VideoLimits()
 UNIFORM = PreprocessConfig()

@@ -84,8 +84,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 @pytest.mark.parametrize("field, value, words", CASES, ids=IDS)
 def test_post_train_refuses(api: TestClient, field: str, value: Any, words: str) -> None:
     body = json.dumps(_with(field, value))  # NaN/Infinity as Python's json writes them (and reads them)
-    resp = api.post("/train", content=body, headers={"Authorization": f"Bearer {TOKEN}",
-                                                     "Content-Type": "application/json"})
+    resp = api.post(
+        "/train", content=body, headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    )
     assert resp.status_code == 422, resp.text
     details = resp.json()["error"]["details"]
     hit = [d for d in details if d["field"].startswith(field)]

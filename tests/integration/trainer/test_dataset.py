@@ -48,10 +48,14 @@ def _collection(coords: np.ndarray, n: int = 6, t_stored: int = 300) -> Skeleton
         sample = data[i]  # a view: mixing an integer and slices in one index would move axes
         sample[:, :length, :, 0] = coords[:, idx][..., 0]
         if i % 2 == 0:
-            sample[:, 5:length, :, 1] = coords[:, idx[5:]][..., 0] + np.array([1.0, 0.0, 0.3], np.float32)[:, None, None]
+            sample[:, 5:length, :, 1] = (
+                coords[:, idx[5:]][..., 0] + np.array([1.0, 0.0, 0.3], np.float32)[:, None, None]
+            )
         lengths[i] = length
     names = [f"S001C001P{i + 1:03d}R001A{i + 1:03d}" for i in range(n)]
-    return SkeletonCollection(names=names, labels=np.arange(n, dtype=np.int64), data=data, lengths=lengths, source_hash="test")
+    return SkeletonCollection(
+        names=names, labels=np.arange(n, dtype=np.int64), data=data, lengths=lengths, source_hash="test"
+    )
 
 
 def _cfg(**kw) -> DataConfig:
@@ -122,7 +126,9 @@ def test_augmentation_semantics(sample_streams: dict) -> None:
     fl = aug.apply_flip(x, dataclasses.replace(params, flip=True), NO_AUG.model_copy(update={"flip": True}))
     np.testing.assert_array_equal(fl, x[:, ::-1])
     # noise: zero-mean, std as configured, independent per stream
-    noisy = aug.add_noise({"a": np.zeros_like(x), "b": np.zeros_like(x)}, rng, NO_AUG.model_copy(update={"noise": True}))
+    noisy = aug.add_noise(
+        {"a": np.zeros_like(x), "b": np.zeros_like(x)}, rng, NO_AUG.model_copy(update={"noise": True})
+    )
     assert noisy["a"].std() == pytest.approx(0.01, rel=0.05) and abs(noisy["a"].mean()) < 1e-3
     assert not np.array_equal(noisy["a"], noisy["b"])
 
@@ -224,7 +230,9 @@ def test_augmentation_is_deterministic_per_seed_epoch_index(tracked: np.ndarray)
 
 def test_standard_flip_gives_the_velocity_of_the_reversed_motion(tracked: np.ndarray) -> None:
     col = _collection(tracked)
-    flipped = SkeletonDataset(col, _cfg(augment=NO_AUG.model_copy(update={"flip": True, "flip_prob": 1.0})), train=True, seed=2)[4]
+    flipped = SkeletonDataset(
+        col, _cfg(augment=NO_AUG.model_copy(update={"flip": True, "flip_prob": 1.0})), train=True, seed=2
+    )[4]
     plain = SkeletonDataset(col, _cfg(augment=NO_AUG), train=True, seed=2)[4]  # same window, no flip
     torch.testing.assert_close(flipped["joint"], plain["joint"].flip(1), atol=0, rtol=0)
     torch.testing.assert_close(flipped["bone"], plain["bone"].flip(1), atol=0, rtol=0)
@@ -261,7 +269,9 @@ def test_dataloader_workers_give_the_same_items(tracked: np.ndarray) -> None:
 def test_ready_made_streams_are_cropped_like_the_reference(tracked: np.ndarray) -> None:
     rng = np.random.default_rng(0)
     streams = {k: rng.normal(size=(3, 3, 300, 25, 2)).astype(np.float32) for k in STREAM_KEYS}
-    col = SkeletonCollection(["a", "b", "c"], np.array([0, 1, 2]), None, np.array([300, 300, 120]), "npy", streams=streams)
+    col = SkeletonCollection(
+        ["a", "b", "c"], np.array([0, 1, 2]), None, np.array([300, 300, 120]), "npy", streams=streams
+    )
     item = SkeletonDataset(col, _cfg(streams_mode="reference"), train=False)[1]
     for k in STREAM_KEYS:
         np.testing.assert_array_equal(item[k].numpy(), streams[k][1][:, 118:182])
@@ -282,11 +292,19 @@ def test_bad_collections_and_arguments_are_rejected(tracked: np.ndarray) -> None
         bad = _collection(tracked)
         bad.lengths[0] = 301
         SkeletonDataset(bad, _cfg(), train=True)
-    wrong = SkeletonCollection(["a"], np.zeros(1, np.int64), np.zeros((1, 3, 10, 17, 2), np.float32), np.array([10]), "x")
+    wrong = SkeletonCollection(
+        ["a"], np.zeros(1, np.int64), np.zeros((1, 3, 10, 17, 2), np.float32), np.array([10]), "x"
+    )
     with pytest.raises(DatasetError, match=r"expected \(N, 3, T, 25, 2\)"):
         SkeletonDataset(wrong, _cfg(), train=False)
-    only_joint = SkeletonCollection(["a"], np.zeros(1, np.int64), None, np.array([10]), "x",
-                                    streams={"joint": np.zeros((1, 3, 10, 25, 2), np.float32)})
+    only_joint = SkeletonCollection(
+        ["a"],
+        np.zeros(1, np.int64),
+        None,
+        np.array([10]),
+        "x",
+        streams={"joint": np.zeros((1, 3, 10, 25, 2), np.float32)},
+    )
     with pytest.raises(DatasetError, match="no raw data"):
         SkeletonDataset(only_joint, _cfg(), train=False)
     with pytest.raises(DatasetError, match="SkeletonCollection"):
@@ -317,7 +335,9 @@ def store_with_half(tmp_path, tracked: np.ndarray):
     col = _collection(tracked)
     path = tmp_path / "features.lmdb"
     store = FeatureStore(path, map_size=1 << 24)
-    meta = store.create_set(teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"frames": 16}, dim=8, dtype="float32")
+    meta = store.create_set(
+        teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"frames": 16}, dim=8, dtype="float32"
+    )
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(3, 8)).astype(np.float32)
     covered = [col.names[i] for i in (0, 2, 4)]
@@ -392,7 +412,9 @@ def test_data_hash_tracks_stream_settings(tracked: np.ndarray) -> None:
 @pytest.mark.parametrize("mode", ["standard", "reference"])
 def test_time_crop_switch(mode: str, tracked: np.ndarray) -> None:
     col = _collection(tracked)
-    off = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG.model_copy(update={"time_crop": False})), train=True)
+    off = SkeletonDataset(
+        col, _cfg(streams_mode=mode, augment=NO_AUG.model_copy(update={"time_crop": False})), train=True
+    )
     on = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG), train=True)
     val = SkeletonDataset(col, _cfg(streams_mode=mode, augment=NO_AUG), train=False)
     for i in range(len(col)):

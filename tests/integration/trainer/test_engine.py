@@ -50,7 +50,9 @@ def make_store(root: Path, names: list[str], dim: int = 16, seed: int = 0) -> tu
 
     path = root / "features.lmdb"
     store = FeatureStore(path, map_size=64 << 20)
-    meta = store.create_set(teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"test": seed}, dim=dim, dtype="float16")
+    meta = store.create_set(
+        teacher="videomae_v2_vit_b", weights_sha256=None, preprocessing={"test": seed}, dim=dim, dtype="float16"
+    )
     vecs = np.random.default_rng(seed).normal(size=(len(names), dim)).astype(np.float16)
     store.put_many(meta.set_id, names, vecs)
     store.close()
@@ -107,7 +109,9 @@ def test_uninterrupted_run(reference_run) -> None:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cancel_then_resume_is_bit_identical(reference_run, data_path, tmp_path, workers) -> None:
     ref, _ = reference_run
-    cfg = tiny_config(data_path, workers=workers, eval={"jitter_stds": [0.05], "joint_drop_probs": [0.2], "frame_drop_probs": [0.2]})
+    cfg = tiny_config(
+        data_path, workers=workers, eval={"jitter_stds": [0.05], "joint_drop_probs": [0.2], "frame_drop_probs": [0.2]}
+    )
     assert cfg.config_hash() == ref.config.config_hash()  # the worker count is not part of the run's identity
     run_dir = tmp_path / "run"
     flag = {"cancel": False}
@@ -180,9 +184,17 @@ def test_distillation_uses_projector_and_reports_coverage(data_path, tmp_path) -
     names = train_col.names[:4] + val_col.names[:3]  # 4/6 train and 3/6 val clips have a teacher vector
     store, set_id = make_store(tmp_path, names)
     cfg = tiny_config(
-        data_path, epochs=1,
-        distill={"feature_set": set_id, "alpha_start": 0.5, "alpha_end": 0.0, "schedule": "linear", "loss": "mse",
-                 "teacher_norm": "standardize", "projector_hidden": 8},
+        data_path,
+        epochs=1,
+        distill={
+            "feature_set": set_id,
+            "alpha_start": 0.5,
+            "alpha_end": 0.0,
+            "schedule": "linear",
+            "loss": "mse",
+            "teacher_norm": "standardize",
+            "projector_hidden": 8,
+        },
     )
     seen: list[engine.Progress] = []
     result = engine.train(cfg, tmp_path / "run", store_path=store, hooks=engine.TrainHooks(on_progress=seen.append))
@@ -224,16 +236,29 @@ def test_run_errors(data_path, tmp_path) -> None:
 
 
 def test_lr_schedule() -> None:
-    cfg = TrainConfig.from_dict({"name": "x", "data": {"path": "d"}, "epochs": 10, "optimizer": {"lr": 0.1},
-                                 "schedule": {"kind": "cosine", "warmup_epochs": 2, "min_lr": 0.01}})
+    cfg = TrainConfig.from_dict(
+        {
+            "name": "x",
+            "data": {"path": "d"},
+            "epochs": 10,
+            "optimizer": {"lr": 0.1},
+            "schedule": {"kind": "cosine", "warmup_epochs": 2, "min_lr": 0.01},
+        }
+    )
     f = engine.lr_factor_fn(cfg, steps_per_epoch=10)
     assert f(0) == pytest.approx(0.05) and f(9) == pytest.approx(0.5)  # linear warmup over 20 steps
     assert f(19) == pytest.approx(1.0)
     assert f(20) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert f(99) == pytest.approx(0.1, abs=2e-3)
-    step = TrainConfig.from_dict({"name": "x", "data": {"path": "d"}, "epochs": 10,
-                                  "schedule": {"kind": "step", "milestones": [3, 6], "gamma": 0.5}})
+    step = TrainConfig.from_dict(
+        {
+            "name": "x",
+            "data": {"path": "d"},
+            "epochs": 10,
+            "schedule": {"kind": "step", "milestones": [3, 6], "gamma": 0.5},
+        }
+    )
     g = engine.lr_factor_fn(step, steps_per_epoch=4)
     assert [g(0), g(11), g(12), g(24)] == [1.0, 1.0, 0.5, 0.25]
 
@@ -278,7 +303,15 @@ def test_config_from_yaml_errors(tmp_path) -> None:
     with pytest.raises(ConfigError) as exc:
         TrainConfig.from_yaml(p)
     msg = str(exc.value)
-    for field in ("name:", "epochs:", "batch_size:", "data.nonsense:", "optimizer.name:", "optimizer.lr:", "distill.alpha_start:"):
+    for field in (
+        "name:",
+        "epochs:",
+        "batch_size:",
+        "data.nonsense:",
+        "optimizer.name:",
+        "optimizer.lr:",
+        "distill.alpha_start:",
+    ):
         assert field in msg, field
     p.write_text("name: ok\nepochs: 2\ndata: {path: x}\namp: fp16\ndevice: cpu\n")
     with pytest.raises(ConfigError, match="amp needs CUDA"):
@@ -293,7 +326,9 @@ def test_config_from_yaml_errors(tmp_path) -> None:
 
 
 def test_config_roundtrip_and_paths(tmp_path) -> None:
-    cfg = TrainConfig.from_dict({"name": "a.b-c_1", "data": {"path": "ds/raw", "missing_skeletons": "/abs/m.txt"}, "epochs": 3})
+    cfg = TrainConfig.from_dict(
+        {"name": "a.b-c_1", "data": {"path": "ds/raw", "missing_skeletons": "/abs/m.txt"}, "epochs": 3}
+    )
     p = tmp_path / "c.yaml"
     p.write_text(cfg.to_yaml())
     assert TrainConfig.from_yaml(p) == cfg

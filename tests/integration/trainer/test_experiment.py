@@ -49,7 +49,9 @@ def test_shuffle_is_a_seeded_permutation_of_the_covered_vectors() -> None:
     assert np.array_equal(a.found, found) and not a.vectors[6:].any()
 
 
-def test_shuffled_teacher_ends_with_a_clearly_higher_distillation_loss(informative: InformativeData, tmp_path: Path) -> None:
+def test_shuffled_teacher_ends_with_a_clearly_higher_distillation_loss(
+    informative: InformativeData, tmp_path: Path
+) -> None:
     torch.set_num_threads(1)
     final = {}
     for order in ("joined", "shuffled"):
@@ -65,7 +67,12 @@ def test_shuffled_teacher_ends_with_a_clearly_higher_distillation_loss(informati
 # --------------------------------------------------------------------------------------------
 def tiny_experiment(informative: InformativeData, **extra: Any) -> ExperimentConfig:
     base = experiment_base(
-        informative, epochs=1, batch_size=4, max_steps_per_epoch=2, data={"max_samples": 8}, eval=ROBUST,
+        informative,
+        epochs=1,
+        batch_size=4,
+        max_steps_per_epoch=2,
+        data={"max_samples": 8},
+        eval=ROBUST,
     )
     return ExperimentConfig.from_dict({"name": "tiny", "base": base, "seeds": [0, 1], **extra})
 
@@ -74,13 +81,20 @@ def test_arms_of_one_seed_start_identically(informative: InformativeData, tmp_pa
     exp = tiny_experiment(informative)
     built = {}
     for child in expand(exp):
-        run = engine.TrainingRun(child.config, tmp_path / child.key, informative.store_path if child.config.distill.enabled else None,
-                                 engine.TrainHooks(), None)
+        run = engine.TrainingRun(
+            child.config,
+            tmp_path / child.key,
+            informative.store_path if child.config.distill.enabled else None,
+            engine.TrainHooks(),
+            None,
+        )
         run.build()
         run.train_ds.set_epoch(0)
         run.sampler.set_epoch(0)
         built[(child.arm, child.seed)] = (
-            {k: v.clone() for k, v in run.model.state_dict().items()}, list(iter(run.sampler)), run.train_ds[3]["joint"],
+            {k: v.clone() for k, v in run.model.state_dict().items()},
+            list(iter(run.sampler)),
+            run.train_ds[3]["joint"],
         )
     for seed in (0, 1):
         ce = built[("ce", seed)]
@@ -95,7 +109,9 @@ def test_arms_of_one_seed_start_identically(informative: InformativeData, tmp_pa
 # the local runner and its report
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def local_run(informative: InformativeData, tmp_path_factory: pytest.TempPathFactory) -> tuple[ExperimentConfig, Path, Any]:
+def local_run(
+    informative: InformativeData, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ExperimentConfig, Path, Any]:
     torch.set_num_threads(1)
     exp = tiny_experiment(informative)
     out = tmp_path_factory.mktemp("exp") / "out"
@@ -129,19 +145,41 @@ def test_report_equals_recomputation_from_the_children(local_run) -> None:
         close(report["per_arm"][arm]["top1"], [kids[(arm, s)].metrics["top1"] for s in (0, 1)])
         close(report["per_arm"][arm]["top5"], [kids[(arm, s)].metrics["top5"] for s in (0, 1)])
     for arm in ("kd", "kd-shuffled"):
-        close(report["paired"][arm]["top1"], [kids[(arm, s)].metrics["top1"] - kids[("ce", s)].metrics["top1"] for s in (0, 1)])
-        close(report["per_arm"][arm]["final_distill_loss"], [kids[(arm, s)].history[-1]["train_distill"] for s in (0, 1)])
+        close(
+            report["paired"][arm]["top1"],
+            [kids[(arm, s)].metrics["top1"] - kids[("ce", s)].metrics["top1"] for s in (0, 1)],
+        )
+        close(
+            report["per_arm"][arm]["final_distill_loss"], [kids[(arm, s)].history[-1]["train_distill"] for s in (0, 1)]
+        )
         for key in ("jitter@0.05", "joint_drop@0.2", "frame_drop@0.2"):
-            close(report["paired"][arm]["robustness"][key],
-                  [kids[(arm, s)].metrics["robustness"][key]["top1"] - kids[("ce", s)].metrics["robustness"][key]["top1"] for s in (0, 1)])
-        close(report["paired"][arm]["object_top1"],
-              [kids[(arm, s)].metrics["object_classes"]["top1"] - kids[("ce", s)].metrics["object_classes"]["top1"] for s in (0, 1)])
+            close(
+                report["paired"][arm]["robustness"][key],
+                [
+                    kids[(arm, s)].metrics["robustness"][key]["top1"]
+                    - kids[("ce", s)].metrics["robustness"][key]["top1"]
+                    for s in (0, 1)
+                ],
+            )
+        close(
+            report["paired"][arm]["object_top1"],
+            [
+                kids[(arm, s)].metrics["object_classes"]["top1"] - kids[("ce", s)].metrics["object_classes"]["top1"]
+                for s in (0, 1)
+            ],
+        )
         per_class = {c["index"]: c for c in report["paired"][arm]["per_class"]}
         present = [p["index"] for p in kids[(arm, 0)].metrics["per_class"] if p["accuracy"] is not None]
         assert sorted(per_class) == present and len(present) == 3
         for i in present:
-            close(per_class[i]["diff"], [kids[(arm, s)].metrics["per_class"][i]["accuracy"]
-                                         - kids[("ce", s)].metrics["per_class"][i]["accuracy"] for s in (0, 1)])
+            close(
+                per_class[i]["diff"],
+                [
+                    kids[(arm, s)].metrics["per_class"][i]["accuracy"]
+                    - kids[("ce", s)].metrics["per_class"][i]["accuracy"]
+                    for s in (0, 1)
+                ],
+            )
     assert report["per_arm"]["ce"]["final_distill_loss"] is None
     assert sum("within noise" in s or "real difference" in s for s in report["summary"]) >= 4
 
@@ -150,8 +188,12 @@ def test_alpha_zero_arms_train_identical_weights(local_run, informative: Informa
     """An arm that keeps the feature set but has alpha 0 trains exactly the ce arm (same seed)."""
     exp, out, _ = local_run
     kd = exp.arm_config("kd", 0)
-    twin = kd.model_copy(update={"name": "twin", "distill": kd.distill.model_copy(
-        update={"alpha_start": 0.0, "alpha_end": 0.0, "projector_hidden": 7})})
+    twin = kd.model_copy(
+        update={
+            "name": "twin",
+            "distill": kd.distill.model_copy(update={"alpha_start": 0.0, "alpha_end": 0.0, "projector_hidden": 7}),
+        }
+    )
     result = engine.train(twin, tmp_path / "twin", store_path=informative.store_path)
     ce = engine.load_result(out / "runs" / "ce-s0")
     assert weights_equal(result.model_state, ce.model_state)
@@ -200,17 +242,31 @@ def test_lastkd_compare_prints_paired_differences(informative: InformativeData, 
     ("yaml_text", "flags", "message"),
     [
         ("name: e\nbase: {name: b, epochs: 0, data: {path: synth/skeletons}}\n", [], "base.epochs"),
-        ("name: e\nbase: {name: b, epochs: 1, data: {path: synth/skeletons}, distill: {feature_set: x}}\n"
-         "arms: {ce: {}, kd: {distill: {alpha_start: 3}}}\n", [], "arms.kd.distill.alpha_start"),
+        (
+            "name: e\nbase: {name: b, epochs: 1, data: {path: synth/skeletons}, distill: {feature_set: x}}\n"
+            "arms: {ce: {}, kd: {distill: {alpha_start: 3}}}\n",
+            [],
+            "arms.kd.distill.alpha_start",
+        ),
         ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\ndistill: {feature_set: x}\n", ["--seeds", "0"], "--seeds"),
-        ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\ndistill: {feature_set: x}\n", ["--arms", "kd,nope"], "nope"),
+        (
+            "name: b\nepochs: 1\ndata: {path: synth/skeletons}\ndistill: {feature_set: x}\n",
+            ["--arms", "kd,nope"],
+            "nope",
+        ),
         ("name: b\nepochs: 1\ndata: {path: /etc}\ndistill: {feature_set: x}\n", [], "base.data.path"),
-        ("name: e\nbase: {name: b, epochs: 1, data: {path: synth/skeletons}, distill: {feature_set: x}}\n"
-         "arms: {ce: {}, kd: {data: {path: /etc}}}\n", [], "arms.kd.data.path"),
+        (
+            "name: e\nbase: {name: b, epochs: 1, data: {path: synth/skeletons}, distill: {feature_set: x}}\n"
+            "arms: {ce: {}, kd: {data: {path: /etc}}}\n",
+            [],
+            "arms.kd.data.path",
+        ),
         ("name: b\nepochs: 1\ndata: {path: synth/skeletons}\n", [], "base.distill"),
     ],
 )
-def test_lastkd_compare_bad_input_exits_2_naming_the_field(cli_env: Path, capsys, yaml_text: str, flags: list[str], message: str) -> None:
+def test_lastkd_compare_bad_input_exits_2_naming_the_field(
+    cli_env: Path, capsys, yaml_text: str, flags: list[str], message: str
+) -> None:
     cfg = cli_env / "bad.yaml"
     cfg.write_text(yaml_text)
     assert cli.main(["compare", str(cfg), *flags, "--out", str(cli_env / "out")]) == 2

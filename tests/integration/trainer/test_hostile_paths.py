@@ -122,7 +122,11 @@ def via_rule(world: World, given: str, case: str) -> str:
 
 def _config(given: str, name: str = "hostile") -> dict:
     return {
-        "name": name, "epochs": 1, "batch_size": 2, "max_steps_per_epoch": 1, "device": "cpu",
+        "name": name,
+        "epochs": 1,
+        "batch_size": 2,
+        "max_steps_per_epoch": 1,
+        "device": "cpu",
         "data": {"path": given, "num_frames": 8, "max_samples": 2},
         "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
     }
@@ -149,8 +153,14 @@ def via_readers(world: World, given: str, case: str) -> str:
     return "ok"
 
 
-def via_cli(world: World, given: str, case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-            capsys: pytest.CaptureFixture[str]) -> str:
+def via_cli(
+    world: World,
+    given: str,
+    case: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> str:
     monkeypatch.setenv("LASTKD_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("LASTKD_DATA_ROOTS", json.dumps([str(r) for r in world.roots]))
     cfg = tmp_path / "train.yaml"
@@ -173,7 +183,9 @@ def via_cli(world: World, given: str, case: str, tmp_path: Path, monkeypatch: py
 @pytest.fixture(scope="module")
 def api(world: World, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("api-var"), data_roots=world.roots, api_token=TOKEN,  # type: ignore[arg-type]
+        data_dir=tmp_path_factory.mktemp("api-var"),
+        data_roots=world.roots,
+        api_token=TOKEN,  # type: ignore[arg-type]
     )
     with TestClient(create_app(settings, sweep_interval_s=3600)) as client:
         yield client
@@ -195,8 +207,14 @@ def via_api(client: TestClient, world: World, given: str, case: str) -> str:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case, given, verdict", CASES, ids=[c[0] for c in CASES])
 def test_same_verdict_at_every_entry_point(
-    case: str, given: str, verdict: str, world: World, api: TestClient, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    case: str,
+    given: str,
+    verdict: str,
+    world: World,
+    api: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     given = _given(world, given)
     entry_points: dict[str, Callable[[], str]] = {
@@ -290,7 +308,9 @@ def test_engine_confines_the_label_map_it_reads(world: World, tmp_path: Path) ->
 
     secret = world.home / "label_map.txt"
     secret.write_text("\n".join(f"class {i}" for i in range(60)))
-    config = TrainConfig.from_dict(_config(str(world.root / "synth" / "skeletons")) | {"eval": {"label_map": str(secret)}})
+    config = TrainConfig.from_dict(
+        _config(str(world.root / "synth" / "skeletons")) | {"eval": {"label_map": str(secret)}}
+    )
     try:
         with pytest.raises(DataPathError, match="eval.label_map") as info:
             engine.train(config, tmp_path / "run", data_roots=world.roots)

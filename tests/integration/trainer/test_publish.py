@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lastkd.models.last_v2 import LASTv2
 from lastkd.services import cli
 from lastkd.student import evaluate as ev
 from lastkd.student import publish as pub
 from lastkd.student.config import TrainConfig
 from lastkd.student.data.dataset import DataInfo
-from lastkd.student.training import RunState, TrainResult
-from lastkd.models.last_v2 import LASTv2
 from lastkd.student.synth import generate
+from lastkd.student.training import RunState, TrainResult
 from tests.support.paths import REFERENCE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,9 @@ def synth_path(tmp_path_factory) -> Path:
     return out / "skeletons"
 
 
-def make_result(data_path: Path, run_dir: Path, *, feature_set: str | None = None, state=RunState.COMPLETED, seed=0) -> TrainResult:
+def make_result(
+    data_path: Path, run_dir: Path, *, feature_set: str | None = None, state=RunState.COMPLETED, seed=0
+) -> TrainResult:
     """A result as the engine returns it: real LAST v2 weights, metrics from compute_metrics."""
     torch.manual_seed(seed)
     model = LASTv2(60, "small")
@@ -50,11 +52,32 @@ def make_result(data_path: Path, run_dir: Path, *, feature_set: str | None = Non
     logprob = scores - np.log(np.exp(scores).sum(1, keepdims=True))
     metrics = ev.compute_metrics(logprob, rng.integers(0, 60, 20))
     metrics["robustness"] = ev.robustness_summary(metrics["top1"], {"jitter@0.05": 0.0})
-    history = [{"epoch": e, "train_total": 4.0 - e, "train_ce": 4.0 - e, "train_distill": 0.5, "val_top1": 0.1 * e,
-                "val_top5": 0.2 * e, "val_nll": 3.9 - e} for e in (1, 2)]
-    info = DataInfo(60, 6, 6, 0.5 if feature_set else 0.0, 0.5 if feature_set else 0.0, 768 if feature_set else 0, "abc123")
-    return TrainResult(state, {k: v.clone() for k, v in model.state_dict().items()}, metrics, history, cfg, info,
-                       run_dir, 2, ev.class_names(60))
+    history = [
+        {
+            "epoch": e,
+            "train_total": 4.0 - e,
+            "train_ce": 4.0 - e,
+            "train_distill": 0.5,
+            "val_top1": 0.1 * e,
+            "val_top5": 0.2 * e,
+            "val_nll": 3.9 - e,
+        }
+        for e in (1, 2)
+    ]
+    info = DataInfo(
+        60, 6, 6, 0.5 if feature_set else 0.0, 0.5 if feature_set else 0.0, 768 if feature_set else 0, "abc123"
+    )
+    return TrainResult(
+        state,
+        {k: v.clone() for k, v in model.state_dict().items()},
+        metrics,
+        history,
+        cfg,
+        info,
+        run_dir,
+        2,
+        ev.class_names(60),
+    )
 
 
 def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
@@ -62,8 +85,18 @@ def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
     p = pub.publish(result, tmp_path / "reg", job_id="job-1", extra_lineage={"requested_by": "test"})
     assert (p.name, p.version, p.path) == ("student-a", 1, tmp_path / "reg" / "student-a" / "v1")
     files = {f.relative_to(p.path).as_posix() for f in p.path.rglob("*") if f.is_file()}
-    assert files >= {"model.safetensors", "config.json", "train_config.yaml", "metrics.json", "lineage.json", "README.md",
-                     "plots/loss.png", "plots/accuracy.png", "plots/per_class.png", "plots/confusion.png"}
+    assert files >= {
+        "model.safetensors",
+        "config.json",
+        "train_config.yaml",
+        "metrics.json",
+        "lineage.json",
+        "README.md",
+        "plots/loss.png",
+        "plots/accuracy.png",
+        "plots/per_class.png",
+        "plots/confusion.png",
+    }
     for png in p.path.glob("plots/*.png"):
         assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 1000
 
@@ -90,8 +123,16 @@ def test_publish_layout_and_strict_reload(synth_path, tmp_path) -> None:
     assert lineage["code_version"].startswith("0.1.0") or lineage["code_version"].startswith("unknown")
     assert lineage["extra"] == {"requested_by": "test"}
     card = (p.path / "README.md").read_text()
-    for text in ("SYNTHETIC", "RANDOM-INIT", "variant `small`", f"{_reference_params('small', 60):,}", "GFLOPs", "xsub", "job-1",
-                 "object-interaction"):
+    for text in (
+        "SYNTHETIC",
+        "RANDOM-INIT",
+        "variant `small`",
+        f"{_reference_params('small', 60):,}",
+        "GFLOPs",
+        "xsub",
+        "job-1",
+        "object-interaction",
+    ):
         assert text in card, text
     assert not list((tmp_path / "reg" / ".tmp").iterdir())
 
@@ -125,7 +166,11 @@ def test_idempotent_per_job_and_increasing_versions(synth_path, tmp_path) -> Non
     d = pub.publish(result, reg, job_id="j2")
     assert (c.version, d.version) == (2, 3)
     listed = pub.list_published(reg)
-    assert [(x.name, x.version, x.job_id) for x in listed] == [("student-a", 1, "j1"), ("student-a", 2, None), ("student-a", 3, "j2")]
+    assert [(x.name, x.version, x.job_id) for x in listed] == [
+        ("student-a", 1, "j1"),
+        ("student-a", 2, None),
+        ("student-a", 3, "j2"),
+    ]
     card = (a.path / "README.md").read_text()
     assert "RANDOM-INIT" not in card and "SYNTHETIC" in card  # no teacher, synthetic data
 

@@ -332,8 +332,19 @@ def _npz_case(tmp_path: Path, case: str) -> tuple[Path, str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_key", "wrong_shape", "int_coords", "count_mismatch", "width", "not_one_hot",
-     "int_labels_out_of_range", "truncated", "truncated_member", "empty", "object_array"],
+    [
+        "missing_key",
+        "wrong_shape",
+        "int_coords",
+        "count_mismatch",
+        "width",
+        "not_one_hot",
+        "int_labels_out_of_range",
+        "truncated",
+        "truncated_member",
+        "empty",
+        "object_array",
+    ],
 )
 def test_ctrgcn_npz_errors(tmp_path: Path, case: str) -> None:
     path, expect = _npz_case(tmp_path, case)
@@ -351,8 +362,15 @@ def _pyskl(n_train: int = 3, n_val: int = 2) -> dict:
     anns = []
     for i, name in enumerate(names):
         m, t = (1 + i % 2), 6 + i
-        anns.append({"frame_dir": name, "label": i, "total_frames": t, "img_shape": (1080, 1920),
-                     "keypoint": rng.normal(size=(m, t, 25, 3)).astype(np.float32)})
+        anns.append(
+            {
+                "frame_dir": name,
+                "label": i,
+                "total_frames": t,
+                "img_shape": (1080, 1920),
+                "keypoint": rng.normal(size=(m, t, 25, 3)).astype(np.float32),
+            }
+        )
     return {"split": {"xsub_train": names[:n_train], "xsub_val": names[n_train:]}, "annotations": anns}
 
 
@@ -445,8 +463,18 @@ def _break(obj: dict, case: str) -> tuple[object, str]:
 
 @pytest.mark.parametrize(
     "case",
-    ["not_dict", "no_annotations", "split_key", "unknown_name", "keypoint_shape", "keypoint_type",
-     "total_frames", "label_range", "label_type", "nan"],
+    [
+        "not_dict",
+        "no_annotations",
+        "split_key",
+        "unknown_name",
+        "keypoint_shape",
+        "keypoint_type",
+        "total_frames",
+        "label_range",
+        "label_type",
+        "nan",
+    ],
 )
 def test_pyskl_structure_errors(tmp_path: Path, case: str) -> None:
     obj, expect = _break(_pyskl(), case)
@@ -469,7 +497,9 @@ def test_pyskl_empty_or_truncated(tmp_path: Path, content: bytes, expect: str) -
 # LAST stream .npy + labels
 
 
-def _last_dir(root: Path, labels: dict[str, object], n: dict[str, int], sub: str = "xsub") -> dict[str, dict[str, np.ndarray]]:
+def _last_dir(
+    root: Path, labels: dict[str, object], n: dict[str, int], sub: str = "xsub"
+) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(7)
     folder = root / sub
     folder.mkdir(parents=True, exist_ok=True)
@@ -567,8 +597,21 @@ def _break_last(root: Path, case: str) -> str:
 
 @pytest.mark.parametrize(
     "case",
-    ["shape_mismatch", "bad_ndim", "int_dtype", "truncated", "empty", "not_npy", "absent", "label_count",
-     "label_range", "label_type", "label_float", "names_labels_mismatch", "label_empty"],
+    [
+        "shape_mismatch",
+        "bad_ndim",
+        "int_dtype",
+        "truncated",
+        "empty",
+        "not_npy",
+        "absent",
+        "label_count",
+        "label_range",
+        "label_type",
+        "label_float",
+        "names_labels_mismatch",
+        "label_empty",
+    ],
 )
 def test_last_npy_errors(tmp_path: Path, case: str) -> None:
     _last_dir(tmp_path, {"train": [3, 1, 4], "val": [1, 5]}, {"train": 3, "val": 2})

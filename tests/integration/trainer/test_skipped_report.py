@@ -70,7 +70,11 @@ def test_lastkd_train_reports_skipped_files_everywhere(
     monkeypatch.setenv("LASTKD_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("LASTKD_DATA_ROOTS", json.dumps([str(root)]))
     config = {
-        "name": "skips", "epochs": 1, "batch_size": 2, "max_steps_per_epoch": 1, "device": "cpu",
+        "name": "skips",
+        "epochs": 1,
+        "batch_size": 2,
+        "max_steps_per_epoch": 1,
+        "device": "cpu",
         "data": {"path": "synth/skeletons", "num_frames": 8, "max_samples": 2},
         "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
     }

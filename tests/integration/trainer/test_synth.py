@@ -57,7 +57,7 @@ def test_files_parse_with_valid_names_bodies_and_lengths(dataset: synth.SynthRes
 
 
 def test_reference_parse_of_two_body_sample(dataset: synth.SynthResult) -> None:
-    name = next(n for n, l in zip(dataset.names, dataset.labels) if l == 4)
+    name = next(n for n, label in zip(dataset.names, dataset.labels) if label == 4)
     ref = parse_skeleton_file(dataset.skeleton_dir / f"{name}.skeleton", "reference")
     assert ref.coords[..., 1].any() and ref.coords[..., 0].all(axis=(0, 2)).all()
 
@@ -81,7 +81,7 @@ def test_ntu120_layout_covers_the_ntu120_splits(tmp_path: Path) -> None:
 
 def test_videos_decode_with_matching_frames_and_drawn_skeleton(dataset: synth.SynthResult, parsed: dict) -> None:
     background = np.array([40, 44, 52])
-    for name in dataset.names[:: 4]:
+    for name in dataset.names[::4]:
         path = dataset.video_dir / f"{name}_rgb.avi"
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -118,8 +118,14 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     b = synth.generate(tmp_path / "b", seed=11, **kw)
     c = synth.generate(tmp_path / "c", seed=12, **kw)
     assert a.names == b.names == c.names
-    same = [(a.skeleton_dir / f"{n}.skeleton").read_bytes() == (b.skeleton_dir / f"{n}.skeleton").read_bytes() for n in a.names]
-    diff = [(a.skeleton_dir / f"{n}.skeleton").read_bytes() != (c.skeleton_dir / f"{n}.skeleton").read_bytes() for n in a.names]
+    same = [
+        (a.skeleton_dir / f"{n}.skeleton").read_bytes() == (b.skeleton_dir / f"{n}.skeleton").read_bytes()
+        for n in a.names
+    ]
+    diff = [
+        (a.skeleton_dir / f"{n}.skeleton").read_bytes() != (c.skeleton_dir / f"{n}.skeleton").read_bytes()
+        for n in a.names
+    ]
     assert all(same) and all(diff)
 
 
@@ -158,7 +164,19 @@ def test_bad_parameters_rejected(tmp_path: Path, kw: dict, expect: str) -> None:
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    argv = ["synth", str(out), "--classes", "3", "--samples-per-class", "4", "--frames", "40", "--no-video", "--seed", "2"]
+    argv = [
+        "synth",
+        str(out),
+        "--classes",
+        "3",
+        "--samples-per-class",
+        "4",
+        "--frames",
+        "40",
+        "--no-video",
+        "--seed",
+        "2",
+    ]
     assert cli_main(argv) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
     assert len(list((out / "skeletons").iterdir())) == 12 and not (out / "videos").exists()
@@ -170,7 +188,10 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not (tmp_path / "y").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cli_main(["synth", str(empty), "--classes", "2", "--samples-per-class", "4", "--frames", "40", "--no-video"]) == 0
+    assert (
+        cli_main(["synth", str(empty), "--classes", "2", "--samples-per-class", "4", "--frames", "40", "--no-video"])
+        == 0
+    )
     assert (empty / "skeletons").is_dir()
 
 

@@ -26,11 +26,17 @@ REQUIRED = {"train_ce", "train_distill", "train_total", "train_grad_norm", "alph
 def test_event_files_hold_the_metrics_json_history(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     data = generate(tmp_path / "synth", classes=3, samples_per_class=4, frames=40, video=False, seed=0)
-    cfg = TrainConfig.from_dict({
-        "name": "tb", "data": {"path": str(data.skeleton_dir), "num_frames": 8, "streams": ["joint"]},
-        "epochs": 2, "batch_size": 2, "max_steps_per_epoch": 2, "device": "cpu",
-        "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "name": "tb",
+            "data": {"path": str(data.skeleton_dir), "num_frames": 8, "streams": ["joint"]},
+            "epochs": 2,
+            "batch_size": 2,
+            "max_steps_per_epoch": 2,
+            "device": "cpu",
+            "eval": {"jitter_stds": [], "joint_drop_probs": [], "frame_drop_probs": []},
+        }
+    )
     run_dir = tmp_path / "run"
     result = engine.train(cfg, run_dir)
     published = publish(result, tmp_path / "registry", job_id="tb-test")
@@ -58,9 +64,14 @@ def test_event_files_hold_the_metrics_json_history(tmp_path: Path) -> None:
 
 @pytest.mark.faults
 def test_a_run_that_fails_before_its_first_step_leaves_no_log_folder(tmp_path: Path) -> None:
-    cfg = TrainConfig.from_dict({
-        "name": "tb", "data": {"path": str(tmp_path / "nowhere"), "num_frames": 8}, "epochs": 1, "device": "cpu",
-    })
+    cfg = TrainConfig.from_dict(
+        {
+            "name": "tb",
+            "data": {"path": str(tmp_path / "nowhere"), "num_frames": 8},
+            "epochs": 1,
+            "device": "cpu",
+        }
+    )
     with pytest.raises((engine.TrainError, ValueError, OSError)):
         engine.train(cfg, tmp_path / "run")
     assert not tblog.log_dir(tmp_path / "run").exists()

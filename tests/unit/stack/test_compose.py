@@ -7,6 +7,7 @@ import re
 
 import pytest
 import yaml
+
 from tests.support.paths import PROJECT_ROOT
 
 ROOT = PROJECT_ROOT

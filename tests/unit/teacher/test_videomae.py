@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save_file as save_safetensors_file
 
+from lastkd.hashing import sha256_file
+from lastkd.models.checkpoint_io import load_checkpoint, save_official
 from lastkd.models.videomae import (
     MODEL_CONFIGS,
     CheckpointError,
@@ -25,8 +27,6 @@ from lastkd.models.videomae import (
     inference_context,
     list_models,
 )
-from lastkd.hashing import sha256_file
-from lastkd.models.checkpoint_io import load_checkpoint, save_official
 from tests.support.paths import REFERENCE
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -97,9 +97,12 @@ def test_golden_16_frames_features_logits_intermediates(golden: dict) -> None:
     model = _tiny()
     model.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], model), strict=True)
     captured: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().clone()))
-        for name in ("patch_embed", "blocks.0", "blocks.1")]
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().clone())
+        )
+        for name in ("patch_embed", "blocks.0", "blocks.1")
+    ]
     feats, logits = _run(model, golden["input"])
     for h in hooks:
         h.remove()
@@ -223,8 +226,12 @@ def test_load_checkpoint_file_strict_returns_sha256(tmp_path: Path, golden: dict
 
 @pytest.mark.parametrize("wrapper", ["model", "module", "bare", "model_with_extras"])
 def test_wrappers(tmp_path: Path, golden: dict, official_sd: OrderedDict, wrapper: str) -> None:
-    obj = {"bare": official_sd, "model": {"model": official_sd}, "module": {"module": official_sd},
-           "model_with_extras": {"model": official_sd, "epoch": 7, "module": {"x": torch.zeros(1)}}}[wrapper]
+    obj = {
+        "bare": official_sd,
+        "model": {"model": official_sd},
+        "module": {"module": official_sd},
+        "model_with_extras": {"model": official_sd, "epoch": 7, "module": {"x": torch.zeros(1)}},
+    }[wrapper]
     model = _tiny()
     load_checkpoint(model, _save_pth(obj, tmp_path / "w.pt"))
     feats, _ = _run(model, golden["input"])
@@ -263,8 +270,9 @@ def test_missing_keys_named_and_model_untouched(tmp_path: Path, official_sd: Ord
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_unexpected_keys_named_and_non_strict_loads(tmp_path: Path, golden: dict,
-                                                    official_sd: OrderedDict, caplog) -> None:
+def test_unexpected_keys_named_and_non_strict_loads(
+    tmp_path: Path, golden: dict, official_sd: OrderedDict, caplog
+) -> None:
     official_sd["blocks.2.norm1.weight"] = torch.ones(96)
     official_sd["cls_token"] = torch.zeros(1, 1, 96)
     path = _save_pth({"module": official_sd}, tmp_path / "u.pth")
@@ -293,8 +301,9 @@ def test_wrong_shapes_named(tmp_path: Path, official_sd: OrderedDict) -> None:
 def test_wrong_model_size_gives_clear_error(tmp_path: Path, official_sd: OrderedDict) -> None:
     # A depth-2 checkpoint into a model of another size: every mismatch is reported, nothing loads.
     with pytest.raises(CheckpointError, match="missing keys"):
-        load_checkpoint(VideoMAEv2(embed_dim=96, depth=3, num_heads=4, num_classes=10),
-                        _save_pth(official_sd, tmp_path / "d.pth"))
+        load_checkpoint(
+            VideoMAEv2(embed_dim=96, depth=3, num_heads=4, num_classes=10), _save_pth(official_sd, tmp_path / "d.pth")
+        )
 
 
 class TestHeadModes:
@@ -320,8 +329,9 @@ class TestHeadModes:
         with pytest.raises(CheckpointError, match="head='drop' needs a model built with num_classes=0"):
             load_checkpoint(_tiny(num_classes=10), _save_pth(official_sd, tmp_path / "h.pth"), head="drop")
 
-    def test_replace_reinitialises_mismatched_head(self, tmp_path: Path, golden: dict,
-                                                   official_sd: OrderedDict, caplog) -> None:
+    def test_replace_reinitialises_mismatched_head(
+        self, tmp_path: Path, golden: dict, official_sd: OrderedDict, caplog
+    ) -> None:
         model = _tiny(num_classes=5)
         fresh_head = model.head.weight.detach().clone()
         with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -343,8 +353,9 @@ class TestHeadModes:
             checkpoint_filter_fn(official_sd, _tiny(), head="reuse")
 
 
-def test_stored_pos_embed_of_other_length_is_ignored(tmp_path: Path, golden: dict, golden8: dict,
-                                                     official_sd: OrderedDict, caplog) -> None:
+def test_stored_pos_embed_of_other_length_is_ignored(
+    tmp_path: Path, golden: dict, golden8: dict, official_sd: OrderedDict, caplog
+) -> None:
     # A checkpoint carrying a 16-frame table (1568 rows) loads into the 8-frame model; its own
     # 784-row table is kept.
     official_sd["pos_embed"] = golden["pos_embed"].clone()
@@ -437,8 +448,11 @@ def test_truncated_and_garbage_safetensors(tmp_path: Path, official_sd: OrderedD
     good = tmp_path / "good.safetensors"
     save_safetensors_file(dict(official_sd), good)
     data = good.read_bytes()
-    cases = {"trunc.safetensors": data[: len(data) // 2], "head.safetensors": data[:5],
-             "text.safetensors": b"this is not a checkpoint\n" * 10}
+    cases = {
+        "trunc.safetensors": data[: len(data) // 2],
+        "head.safetensors": data[:5],
+        "text.safetensors": b"this is not a checkpoint\n" * 10,
+    }
     for name, blob in cases.items():
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(CheckpointError, match="not a readable safetensors file"):
@@ -449,11 +463,13 @@ def test_garbage_and_non_checkpoint_pth(tmp_path: Path) -> None:
     (tmp_path / "noise.pth").write_bytes(bytes(range(256)) * 40)
     with pytest.raises(CheckpointError, match="not a readable PyTorch file"):
         load_checkpoint(_tiny(), tmp_path / "noise.pth")
-    for name, obj, pattern in [("list.pth", [torch.zeros(2)], "not a dict of tensors"),
-                               ("tensor.pth", torch.zeros(3), "not a dict of tensors"),
-                               ("epoch.pth", {"epoch": 3, "lr": 0.1}, "not tensors"),
-                               ("emptydict.pth", {}, "empty state dict"),
-                               ("nested.pth", {"model": [1, 2]}, "not a state dict")]:
+    for name, obj, pattern in [
+        ("list.pth", [torch.zeros(2)], "not a dict of tensors"),
+        ("tensor.pth", torch.zeros(3), "not a dict of tensors"),
+        ("epoch.pth", {"epoch": 3, "lr": 0.1}, "not tensors"),
+        ("emptydict.pth", {}, "empty state dict"),
+        ("nested.pth", {"model": [1, 2]}, "not a state dict"),
+    ]:
         with pytest.raises(CheckpointError, match=pattern):
             load_checkpoint(_tiny(), _save_pth(obj, tmp_path / name))
 
@@ -472,8 +488,11 @@ def test_missing_path_directory_and_suffix(tmp_path: Path) -> None:
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_pickled_namespace_refused_with_fix(tmp_path: Path, official_sd: OrderedDict, zip_format: bool) -> None:
     path = tmp_path / "train_save.pth"
-    torch.save({"model": official_sd, "args": argparse.Namespace(lr=1e-3), "epoch": 3}, path,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"model": official_sd, "args": argparse.Namespace(lr=1e-3), "epoch": 3},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
     model = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError) as exc:
@@ -484,8 +503,7 @@ def test_pickled_namespace_refused_with_fix(tmp_path: Path, official_sd: Ordered
 
 
 def test_pretrain_checkpoint_rejected(official_sd: OrderedDict) -> None:
-    pretrain = OrderedDict(("encoder." + k, v) for k, v in official_sd.items()
-                           if not k.startswith(("fc_norm", "head")))
+    pretrain = OrderedDict(("encoder." + k, v) for k, v in official_sd.items() if not k.startswith(("fc_norm", "head")))
     pretrain["encoder.norm.weight"] = torch.ones(96)
     pretrain["encoder.norm.bias"] = torch.zeros(96)
     with pytest.raises(CheckpointError, match="pre-training checkpoint"):
@@ -560,12 +578,15 @@ def test_vit_b_embed(vit_b: VideoMAEv2) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, pattern", [
-    ((1, 3, 8, 224, 224), "built for 16 frames, got 8"),
-    ((1, 3, 16, 160, 160), "spatial size 224x224"),
-    ((1, 16, 3, 224, 224), "expected 3 channels"),
-    ((3, 16, 224, 224), "5-D input"),
-])
+@pytest.mark.parametrize(
+    "shape, pattern",
+    [
+        ((1, 3, 8, 224, 224), "built for 16 frames, got 8"),
+        ((1, 3, 16, 160, 160), "spatial size 224x224"),
+        ((1, 16, 3, 224, 224), "expected 3 channels"),
+        ((3, 16, 224, 224), "5-D input"),
+    ],
+)
 def test_bad_input_shapes(shape: tuple, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         _tiny().forward_features(torch.zeros(shape))
@@ -573,15 +594,27 @@ def test_bad_input_shapes(shape: tuple, pattern: str) -> None:
 
 def test_registry_names_and_sizes() -> None:
     names = list_models()
-    assert names == sorted(["videomae_v2_vit_s", "videomae_v2_vit_b", "videomae_v2_vit_l",
-                            "videomae_v2_vit_h", "videomae_v2_vit_g", "videomae_v2_tiny"])
+    assert names == sorted(
+        [
+            "videomae_v2_vit_s",
+            "videomae_v2_vit_b",
+            "videomae_v2_vit_l",
+            "videomae_v2_vit_h",
+            "videomae_v2_vit_g",
+            "videomae_v2_tiny",
+        ]
+    )
     # Registered with timm under the same names, and no clash with timm's own models.
     assert set(timm.list_models("videomae_v2_*")) == set(names)
     assert all(timm.models.get_pretrained_cfg(n) is not None for n in names)
     # Sizes from the spec table (1.2).
-    expected = {"videomae_v2_vit_s": (16, 384, 12, 6), "videomae_v2_vit_b": (16, 768, 12, 12),
-                "videomae_v2_vit_l": (16, 1024, 24, 16), "videomae_v2_vit_h": (16, 1280, 32, 16),
-                "videomae_v2_vit_g": (14, 1408, 40, 16)}
+    expected = {
+        "videomae_v2_vit_s": (16, 384, 12, 6),
+        "videomae_v2_vit_b": (16, 768, 12, 12),
+        "videomae_v2_vit_l": (16, 1024, 24, 16),
+        "videomae_v2_vit_h": (16, 1280, 32, 16),
+        "videomae_v2_vit_g": (14, 1408, 40, 16),
+    }
     for name, (patch, dim, depth, heads) in expected.items():
         cfg = MODEL_CONFIGS[name]
         assert (cfg["patch_size"], cfg["embed_dim"], cfg["depth"], cfg["num_heads"]) == (patch, dim, depth, heads)
@@ -617,7 +650,6 @@ def test_inference_context_on_cpu_is_fp32_inference_mode(golden: dict) -> None:
             pass
 
 
-
 # --------------------------------------------------------------------------------------------
 # timm: create_model with a local official file, timm's method names
 # --------------------------------------------------------------------------------------------
@@ -642,8 +674,9 @@ def test_timm_create_model_loads_an_official_file(tmp_path: Path, golden: dict, 
     assert _max_err(feats, golden["features"]) <= FEATURE_ATOL
     assert _max_err(logits, golden["logits"]) <= LOGIT_ATOL
     # A head-less model from the same file gives the stored feature as its output.
-    headless = timm.create_model("videomae_v2_tiny", pretrained=True, num_classes=0,
-                                 pretrained_cfg_overlay=dict(file=str(path))).eval()
+    headless = timm.create_model(
+        "videomae_v2_tiny", pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
     with torch.no_grad():
         assert _max_err(headless(golden["input"]), golden["features"]) <= FEATURE_ATOL
 

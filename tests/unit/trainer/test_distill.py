@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from lastkd.models.last_v2 import LASTv2
 from lastkd.student.distill import (
     DistillConfig,
     FeatureStats,
@@ -20,7 +21,6 @@ from lastkd.student.distill import (
     label_smoothed_nll,
     total_loss,
 )
-from lastkd.models.last_v2 import LASTv2
 
 FS = "videomae_v2_vit_b-random-init-3f2a9c1b7d0e"
 
@@ -228,8 +228,15 @@ def test_alpha_zero_never_runs_the_projector() -> None:
     b = _batch()
     ce = label_smoothed_nll(b["logprob"], b["target"], 0.1)
     loss, parts = total_loss(
-        b["logprob"], b["target"], 0.1, b["student"], b["teacher"], torch.ones(4, dtype=torch.bool),
-        0.0, RaisingProjector(), cfg(),
+        b["logprob"],
+        b["target"],
+        0.1,
+        b["student"],
+        b["teacher"],
+        torch.ones(4, dtype=torch.bool),
+        0.0,
+        RaisingProjector(),
+        cfg(),
     )
     assert loss.item() == ce.item() and parts["distill"].item() == 0.0 and parts["alpha"] == 0.0
     loss, _ = total_loss(b["logprob"], b["target"], 0.1, None, None, None, 0.0, None, cfg())
@@ -261,7 +268,14 @@ def test_total_loss_all_masked_is_ce_only_and_finite() -> None:
     b["teacher"][:] = float("nan")
     proj = Projector(8, 6, hidden=16)
     loss, parts = total_loss(
-        b["logprob"], b["target"], 0.1, b["student"], b["teacher"], torch.zeros(4, dtype=torch.bool), 0.6, proj,
+        b["logprob"],
+        b["target"],
+        0.1,
+        b["student"],
+        b["teacher"],
+        torch.zeros(4, dtype=torch.bool),
+        0.6,
+        proj,
         cfg(loss="cosine", teacher_norm="l2"),
     )
     assert torch.isfinite(loss)
@@ -275,7 +289,14 @@ def test_gradients_reach_student_features_and_projector() -> None:
     student = b["student"].clone().requires_grad_()
     logprob = b["logprob"].clone().requires_grad_()
     loss, _ = total_loss(
-        logprob, b["target"], 0.1, student, b["teacher"], torch.tensor([True, False, True, True]), 0.5, proj,
+        logprob,
+        b["target"],
+        0.1,
+        student,
+        b["teacher"],
+        torch.tensor([True, False, True, True]),
+        0.5,
+        proj,
         cfg(loss="cosine"),
     )
     loss.backward()
@@ -291,7 +312,14 @@ def test_end_to_end_with_student_backbone() -> None:
     x = {s: torch.randn(2, 3, 4, 25, 1) for s in ("joint", "bone")}
     out, feat = model.forward_with_features(x)
     loss, _ = total_loss(
-        out, torch.tensor([0, 2]), 0.1, feat, torch.randn(2, 6), torch.tensor([True, True]), 0.5, proj,
+        out,
+        torch.tensor([0, 2]),
+        0.1,
+        feat,
+        torch.randn(2, 6),
+        torch.tensor([True, True]),
+        0.5,
+        proj,
         cfg(loss="mse", teacher_norm="l2"),
     )
     loss.backward()

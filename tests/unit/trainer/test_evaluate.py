@@ -7,19 +7,37 @@ import numpy as np
 import pytest
 import torch
 
+from lastkd.models.last_v2 import LASTv2
 from lastkd.student import evaluate as ev
 from lastkd.student.data import streams as st
-from lastkd.models.last_v2 import LASTv2
 from tests.support.paths import SHARED
 
 LABEL_MAP = SHARED / "data" / "ntu60_label_map.txt"
 
 # The object-interaction classes as named in the task statement (matched as substrings).
 OBJECT_NAMES = [
-    "drink water", "eat meal/snack", "brushing teeth", "brushing hair", "drop", "pickup", "throw",
-    "reading", "writing", "tear up paper", "wear jacket", "take off jacket", "wear a shoe",
-    "take off a shoe", "wear on glasses", "take off glasses", "put on a hat/cap", "take off a hat/cap",
-    "make a phone call", "playing with phone/tablet", "typing on a keyboard", "selfie",
+    "drink water",
+    "eat meal/snack",
+    "brushing teeth",
+    "brushing hair",
+    "drop",
+    "pickup",
+    "throw",
+    "reading",
+    "writing",
+    "tear up paper",
+    "wear jacket",
+    "take off jacket",
+    "wear a shoe",
+    "take off a shoe",
+    "wear on glasses",
+    "take off glasses",
+    "put on a hat/cap",
+    "take off a hat/cap",
+    "make a phone call",
+    "playing with phone/tablet",
+    "typing on a keyboard",
+    "selfie",
 ]
 
 
@@ -136,7 +154,7 @@ def test_jitter_is_consistent_across_streams(parents) -> None:
 def test_joint_drop_recomputes_streams() -> None:
     x = _batch(b=40)
     out = ev.corrupt_streams(x, list(range(40)), ev.Corruption("joint_drop", 0.3), seed=1)
-    dropped = (out["joint"][..., 0].abs().amax(dim=(1, 2)) == 0)  # (B, V)
+    dropped = out["joint"][..., 0].abs().amax(dim=(1, 2)) == 0  # (B, V)
     assert 0.2 < float(dropped.float().mean()) < 0.4
     vel, bone = _recomputed(out["joint"], st.REFERENCE_BONE_PARENTS)
     np.testing.assert_allclose(out["bone"].numpy(), bone, atol=1e-6)
@@ -200,12 +218,21 @@ def test_evaluate_model_matches_direct_forward() -> None:
     model = LASTv2(num_classes=60, variant="small").train()
     x = _batch(b=5, t=8)
     labels = torch.tensor([0, 5, 27, 40, 59])
-    loader = [{**{k: v[:3] for k, v in x.items()}, "label": labels[:3], "index": torch.arange(3)},
-              {**{k: v[3:] for k, v in x.items()}, "label": labels[3:], "index": torch.arange(3, 5)}]
+    loader = [
+        {**{k: v[:3] for k, v in x.items()}, "label": labels[:3], "index": torch.arange(3)},
+        {**{k: v[3:] for k, v in x.items()}, "label": labels[3:], "index": torch.arange(3, 5)},
+    ]
     corrs = ev.corruptions_from([0.0, 0.1], [0.2], [0.3])
     assert [c.key for c in corrs] == ["jitter@0.1", "joint_drop@0.2", "frame_drop@0.3"]
-    metrics = ev.evaluate_model(model, loader, torch.device("cpu"), ("joint", "velocity", "bone"),
-                                names=ev.class_names(60, LABEL_MAP), corruptions=corrs, noise_seed=0)
+    metrics = ev.evaluate_model(
+        model,
+        loader,
+        torch.device("cpu"),
+        ("joint", "velocity", "bone"),
+        names=ev.class_names(60, LABEL_MAP),
+        corruptions=corrs,
+        noise_seed=0,
+    )
     assert model.training  # mode restored
     with torch.no_grad():
         direct = model.eval()(x).numpy()

@@ -50,17 +50,23 @@ def test_default_arms_and_expansion_pair_by_seed() -> None:
     assert len(kids) == 9 and len({c.config.name for c in kids}) == 9
     by = {(c.arm, c.seed): c.config for c in kids}
     assert not by[("ce", 1)].distill.enabled and by[("kd", 1)].distill.enabled
-    assert by[("kd-shuffled", 2)].distill.teacher_order == "shuffled" and by[("kd", 2)].distill.teacher_order == "joined"
+    assert (
+        by[("kd-shuffled", 2)].distill.teacher_order == "shuffled" and by[("kd", 2)].distill.teacher_order == "joined"
+    )
     # within a seed the arms differ only by their overrides (and the child name)
     ce, kd = by[("ce", 1)].training_dict(), by[("kd", 1)].training_dict()
     assert {k for k in ce if ce[k] != kd[k]} == {"name", "distill"} and ce["seed"] == kd["seed"] == 1
 
 
 def test_dotted_overrides_and_selection() -> None:
-    exp = ExperimentConfig.from_dict({
-        "name": "e", "base": base(), "seeds": [3, 5],
-        "arms": {"ce": {"distill.alpha_start": 0.0}, "kd-hi": {"distill": {"alpha_start": 0.9}}},
-    })
+    exp = ExperimentConfig.from_dict(
+        {
+            "name": "e",
+            "base": base(),
+            "seeds": [3, 5],
+            "arms": {"ce": {"distill.alpha_start": 0.0}, "kd-hi": {"distill": {"alpha_start": 0.9}}},
+        }
+    )
     assert exp.arm_config("kd-hi", 5).distill.alpha_start == 0.9 and exp.arm_config("kd-hi", 5).seed == 5
     sel = exp.select(arms=["kd-hi"], seeds=2)
     assert list(sel.arms) == ["ce", "kd-hi"] and sel.seeds == (0, 1)
@@ -71,8 +77,14 @@ def test_dotted_overrides_and_selection() -> None:
     ("raw", "field"),
     [
         ({"name": "e", "base": base(epochs=0)}, "base.epochs"),
-        ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"alpha_start": 2}}}}, "arms.kd.distill.alpha_start"),
-        ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"teacher_order": "sorted"}}}}, "arms.kd.distill.teacher_order"),
+        (
+            {"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"alpha_start": 2}}}},
+            "arms.kd.distill.alpha_start",
+        ),
+        (
+            {"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"distill": {"teacher_order": "sorted"}}}},
+            "arms.kd.distill.teacher_order",
+        ),
         ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"seed": 4}}}, "arms.kd.seed"),
         ({"name": "e", "base": base(), "arms": {"ce": {}, "kd": {"data.path": "/etc"}}}, "arms.kd.data.path"),
         ({"name": "e", "base": base(), "arms": {"kd": {}}}, "baseline"),
@@ -89,17 +101,28 @@ def test_bad_experiment_configs_name_the_field(raw: dict[str, Any], field: str) 
     assert field in str(info.value)
 
 
-def child(arm: str, seed: int, top1: float, top5: float, per_class: list[float], distill: float = 0.0,
-          jitter: float | None = None, obj: float | None = None) -> ChildResult:
+def child(
+    arm: str,
+    seed: int,
+    top1: float,
+    top5: float,
+    per_class: list[float],
+    distill: float = 0.0,
+    jitter: float | None = None,
+    obj: float | None = None,
+) -> ChildResult:
     metrics = {
-        "top1": top1, "top5": top5,
+        "top1": top1,
+        "top5": top5,
         "per_class": [{"index": i, "name": f"A{i + 1:03d}", "count": 2, "accuracy": a} for i, a in enumerate(per_class)]
         + [{"index": len(per_class), "name": "empty", "count": 0, "accuracy": None}],
         "object_classes": {"classes": [0], "count": 2, "top1": obj},
         "robustness": {} if jitter is None else {"jitter@0.05": {"top1": jitter, "drop": top1 - jitter}},
     }
-    history = [{"epoch": 1, "train_total": 2.0, "train_distill": distill + 0.3, "val_top1": 0.1},
-               {"epoch": 2, "train_total": 1.0, "train_distill": distill, "val_top1": top1}]
+    history = [
+        {"epoch": 1, "train_total": 2.0, "train_distill": distill + 0.3, "val_top1": 0.1},
+        {"epoch": 2, "train_total": 1.0, "train_distill": distill, "val_top1": top1},
+    ]
     return ChildResult(arm, seed, metrics, history)
 
 
@@ -127,7 +150,11 @@ def test_report_numbers_are_recomputed_from_children(tmp_path: Path) -> None:
 
     def check(iv: dict[str, Any], values: list[float]) -> None:
         m, lo, hi = t_iv(values)
-        assert iv["mean"] == pytest.approx(m) and iv["lo"] == pytest.approx(lo, abs=1e-3) and iv["hi"] == pytest.approx(hi, abs=1e-3)
+        assert (
+            iv["mean"] == pytest.approx(m)
+            and iv["lo"] == pytest.approx(lo, abs=1e-3)
+            and iv["hi"] == pytest.approx(hi, abs=1e-3)
+        )
         assert iv["within_noise"] == (lo <= 0 <= hi)
 
     check(rep["per_arm"]["kd"]["top1"], [0.70, 0.80, 0.72])
@@ -153,7 +180,9 @@ def test_report_numbers_are_recomputed_from_children(tmp_path: Path) -> None:
 
 
 def test_incomplete_seeds_are_left_out_and_the_rest_stays_paired() -> None:
-    exp = ExperimentConfig.from_dict({"name": "e", "base": base(), "seeds": [0, 1], "arms": {"ce": {}, "kd": {"distill.alpha_start": 0.9}}})
+    exp = ExperimentConfig.from_dict(
+        {"name": "e", "base": base(), "seeds": [0, 1], "arms": {"ce": {}, "kd": {"distill.alpha_start": 0.9}}}
+    )
     kids = [child("ce", 0, 0.5, 1, [0.5]), child("kd", 0, 0.6, 1, [0.6]), child("ce", 1, 0.5, 1, [0.5])]
     rep = build_report(exp, kids)
     assert rep["seeds"] == [0] and rep["missing"] == ["kd-s1"]

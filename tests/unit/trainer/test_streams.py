@@ -14,8 +14,29 @@ ATOL = 1e-5  # reference/README.md: data pipeline tolerance
 STREAM_KEYS = ("joint", "velocity", "bone")
 # Graph edges of ntu_data.md (1-based), for an independent check of the standard bone parents.
 NTU_EDGES_1BASED = (
-    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10), (12, 11),
-    (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25),
+    (1, 2),
+    (2, 21),
+    (3, 21),
+    (4, 3),
+    (5, 21),
+    (6, 5),
+    (7, 6),
+    (8, 7),
+    (9, 21),
+    (10, 9),
+    (11, 10),
+    (12, 11),
+    (13, 1),
+    (14, 13),
+    (15, 14),
+    (16, 15),
+    (17, 1),
+    (18, 17),
+    (19, 18),
+    (20, 19),
+    (22, 23),
+    (23, 8),
+    (24, 25),
     (25, 12),
 )
 
@@ -64,7 +85,9 @@ def _check_all_intermediates(coords: np.ndarray, golden: dict) -> None:
     start = st.reference_crop_start(300, 64, None)
     window = st.reference_window(coords, start, 64)
     for k in STREAM_KEYS:
-        np.testing.assert_allclose(st.reference_crop(full[k], start, 64), golden["val_center_crop"][k], atol=ATOL, rtol=0)
+        np.testing.assert_allclose(
+            st.reference_crop(full[k], start, 64), golden["val_center_crop"][k], atol=ATOL, rtol=0
+        )
         np.testing.assert_allclose(window[k], golden["val_center_crop"][k], atol=ATOL, rtol=0, err_msg=k)
 
 
@@ -215,7 +238,9 @@ def test_standard_keeps_where_the_second_person_stands(parsed_tracked: np.ndarra
     coords = _facing_pair(parsed_tracked)
     raw = coords.astype(np.float64)
     assert np.linalg.norm(raw[:, 0, st.SPINE_BASE, 1] - raw[:, 0, st.SPINE_BASE, 0]) == pytest.approx(1.0, abs=1e-5)
-    np.testing.assert_allclose(_forward(raw, 0, 1) @ (raw[:, 0, st.SPINE_BASE, 0] - raw[:, 0, st.SPINE_BASE, 1]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(
+        _forward(raw, 0, 1) @ (raw[:, 0, st.SPINE_BASE, 0] - raw[:, 0, st.SPINE_BASE, 1]), 1.0, atol=1e-5
+    )
     params = st.standard_norm_params(coords)
     assert params.body == 0
     joint = st.apply_norm(coords, params.present, params)
@@ -236,7 +261,9 @@ def test_standard_keeps_where_the_second_person_stands(parsed_tracked: np.ndarra
     # the whole standard pipeline (validation sampling starts at raw frame 0) keeps it too
     out, present, _ = st.standard_joint(coords, 64, rng=None)
     assert present.all()
-    np.testing.assert_allclose(out[:, 0, st.SPINE_BASE, 1] - out[:, 0, st.SPINE_BASE, 0], [1.0 / scale, 0, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        out[:, 0, st.SPINE_BASE, 1] - out[:, 0, st.SPINE_BASE, 0], [1.0 / scale, 0, 0], atol=1e-5
+    )
 
 
 def test_standard_main_body_absent_early_normalises_from_its_first_valid_frame(parsed_tracked: np.ndarray) -> None:
@@ -311,7 +338,9 @@ def test_standard_velocity_is_per_raw_frame() -> None:
     pose[:, st.NECK] = pose[:, st.SPINE_BASE] + np.array([0.0, 0.5, 0.0], np.float32)
     for frames in (20, 200):
         coords = np.zeros((3, frames, 25, 2), np.float32)
-        coords[..., 0] = pose[:, None, :] + np.array([0, 0.02, 0], np.float32)[:, None, None] * np.arange(frames)[None, :, None]
+        coords[..., 0] = (
+            pose[:, None, :] + np.array([0, 0.02, 0], np.float32)[:, None, None] * np.arange(frames)[None, :, None]
+        )
         for sampler in (None, np.random.default_rng(frames)):
             joint, present, step = st.standard_joint(coords, 64, rng=sampler)
             vel = st.standard_velocity(joint, present, step)

@@ -19,8 +19,9 @@ def test_gpu_candidates() -> None:
     assert worker.gpu_candidates("all", 0) == []
 
 
-@pytest.mark.parametrize("spec, message", [("1,x", "indices"), ("", "indices"), ("-1", "indices"),
-                                           ("3", "lists 3 GPU"), ("0,²", "indices")])
+@pytest.mark.parametrize(
+    "spec, message", [("1,x", "indices"), ("", "indices"), ("-1", "indices"), ("3", "lists 3 GPU"), ("0,²", "indices")]
+)
 def test_bad_gpu_lists_are_refused(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         worker.gpu_candidates(spec, 3)
