@@ -10,9 +10,8 @@ and trains it directly through the engine (:func:`lastkd.student.training.train`
 * ``demo_val_top1``: final val top-1 of that run (target >= 0.9; chance 0.2).
 * ``steps_to_90``: optimiser steps until the end-of-epoch val top-1 first reaches 0.9 (null when
   it never does).
-* ``shuffled_vs_joined_distill_loss`` / ``experiment_overhead``: null. They belong to issue 10
-  section 2 (experiments with a ``kd-shuffled`` control arm), which this benchmark does not
-  build yet.
+* ``shuffled_vs_joined_distill_loss`` / ``experiment_overhead``: null here; ``bench/experiment.py``
+  measures them (an informative teacher and a ``kd-shuffled`` arm).
 
 ``--quick`` (the default recipe, one seed) takes about a minute on an idle 2-core machine;
 ``--seeds N`` repeats the run with seeds 0..N-1 and reports the mean (and every value).
