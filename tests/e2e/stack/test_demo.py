@@ -123,6 +123,8 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     meta = json.loads((folder / "config.json").read_text())
     model = LASTv2(num_classes=meta["num_classes"], variant=meta["variant"])
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    # The per-stream BatchNorm statistics the run recomputed travel beside the weights.
+    model.set_stream_bn_stats(load_file(str(folder / "stream_bn.safetensors")))
     x = {s: torch.zeros(1, 3, 16, 25, 2) for s in meta["streams"]}
     with torch.no_grad():
         assert torch.equal(model.eval()(x), student(x))
