@@ -58,7 +58,8 @@ def test_ddp_two_processes_matches_single_process(tmp_path, monkeypatch, capsys)
     ddp = engine.load_result(run_dir)
 
     # rank 0 alone wrote: the files of one run, nothing half-written, RNG states of both ranks
-    assert sorted(os.listdir(run_dir)) == ["config.yaml", "last.pt", "result.pt"]
+    assert sorted(os.listdir(run_dir)) == ["config.yaml", "last.pt", "result.pt", "tensorboard"]
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1  # one event file: rank 0's
     ck = engine.load_checkpoint_file(run_dir / "last.pt")
     assert len(ck["rng"]) == 2 and ck["epoch"] == 1
     assert ddp.config.config_hash() == single.config.config_hash()
