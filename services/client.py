@@ -22,12 +22,11 @@ from typing import Any
 
 import httpx
 
+from lastkd.schemas.trainer import TERMINAL
 from lastkd.sse import Event, parse_events
 
-__all__ = ["TERMINAL_STATES", "ApiError", "TeacherClient", "TrainerClient"]
+__all__ = ["ApiError", "TeacherClient", "TrainerClient"]
 
-# The job states after which nothing changes (the trainer API's JobState values).
-TERMINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 _MAX_RETRY_AFTER_S = 10.0
 
 
@@ -240,7 +239,7 @@ class TrainerClient(_Client):
             pass  # the stream broke or is not offered: poll
         while True:
             record = self.job(job_id)
-            if record.get("state") in TERMINAL_STATES:
+            if record.get("state") in TERMINAL:
                 return record
             if on_update is not None:
                 on_update(record)

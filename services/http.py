@@ -5,7 +5,7 @@ requests for Prometheus and shape their errors, so a client sees one API style:
 
 * errors are JSON ``{"error": {"code": "...", "message": "...", ...}}`` with a 4xx for every
   user mistake (validation errors included) and 5xx only for faults of the server;
-* mutating endpoints depend on :func:`bearer_auth`; with no token configured they are open,
+* mutating endpoints take ``_: Authorized`` (bearer token); with no token configured they are open,
   which :func:`check_bind` allows only on loopback addresses;
 * ``GET /health/live`` answers as soon as the process serves HTTP;
 * :class:`HttpMetrics` counts requests and latency per route template (never per raw path, so a
@@ -18,7 +18,7 @@ import argparse
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -26,6 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -41,15 +42,18 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that hung up; counted
 
 __all__ = [
     "ApiError",
+    "Authorized",
     "BindRefusedError",
     "HttpMetrics",
-    "bearer_auth",
+    "add_bind_arguments",
+    "bind_address",
     "check_bind",
+    "create_service_app",
     "error_body",
     "error_response",
     "install_error_handlers",
-    "add_live_route",
     "metrics_response",
+    "require_token",
     "serve",
 ]
 
@@ -157,17 +161,6 @@ def _request_problem(err: Mapping[str, Any]) -> Problem:
     return Problem(".".join(loc) or "body", msg)
 
 
-def bearer_auth(token: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that requires ``Authorization: Bearer <token>`` when a token is set
-    (with ``token=None`` it lets every request through; the bind check keeps such a service on
-    loopback). Apps built by :func:`create_service_app` use :data:`Authorized` instead."""
-
-    async def _require_token(request: Request) -> None:
-        await _check_token(request, token)
-
-    return _require_token
-
-
 def check_bind(host: str, token: str | None) -> None:
     """Refuse to listen on a non-loopback address unless an API token is configured."""
     if not is_loopback(host) and not token:
@@ -195,14 +188,6 @@ def bind_address(args: argparse.Namespace, host: str, port: int, token: str | No
         raise BindRefusedError(f"port must be in 1..65535, got {port}")
     check_bind(host, token)
     return host, port
-
-
-def add_live_route(app: FastAPI) -> None:
-    """``GET /health/live``: the process is up and serving HTTP (says nothing about readiness)."""
-
-    @app.get("/health/live", tags=["health"], response_model=Health)
-    async def live() -> Health:
-        return Health(status="live")
 
 
 class HttpMetrics:
@@ -283,11 +268,9 @@ def serve(app: FastAPI, host: str, port: int, token: str | None, log_level: str 
 # the app factory both services build on
 # --------------------------------------------------------------------------------------------
 async def require_token(request: Request) -> None:
-    """Dependency of mutating routes: the bearer token of ``app.state.token`` when one is set."""
-    await _check_token(request, request.app.state.token)
-
-
-async def _check_token(request: Request, token: str | None) -> None:
+    """Dependency of mutating routes: ``Authorization: Bearer <app.state.token>`` when a token is
+    set (with none every request passes; :func:`check_bind` keeps such a service on loopback)."""
+    token: str | None = request.app.state.token
     if not token:
         return
     header = request.headers.get("authorization", "")
@@ -378,12 +361,16 @@ def create_service_app(
     routers: list[APIRouter] | None = None,
     max_json_bytes: int = 1 << 20,
     description: str | None = None,
+    component_schemas: Sequence[type[BaseModel]] = (),
 ) -> FastAPI:
     """A FastAPI app with what both services share: the JSON error shape, bearer auth
     (``app.state.token``, see :data:`Authorized`), request metrics (``app.state.metrics``,
     served at ``GET /metrics``), ``GET /health/live`` and a body limit for JSON requests.
 
     Routers come with the service; its own ``/health/ready`` lives in them.
+    ``component_schemas``: models that routes reference by ``#/components/schemas/<Name>`` in
+    ``openapi_extra`` without taking them as a FastAPI parameter (a body a route parses itself,
+    the data of an event stream); they are added to ``/openapi.json``.
     """
     app = FastAPI(title=title, version="1", lifespan=lifespan, description=description, responses=ERROR_RESPONSES)
     app.state.token = token or None
@@ -392,7 +379,11 @@ def create_service_app(
     install_error_handlers(app)
     metrics.install(app)
     app.add_middleware(JsonBodyLimit, max_bytes=max_json_bytes)
-    add_live_route(app)
+
+    @app.get("/health/live", tags=["health"], response_model=Health)
+    async def live() -> Health:
+        """The process is up and serving HTTP (says nothing about readiness)."""
+        return Health(status="live")
 
     @app.get(
         "/metrics",
@@ -405,4 +396,22 @@ def create_service_app(
 
     for router in routers or []:
         app.include_router(router)
+    if component_schemas:
+        _add_component_schemas(app, component_schemas)
     return app
+
+
+def _add_component_schemas(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()  # FastAPI caches this very dict in app.openapi_schema
+            found = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                found.update(own.pop("$defs", {}))
+                found[model.__name__] = own
+        return app.openapi_schema  # type: ignore[return-value]  # set by generate() above
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema

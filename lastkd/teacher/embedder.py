@@ -42,6 +42,7 @@ import numpy as np
 from lastkd.hashing import sha256_file
 from lastkd.teacher.clip_ids import clip_id_from_filename
 from lastkd.teacher.decode_worker import init_decode_worker
+from lastkd.teacher.failures import ClipFailure, ClipFailureReason, clip_id_conflict
 from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, decode_clip, normalize
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -53,8 +54,6 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ClipFailure",
-    "clip_id_conflict",
     "EmbedResult",
     "Embedder",
     "EngineConfig",
@@ -71,33 +70,6 @@ RANDOM_INIT = "random-init"
 
 class EngineError(RuntimeError):
     """The engine cannot start: bad model name, missing weights, unusable device, store conflict."""
-
-
-class ClipFailure(Exception):
-    """One clip could not be embedded; ``reason`` is a stable machine-readable code.
-
-    Reasons: the :class:`~lastkd.teacher.video.VideoError` reasons (``not_media``,
-    ``corrupt``, ``no_video_stream``, ``no_frames``, ``too_short``, ``too_large``, ``too_long``, ``resolution``),
-    plus ``decode_failed`` (an unexpected decoder error), ``decode_crashed`` (the decoder process
-    died), ``clip_id_conflict`` and ``shutdown``.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(reason, message)
-        self.reason = reason
-        self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.message}"
-
-
-def clip_id_conflict(clip_id: str) -> ClipFailure:
-    """The failure of a clip whose id already names a feature of other bytes in the set."""
-    return ClipFailure(
-        "clip_id_conflict",
-        f"clip id {clip_id!r} already holds a feature computed from different bytes in this feature set; "
-        "give this clip another id",
-    )
 
 
 @dataclass(frozen=True)
@@ -399,7 +371,12 @@ class Embedder:
             except queue.Empty:
                 break
             if isinstance(item, _Item):
-                self._fail(item, ClipFailure("shutdown", "the teacher engine shut down before this clip was embedded"))
+                self._fail(
+                    item,
+                    ClipFailure(
+                        ClipFailureReason.SHUTDOWN, "the teacher engine shut down before this clip was embedded"
+                    ),
+                )
 
     def __enter__(self) -> Embedder:
         return self.start()
@@ -526,10 +503,12 @@ class Embedder:
             try:
                 task = pool.submit(*args)
             except RuntimeError as exc:  # the new pool died or was shut down at once
-                self._fail(item, ClipFailure("shutdown", f"the teacher engine is shutting down ({exc})"))
+                self._fail(
+                    item, ClipFailure(ClipFailureReason.SHUTDOWN, f"the teacher engine is shutting down ({exc})")
+                )
                 return
         except RuntimeError as exc:  # pool shut down while submitting
-            self._fail(item, ClipFailure("shutdown", f"the teacher engine is shutting down ({exc})"))
+            self._fail(item, ClipFailure(ClipFailureReason.SHUTDOWN, f"the teacher engine is shutting down ({exc})"))
             return
         with self._decoding_lock:
             self._decoding += 1
@@ -539,18 +518,24 @@ class Embedder:
         with self._decoding_lock:
             self._decoding -= 1
         if task.cancelled():
-            self._fail(item, ClipFailure("shutdown", "the teacher engine shut down before this clip was decoded"))
+            self._fail(
+                item,
+                ClipFailure(ClipFailureReason.SHUTDOWN, "the teacher engine shut down before this clip was decoded"),
+            )
             return
         exc = task.exception()
         if isinstance(exc, BrokenProcessPool):
             self._restart_pool(pool)
             self._fail(
                 item,
-                ClipFailure("decode_crashed", "the decoder process crashed on this clip (or on one decoded beside it)"),
+                ClipFailure(
+                    ClipFailureReason.DECODE_CRASHED,
+                    "the decoder process crashed on this clip (or on one decoded beside it)",
+                ),
             )
             return
         if exc is not None:
-            self._fail(item, ClipFailure("decode_failed", f"{type(exc).__name__}: {exc}"))
+            self._fail(item, ClipFailure(ClipFailureReason.DECODE_FAILED, f"{type(exc).__name__}: {exc}"))
             return
         outcome = task.result()
         if outcome[0] == "error":
@@ -615,7 +600,10 @@ class Embedder:
                     vectors[id(item)] = np.asarray(row, dtype=np.float32)
                     item.frames_used = self._stored_frames_used(item.source_id)  # same bytes, same frames
                 else:  # the source vanished (set deleted meanwhile): nothing to copy
-                    self._fail(item, ClipFailure("decode_failed", "the cached feature for these bytes disappeared"))
+                    self._fail(
+                        item,
+                        ClipFailure(ClipFailureReason.DECODE_FAILED, "the cached feature for these bytes disappeared"),
+                    )
 
         # One transaction decides every id of the batch: the first clip naming an id is stored,
         # a later one with the same bytes shares it, one with other bytes is a conflict.

@@ -59,6 +59,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lastkd.hashing import file_kind
+from lastkd.teacher.failures import ClipFailureReason
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -91,6 +92,7 @@ MAX_FRAMES_PER_SECOND = 1000
 
 PIPELINE_VERSION = "lastkd.video/1"
 
+# The subset of ClipFailureReason a file itself can cause (for type checkers; VideoError checks it).
 Reason = Literal[
     "not_media", "corrupt", "no_video_stream", "no_frames", "too_short", "too_large", "too_long", "resolution"
 ]
@@ -174,7 +176,7 @@ class VideoError(ValueError):
 
     def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
-        self.reason: Reason = reason
+        self.reason = ClipFailureReason(reason)  # the one list of reasons; a code outside it is a bug
         self.message = message
 
     def __reduce__(self):  # survives pickling across worker processes with both fields

@@ -156,7 +156,7 @@ def embed_files(
     )
 
     def settle(done: set[cf.Future]) -> None:
-        from lastkd.teacher.embedder import ClipFailure
+        from lastkd.teacher.failures import ClipFailure
 
         for fut in done:
             path, clip_id = in_flight.pop(fut)
@@ -208,7 +208,7 @@ def embed_files(
                 if held is None or held == sha:
                     summary.skipped += 1  # stored by an earlier run (resume)
                 else:
-                    from lastkd.teacher.embedder import clip_id_conflict
+                    from lastkd.teacher.failures import clip_id_conflict
 
                     conflict = clip_id_conflict(clip_id)
                     summary.fail(path, clip_id, conflict.reason, conflict.message)

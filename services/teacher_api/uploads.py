@@ -22,6 +22,8 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from lastkd.errors import LastkdError
+
 __all__ = ["ReceivedForm", "UploadError", "UploadedFile", "receive_multipart"]
 
 FILE_FIELD = "files"
@@ -30,14 +32,11 @@ MAX_FIELD_BYTES_TOTAL = 64 * 1024  # all non-file fields together (clip ids are 
 _SAFE_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,8}$")
 
 
-class UploadError(Exception):
+class UploadError(LastkdError):
     """The request body cannot be accepted; ``status`` and ``code`` go to the client."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code, status=status)
 
 
 @dataclass

@@ -30,26 +30,25 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from lastkd.schemas.trainer import TERMINAL, JobState
+
+__all__ = [
+    "TERMINAL",
+    "ClaimOutcome",
+    "IdempotencyConflict",
+    "JobRecord",
+    "JobState",
+    "JobStore",
+    "JobStoreError",
+    "owner_id",
+]
+
 DB_NAME = "jobs.sqlite"
 IDEMPOTENCY_KEY_MAX = 200
 BUSY_TIMEOUT_MS = 30_000
 # A RUNNING job whose owner lives on another host is taken over only when its heartbeat is older
 # than this (an owner on this host is checked directly: its pid is gone or a zombie).
 REMOTE_LEASE_S = 30.0
-
-
-class JobState(str, Enum):
-    """Life cycle of a job (see the module docstring); the last three are terminal."""
-
-    PENDING = "PENDING"
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 
 
 class JobStoreError(RuntimeError):

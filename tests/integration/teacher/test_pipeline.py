@@ -15,7 +15,8 @@ from lastkd.featurestore import FeatureStore
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import save_official
 from lastkd.models.videomae import create_videomae
-from lastkd.teacher.embedder import ClipFailure, Embedder, EngineConfig, EngineError, _ping
+from lastkd.teacher.embedder import Embedder, EngineConfig, EngineError, _ping
+from lastkd.teacher.failures import ClipFailure
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 from tests.support import media
 from tests.support.paths import NTU_SAMPLE_VIDEO

@@ -9,7 +9,7 @@ import pytest
 
 from lastkd.featurestore import FeatureStore
 from lastkd.services.http import ApiError
-from lastkd.services.trainer.api import check_feature_set
+from lastkd.services.trainer.routes import check_feature_set
 
 pytestmark = pytest.mark.faults
 

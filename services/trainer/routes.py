@@ -1,0 +1,501 @@
+"""The trainer's HTTP routes, one router per resource: health, jobs and checkpoints.
+
+Routes reach the running service through dependencies on :class:`TrainerState` (kept on
+``app.state.trainer`` by :func:`lastkd.services.trainer.api.create_app`): the job database, the
+broker handle and the registry of published students.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from lastkd.datapaths import DataPathError
+from lastkd.ids import check_job_id
+from lastkd.jsonsafe import to_jsonable
+from lastkd.registry import Registry
+from lastkd.schemas.trainer import (
+    CheckpointDetail,
+    CheckpointEntry,
+    CheckpointList,
+    Job,
+    JobEvent,
+    JobList,
+    JobState,
+    JobSubmitted,
+    TrainerReady,
+)
+from lastkd.services.http import ApiError, Authorized
+from lastkd.services.settings import Settings
+from lastkd.services.trainer.celery_app import broker_reachable
+from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobStore, JobStoreError
+from lastkd.services.trainer.tasks import enqueue
+from lastkd.sse import format_comment, format_event
+from lastkd.student.config import TrainConfig
+from lastkd.student.paths import confine_config_paths
+from lastkd.validation import problems, summary
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainRequest",
+    "TrainerState",
+    "checkpoints_router",
+    "health_router",
+    "jobs_router",
+]
+
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+RETRY_AFTER_S = 5
+SUBMIT_LEASE_S = 30.0  # how long a submitter may take to hand a job to the broker (as begin_submit)
+
+
+class TrainRequest(TrainConfig):
+    """``POST /train``: a training config, and optionally the job's id (a client-chosen id makes
+    the submission idempotent like an ``Idempotency-Key``)."""
+
+    job_id: str | None = Field(None, description="Client-chosen job id (letters, digits, '-', '_', '.').")
+
+
+@dataclass
+class TrainerState:
+    """What the routes and the re-submitter share."""
+
+    settings: Settings
+    queue: str
+    max_attempts: int
+    stale_after_s: float
+    registry: Registry
+    jobs: JobStore | None = None
+    celery: Celery | None = None
+    broker_error: str | None = None
+    data_roots: list[Path] = field(default_factory=list)
+
+    def submit(self, job_id: str, leased: bool = False) -> bool:
+        """Hand a PENDING job to the broker; False when the broker refused (the job stays PENDING).
+        ``leased``: the caller already holds the submit lease (it created the job with it)."""
+        store = self.jobs
+        assert store is not None and self.celery is not None, "submit before the lifespan started"
+        if not leased and not store.begin_submit(job_id):
+            return True  # queued already, or another submitter holds it right now
+        try:
+            enqueue(self.celery, job_id)
+        except Exception as exc:  # any broker/transport failure: keep PENDING, say why
+            self.broker_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            store.end_submit(job_id, queued=False)
+            log.warning("job %s: broker unavailable, kept PENDING (%s)", job_id, self.broker_error)
+            return False
+        self.broker_error = None
+        store.end_submit(job_id, queued=True)
+        return True
+
+    def sweep(self) -> None:
+        """One round of the re-submitter: requeue RUNNING jobs whose worker stopped sending
+        heartbeats, then hand every PENDING job to the broker (stops at the first refusal)."""
+        store = self.jobs
+        assert store is not None
+        for record in store.stale_running(self.stale_after_s):
+            if store.requeue(record.id, f"worker {record.owner} stopped sending heartbeats; requeued"):
+                log.warning(
+                    "job %s: worker %s lost (no heartbeat for %.0fs), requeued",
+                    record.id,
+                    record.owner,
+                    self.stale_after_s,
+                )
+        for job_id in store.pending_ids():
+            if not self.submit(job_id):
+                break  # broker still down; try again next sweep
+
+
+def trainer_state(request: Request) -> TrainerState:
+    """The service's :class:`TrainerState`."""
+    state: TrainerState = request.app.state.trainer
+    return state
+
+
+State = Annotated[TrainerState, Depends(trainer_state)]
+
+
+def job_store(state: State) -> JobStore:
+    """The job database, or 503 before the lifespan opened it."""
+    if state.jobs is None:
+        raise ApiError(503, "unavailable", "starting up", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return state.jobs
+
+
+Jobs = Annotated[JobStore, Depends(job_store)]
+
+
+def _job(record: JobRecord, request: Request) -> Job:
+    return Job(
+        **record.public(),
+        # the readers' report of skipped source files, lifted out of the metrics so nobody misses it
+        data_skipped=(record.metrics or {}).get("data_skipped"),
+        status_url=str(request.url_for("get_job", job_id=record.id)),
+    )
+
+
+def _get_job(jobs: JobStore, job_id: str) -> JobRecord:
+    try:
+        check_job_id(job_id)
+    except ValueError:
+        record = None
+    else:
+        record = jobs.get(job_id)
+    if record is None:
+        raise ApiError(404, "not_found", f"no job {job_id!r}")
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# health
+# --------------------------------------------------------------------------------------------
+health_router = APIRouter(tags=["health"])
+
+
+@health_router.get(
+    "/health/ready",
+    response_model=TrainerReady,
+    response_model_exclude_none=True,
+    responses={503: {"model": TrainerReady, "description": "The job database or the broker does not answer."}},
+)
+async def ready(state: State) -> Any:
+    """Ready when the job database and the broker answer."""
+    found: dict[str, str] = {}
+    try:
+        await run_in_threadpool(job_store(state).ping)
+    except (ApiError, JobStoreError) as exc:
+        found["job_db"] = str(exc)
+    if state.celery is not None:
+        reason = await run_in_threadpool(broker_reachable, state.celery)
+        if reason:
+            found["broker"] = reason
+    else:
+        found["broker"] = "starting up"
+    if found:
+        body = TrainerReady(status="not_ready", problems=found).model_dump(exclude_none=True)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    return TrainerReady(status="ready", broker=state.settings.resolved_broker_url.split("://", 1)[0], queue=state.queue)
+
+
+# --------------------------------------------------------------------------------------------
+# jobs
+# --------------------------------------------------------------------------------------------
+jobs_router = APIRouter(tags=["jobs"])
+
+_TRAIN_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TrainRequest"}}},
+    }
+}
+
+
+def _config_digest(config: TrainConfig) -> str:
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _invalid_config(message: str, details: list[dict[str, str]] | None = None) -> ApiError:
+    return ApiError(422, "invalid_config", message, **({"details": details} if details is not None else {}))
+
+
+def _parse_train_body(raw: bytes) -> tuple[TrainConfig, str | None]:
+    """The config and the client's job id of a ``POST /train`` body; 422 ``invalid_config`` naming
+    every invalid field otherwise. Parsed here, not by FastAPI, so that every refusal of a config
+    (YAML on the command line or JSON here) reads the same."""
+    if not raw.strip():
+        raise _invalid_config("empty body: send a TrainConfig as JSON")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _invalid_config(f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _invalid_config(f"body must be a JSON object of TrainConfig fields, got {type(body).__name__}")
+    client_id = body.pop("job_id", None)
+    if client_id is not None:
+        try:
+            check_job_id(client_id)
+        except ValueError as exc:
+            raise _invalid_config(f"job_id: {exc}", [{"field": "job_id", "msg": str(exc)}]) from None
+    try:
+        return TrainConfig.model_validate(body), client_id
+    except ValidationError as exc:
+        found = problems(exc)
+        raise _invalid_config(f"invalid training config: {summary(found)}", [p.as_dict() for p in found]) from None
+
+
+def check_feature_set(store_path: Path, set_id: str) -> str | None:
+    """Refuse a ``distill.feature_set`` the feature store does not hold (422 naming the field and
+    listing the sets that exist). Returns None when checked, or a note saying why the API could not
+    check (no store at ``store_path``, or it cannot be read): the job is then accepted, and the
+    worker, which may see another store, decides."""
+    from lastkd.featurestore import FeatureStore
+    from lastkd.featurestore.errors import FeatureStoreError
+
+    try:
+        store = FeatureStore(store_path, readonly=True)
+        try:
+            sets = sorted(meta.set_id for meta in store.list_sets())
+        finally:
+            store.close()
+    except (FeatureStoreError, OSError) as exc:
+        return f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store ({exc})"
+    except Exception as exc:  # lmdb's own errors: still "cannot read", never a 500
+        return (
+            f"distill.feature_set {set_id!r} not checked: the API cannot read the feature store at "
+            f"{store_path} ({type(exc).__name__}: {str(exc)[:200]})"
+        )
+    if set_id not in sets:
+        listed = ", ".join(repr(s) for s in sets) if sets else "none (the store holds no feature sets)"
+        raise ApiError(
+            422,
+            "unknown_feature_set",
+            f"distill.feature_set: no feature set {set_id!r} in the feature store at {store_path}; sets that exist: {listed}",
+            field="distill.feature_set",
+            feature_sets=sets,
+        )
+    return None
+
+
+@jobs_router.post(
+    "/train",
+    status_code=202,
+    response_model=JobSubmitted,
+    openapi_extra=_TRAIN_BODY,
+    responses={503: {"description": "The broker is down: the job is recorded PENDING and queued when it is back."}},
+)
+async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> JobSubmitted:
+    """Record a training job and queue it. The same ``Idempotency-Key`` (or ``job_id``) with the
+    same config returns the same job; with another config, 409."""
+    config, client_id = _parse_train_body(await request.body())
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+        raise ApiError(
+            422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces"
+        )
+    try:
+        config = await run_in_threadpool(confine_config_paths, config, state.data_roots)
+    except DataPathError as exc:  # 403 forbidden, 422 missing/invalid (the error carries both)
+        raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from None
+    warnings: list[str] = []
+    if config.distill.feature_set is not None:
+        store_path = state.settings.resolved_store_path.resolve()
+        note = await run_in_threadpool(check_feature_set, store_path, config.distill.feature_set)
+        if note is not None:
+            log.warning("POST /train: %s", note)
+            warnings.append(note)
+    try:
+        record, created = await run_in_threadpool(
+            lambda: jobs.create(
+                config.name,
+                config.model_dump(mode="json"),
+                _config_digest(config),
+                max_attempts=state.max_attempts,
+                idempotency_key=key,
+                job_id=client_id,
+                submit_lease_s=SUBMIT_LEASE_S,
+            )
+        )
+    except IdempotencyConflict as exc:
+        raise ApiError(409, "conflict", f"{exc}; use a new Idempotency-Key or job_id", job_id=exc.job_id) from None
+    # A job this request created is queued by this request (it holds the submit lease), so the
+    # answer says QUEUED or later; a replayed PENDING one goes through the usual lease.
+    if record.state is JobState.PENDING and not await run_in_threadpool(state.submit, record.id, created):
+        raise ApiError(
+            503,
+            "broker_unavailable",
+            f"the job broker is unreachable ({state.broker_error}); job {record.id} is recorded as PENDING and "
+            "will be queued automatically when the broker is back. Retrying with the same Idempotency-Key "
+            "or job_id returns this job.",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+            job_id=record.id,
+            status_url=str(request.url_for("get_job", job_id=record.id)),
+        )
+    record = await run_in_threadpool(jobs.get, record.id) or record
+    return JobSubmitted(**_job(record, request).model_dump(), created=created, warnings=warnings)
+
+
+@jobs_router.get("/jobs", response_model=JobList)
+async def list_jobs(
+    request: Request,
+    jobs: Jobs,
+    state_: Annotated[str | None, Query(alias="state", description="Only jobs in this state.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> JobList:
+    """Jobs, newest first."""
+    wanted = None
+    if state_ is not None:
+        try:
+            wanted = JobState(state_.upper())
+        except ValueError:
+            raise ApiError(
+                422, "invalid_request", f"state: {state_!r} is not one of {', '.join(s.value for s in JobState)}"
+            ) from None
+    records = await run_in_threadpool(jobs.list, wanted, limit, offset)
+    return JobList(jobs=[_job(r, request) for r in records], count=len(records))
+
+
+@jobs_router.get("/jobs/{job_id}", name="get_job", response_model=Job)
+async def get_job(job_id: str, request: Request, jobs: Jobs) -> Job:
+    """One job: state, progress, metrics, history, result."""
+    return _job(await run_in_threadpool(_get_job, jobs, job_id), request)
+
+
+@jobs_router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=Job,
+    responses={202: {"model": Job, "description": "Cancel requested; the worker stops within one step."}},
+)
+async def cancel(job_id: str, request: Request, response: Response, _: Authorized, jobs: Jobs) -> Job:
+    """Cancel a job: 200 once CANCELLED, 202 while its worker has yet to notice; 409 when finished."""
+    record = await run_in_threadpool(_get_job, jobs, job_id)
+    if record.state in (JobState.COMPLETED, JobState.FAILED):
+        raise ApiError(409, "conflict", f"job {job_id} is already {record.state.value}", state=record.state.value)
+    updated = await run_in_threadpool(jobs.request_cancel, job_id)
+    assert updated is not None
+    response.status_code = 200 if updated.terminal else 202
+    return _job(updated, request)
+
+
+@jobs_router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-sent events: `progress` on every change, then one `end`; each `data` is a JobEvent.",
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/JobEvent"}}},
+        }
+    },
+)
+async def events(job_id: str, request: Request, jobs: Jobs) -> StreamingResponse:
+    """Follow a job as server-sent events until it ends (comments keep the stream alive)."""
+    await run_in_threadpool(_get_job, jobs, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        quiet_since = time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            if await request.is_disconnected():
+                return
+            record = await run_in_threadpool(jobs.get, job_id)
+            if record is None:
+                return
+            stamp = (record.state, record.updated_at, record.progress and json.dumps(record.progress, sort_keys=True))
+            if stamp != last:
+                last = stamp
+                quiet_since = time.monotonic()
+                event = JobEvent(
+                    job_id=record.id,
+                    state=record.state,
+                    progress=record.progress,
+                    attempts=record.attempts,
+                    error=record.error,
+                    result=record.result,
+                )
+                yield format_event("end" if record.terminal else "progress", to_jsonable(event.model_dump(mode="json")))
+                if record.terminal:
+                    return
+            elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield format_comment()
+            await asyncio.sleep(SSE_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+checkpoints_router = APIRouter(tags=["checkpoints"])
+
+
+def published(state: State) -> Registry:
+    """The registry of published students."""
+    return state.registry
+
+
+Published = Annotated[Registry, Depends(published)]
+
+
+@checkpoints_router.get("/checkpoints", response_model=CheckpointList)
+async def checkpoints(request: Request, registry: Published) -> CheckpointList:
+    """Every published student version."""
+    items = await run_in_threadpool(registry.entries)
+    entries = [
+        CheckpointEntry(
+            name=i.name,
+            version=i.version,
+            job_id=i.job_id,
+            created=i.created,
+            top1=i.top1,
+            url=str(request.url_for("get_checkpoint", name=i.name, version=f"v{i.version}")),
+        )
+        for i in items
+    ]
+    return CheckpointList(checkpoints=entries, count=len(entries))
+
+
+@checkpoints_router.get("/checkpoints/{name}/{version}", name="get_checkpoint", response_model=CheckpointDetail)
+async def checkpoint(name: str, version: str, request: Request, registry: Published) -> CheckpointDetail:
+    """One version: its config, lineage, final metrics and the files it holds."""
+    folder = registry.path(name, version)  # NotFoundError -> 404
+    number = int(folder.name[1:])
+
+    def read() -> CheckpointDetail:
+        def load(fname: str) -> Any:
+            try:
+                return json.loads((folder / fname).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+
+        metrics_doc = load("metrics.json") or {}
+        return CheckpointDetail(
+            name=name,
+            version=number,
+            student=load("config.json"),
+            lineage=load("lineage.json"),
+            metrics=metrics_doc.get("final") if isinstance(metrics_doc, dict) else None,
+            files=sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.is_symlink()),
+            files_url=str(request.url_for("checkpoint_file", name=name, version=f"v{number}", filename="")),
+        )
+
+    return await run_in_threadpool(read)
+
+
+@checkpoints_router.get(
+    "/checkpoints/{name}/{version}/files/{filename:path}",
+    name="checkpoint_file",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes."}},
+)
+async def checkpoint_file(name: str, version: str, filename: str, registry: Published) -> FileResponse:
+    """Download one file of a published version (no path leaves the version's folder)."""
+    folder = registry.path(name, version)
+    parts = Path(filename).parts
+    refused = ApiError(404, "not_found", f"no file {filename!r} in {name} {folder.name}")
+    if not filename or "\x00" in filename or Path(filename).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise refused
+    target = folder / filename
+    real = target.resolve()
+    if target.is_symlink() or folder.resolve() not in real.parents or not real.is_file():
+        raise refused
+    return FileResponse(real, filename=real.name)
