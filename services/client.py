@@ -5,7 +5,9 @@ What every caller needs and would otherwise write again: the bearer token, retri
 errors and on "busy" answers (503 with ``Retry-After``), an ``Idempotency-Key`` on job
 submission (so a retried POST never makes a second job), the server-sent event stream read with
 the one parser (:mod:`lastkd.sse`), and server errors turned into :class:`ApiError` with the
-server's code and message. Used by the demo, the benchmarks and the tests.
+server's code and message. Answers come back as the very models the services declare
+(:mod:`lastkd.schemas`), so a client and a server cannot drift apart unnoticed. Used by the demo,
+the benchmarks and the tests.
 
 Any ``httpx.Client`` can carry the requests (``http=``): a Starlette ``TestClient`` runs them
 against an in-process app.
@@ -18,11 +20,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from lastkd.schemas.trainer import TERMINAL
+from lastkd.schemas.teacher import EmbedResponse, FeatureResponse, FeatureSetInfo, FeatureSetsResponse
+from lastkd.schemas.trainer import TERMINAL, CheckpointEntry, CheckpointList, Job, JobEvent, JobList, JobSubmitted
 from lastkd.sse import Event, parse_events
 
 __all__ = ["ApiError", "TeacherClient", "TrainerClient"]
@@ -51,6 +55,18 @@ class ApiError(Exception):
                 response.status_code, str(err.get("code", response.status_code)), str(err.get("message", "")), body
             )
         return cls(response.status_code, f"http_{response.status_code}", response.text[:300], body)
+
+
+Answer = TypeVar("Answer", bound=BaseModel)
+
+
+def _answer(model: type[Answer], body: Any) -> Answer:
+    """``body`` as ``model``; an answer that breaks the services' contract is an :class:`ApiError`
+    (``invalid_answer``), not a record with fields silently missing."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise ApiError(0, "invalid_answer", f"the server's answer is not a {model.__name__}: {exc}", body) from None
 
 
 def retry_after(response: httpx.Response, default: float = 2.0) -> float:
@@ -157,7 +173,7 @@ class TeacherClient(_Client):
         paths: Sequence[str | Path],
         clip_ids: Sequence[str] | None = None,
         content_type: str = "application/octet-stream",
-    ) -> dict[str, Any]:
+    ) -> EmbedResponse:
         """``POST /embed`` of ``paths`` (one request); the answer has one result per file, each
         with either ``feature_set``/``cached`` or an ``error``. A request whose clips all failed
         (422) is returned too: the per-clip reasons are in it."""
@@ -174,43 +190,45 @@ class TeacherClient(_Client):
         answer = response.json()
         if response.status_code == 422 and "results" not in answer:
             raise ApiError.from_response(response)
-        return answer
+        return _answer(EmbedResponse, answer)
 
-    def feature_sets(self) -> list[dict[str, Any]]:
+    def feature_sets(self) -> list[FeatureSetInfo]:
         """``GET /feature-sets``: the sets in the store with their metadata."""
-        return self.request("GET", "/feature-sets").json()["feature_sets"]
+        return _answer(FeatureSetsResponse, self.request("GET", "/feature-sets").json()).feature_sets
 
-    def feature(self, set_id: str, clip_id: str) -> dict[str, Any]:
+    def feature(self, set_id: str, clip_id: str) -> FeatureResponse:
         """``GET /features/{set}/{clip}``: one stored vector with its metadata."""
-        return self.request("GET", f"/features/{set_id}/{clip_id}").json()
+        return _answer(FeatureResponse, self.request("GET", f"/features/{set_id}/{clip_id}").json())
 
 
 class TrainerClient(_Client):
     """The trainer API: submit, follow and cancel jobs, list checkpoints."""
 
-    def submit(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> JobSubmitted:
         """``POST /train``; the job record. Retries carry the same ``Idempotency-Key`` (made here
         when not given), so a lost answer never creates a second job."""
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        return self.request(
+        response = self.request(
             "POST", "/train", ok=(200, 202), headers={"Idempotency-Key": key}, body=lambda: {"json": config}
-        ).json()
+        )
+        return _answer(JobSubmitted, response.json())
 
-    def job(self, job_id: str) -> dict[str, Any]:
+    def job(self, job_id: str) -> Job:
         """``GET /jobs/{id}``."""
-        return self.request("GET", f"/jobs/{job_id}").json()
+        return _answer(Job, self.request("GET", f"/jobs/{job_id}").json())
 
-    def jobs(self, state: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, state: str | None = None) -> list[Job]:
         """``GET /jobs`` (optionally one state)."""
         params = {"state": state} if state else None
-        return self.request("GET", "/jobs", body=lambda: {"params": params}).json()["jobs"]
+        return _answer(JobList, self.request("GET", "/jobs", body=lambda: {"params": params}).json()).jobs
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    def cancel(self, job_id: str) -> Job:
         """``POST /jobs/{id}/cancel``: 202 while the worker has still to notice, 200 once cancelled."""
-        return self.request("POST", f"/jobs/{job_id}/cancel", ok=(200, 202)).json()
+        return _answer(Job, self.request("POST", f"/jobs/{job_id}/cancel", ok=(200, 202)).json())
 
     def events(self, job_id: str) -> Iterator[Event]:
-        """The job's server-sent events (``progress`` ..., then one ``end``) as they come."""
+        """The job's server-sent events (``progress`` ..., then one ``end``) as they come; the
+        data of each is a :class:`~lastkd.schemas.trainer.JobEvent` as JSON."""
         with self.http.stream("GET", self._url(f"/jobs/{job_id}/events"), headers=self._headers) as response:
             if response.status_code != 200:
                 response.read()
@@ -220,33 +238,35 @@ class TrainerClient(_Client):
     def follow(
         self,
         job_id: str,
-        on_update: Callable[[dict[str, Any]], None] | None = None,
+        on_update: Callable[[JobEvent], None] | None = None,
         *,
         timeout: float = 24 * 3600.0,
         poll_s: float = 1.0,
-    ) -> dict[str, Any]:
+    ) -> Job:
         """Follow a job to a terminal state and return its final record: over the event stream,
         then by polling ``GET /jobs/{id}`` if the stream breaks. ``on_update`` sees every state
         the stream or the polling delivers (it may raise to stop following)."""
         deadline = time.monotonic() + timeout
         try:
             for event in self.events(job_id):
-                if on_update is not None and isinstance(event.data, dict):
-                    on_update(event.data)
+                if event.event not in ("progress", "end"):
+                    continue
+                if on_update is not None:
+                    on_update(_answer(JobEvent, event.data))
                 if event.event == "end":
                     break
         except (httpx.TransportError, ApiError):
             pass  # the stream broke or is not offered: poll
         while True:
             record = self.job(job_id)
-            if record.get("state") in TERMINAL:
+            if record.state in TERMINAL:
                 return record
             if on_update is not None:
-                on_update(record)
+                on_update(JobEvent.model_validate(record.model_dump(include=set(JobEvent.model_fields))))
             if time.monotonic() > deadline:
                 raise ApiError(0, "timeout", f"job {job_id} did not finish within {timeout:.0f} s")
             time.sleep(poll_s)
 
-    def checkpoints(self) -> list[dict[str, Any]]:
+    def checkpoints(self) -> list[CheckpointEntry]:
         """``GET /checkpoints``: the published students."""
-        return self.request("GET", "/checkpoints").json()["checkpoints"]
+        return _answer(CheckpointList, self.request("GET", "/checkpoints").json()).checkpoints

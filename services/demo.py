@@ -39,6 +39,7 @@ from typing import IO, Any
 
 import httpx
 
+from lastkd.schemas.trainer import Job, JobEvent, JobState, JobSubmitted
 from lastkd.services.client import ApiError, TrainerClient, retry_after
 from lastkd.services.settings import Settings
 
@@ -441,7 +442,7 @@ def build_train_config(
 
 def submit_job(
     trainer_url: str, config: dict[str, Any], *, token: str | None = None, key: str | None = None
-) -> dict[str, Any]:
+) -> JobSubmitted:
     """``POST /train``; returns the job record. Retries carry the same Idempotency-Key, so a lost
     answer never creates a second job."""
     with TrainerClient(trainer_url, token=token, busy_timeout=30.0) as client:
@@ -451,13 +452,13 @@ def submit_job(
             raise DemoError(f"POST {trainer_url}/train refused the demo job: {exc.code}: {exc.message}") from None
 
 
-def _progress_text(job: dict[str, Any]) -> str:
-    state = job.get("state")
-    p = job.get("progress") or {}
+def _progress_text(job: JobEvent) -> str:
+    state = job.state
+    p = job.progress or {}
     if state in ("PENDING", "QUEUED"):
         return "  training: queued, waiting for the worker"
     if not p:
-        return f"  training: {str(state).lower()}, loading data"
+        return f"  training: {state.value.lower()}, loading data"
     phase = p.get("phase")
     epoch, epochs = int(p.get("epoch", 0)) + 1, p.get("epochs", "?")
     if phase == "final_eval":
@@ -486,12 +487,12 @@ def follow_job(
     token: str | None = None,
     alive: Callable[[], None] | None = None,
     timeout: float = 24 * 3600.0,
-) -> dict[str, Any]:
+) -> Job:
     """Follow a job to a terminal state (events, then polling if the stream breaks); returns the
     final job record. ``alive`` (optional) is checked at every update and may raise to abort (the
     demo's own stack uses it to notice a dead component)."""
 
-    def update(record: dict[str, Any]) -> None:
+    def update(record: JobEvent) -> None:
         if alive is not None:
             alive()
         console.progress(_progress_text(record))
@@ -746,18 +747,18 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
             seed=args.seed,
             classes=args.classes,
         )
-        job = submit_job(trainer_url, config, token=token)
+        submitted = submit_job(trainer_url, config, token=token)
         console.line(
-            f"[4/4] training job {job['job_id']} submitted (POST {trainer_url}/train): LAST v2 small, "
+            f"[4/4] training job {submitted.job_id} submitted (POST {trainer_url}/train): LAST v2 small, "
             f"{args.epochs} epoch(s), distillation from {summary.feature_set}"
         )
-        job = follow_job(trainer_url, job["job_id"], console, token=token, alive=lambda: _check_stack(stack))
+        job = follow_job(trainer_url, submitted.job_id, console, token=token, alive=lambda: _check_stack(stack))
         timings["train"] = time.monotonic() - t
-        if job["state"] != "COMPLETED":
-            console.finish(f"  training: {job['state']}")
+        if job.state is not JobState.COMPLETED:
+            console.finish(f"  training: {job.state.value}")
             raise DemoError(
-                f"job {job['job_id']} ended {job['state']}: {job.get('error') or 'no error recorded'} "
-                f"(GET {trainer_url}/jobs/{job['job_id']})"
+                f"job {job.job_id} ended {job.state.value}: {job.error or 'no error recorded'} "
+                f"(GET {trainer_url}/jobs/{job.job_id})"
             )
         console.finish(f"  trained in {_fmt_s(timings['train'])}")
         _summary(
@@ -841,7 +842,7 @@ def accuracy_verdict(top1: float | None, samples: int | None, classes: int) -> s
 
 def _summary(
     console: Console,
-    job: dict[str, Any],
+    job: Job,
     trainer_url: str,
     emb: EmbedSummary,
     dataset: DemoDataset,
@@ -850,8 +851,8 @@ def _summary(
     teacher: str,
     classes: int,
 ) -> None:
-    result = job.get("result") or {}
-    metrics = job.get("metrics") or {}
+    result = job.result or {}
+    metrics = job.metrics or {}
     folder = Path(result.get("path", ""))
     plots = sorted(p.name for p in (folder / "plots").glob("*.png")) if folder.is_dir() else []
     console.line("=" * 78)
@@ -873,7 +874,7 @@ def _summary(
         f"  ({classes} synthetic classes, chance {100 / classes:.0f}%; they are separable, and the demo "
         "recipe reaches >= 90% val top-1 on the default 5-class set: bench/learning.py)"
     )
-    history = (job.get("history") or [{}])[-1] or {}
+    history = (job.history or [{}])[-1] or {}
     if metrics.get("ce_floor") is not None:
         console.line(
             f"  CE floor with label smoothing over {classes} classes: {float(metrics['ce_floor']):.3f}"

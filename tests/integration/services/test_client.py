@@ -40,12 +40,12 @@ def _config(tmp_path: Path) -> dict:
 def test_submit_is_idempotent_and_follow_ends_on_cancel(trainer: TrainerClient, tmp_path: Path) -> None:
     first = trainer.submit(_config(tmp_path), idempotency_key="same-key")
     again = trainer.submit(_config(tmp_path), idempotency_key="same-key")
-    assert again["job_id"] == first["job_id"]  # a retried POST never makes a second job
-    assert [j["job_id"] for j in trainer.jobs()] == [first["job_id"]]
-    trainer.cancel(first["job_id"])  # no worker: the queued job is cancelled at once
+    assert again.job_id == first.job_id and again.created is False  # a retried POST never makes a second job
+    assert [j.job_id for j in trainer.jobs()] == [first.job_id]
+    trainer.cancel(first.job_id)  # no worker: the queued job is cancelled at once
     seen: list[str] = []
-    final = trainer.follow(first["job_id"], lambda record: seen.append(record["state"]))
-    assert final["state"] == "CANCELLED"
+    final = trainer.follow(first.job_id, lambda event: seen.append(event.state))
+    assert final.state == "CANCELLED"
     assert seen and seen[-1] == "CANCELLED"  # the stream's "end" event reached the caller
 
 
@@ -85,7 +85,18 @@ def test_busy_answers_are_retried_after_the_servers_delay(monkeypatch: pytest.Mo
     waits: list[float] = []
     monkeypatch.setattr("lastkd.services.client.time.sleep", waits.append)
     client = TrainerClient("http://x", http=httpx.Client(transport=httpx.MockTransport(lambda _r: next(answers))))
-    assert client.job("j") == {"job_id": "j"}
+    assert client.request("GET", "/jobs/j").json() == {"job_id": "j"}
     assert waits == [3.0]
     assert retry_after(httpx.Response(503, headers={"Retry-After": "soon"})) == 2.0
     assert retry_after(httpx.Response(503, headers={"Retry-After": "3600"})) == 10.0
+
+
+def test_an_answer_that_breaks_the_contract_is_an_error() -> None:
+    """A 200 whose body is not the documented model is refused, never half-read."""
+    client = TrainerClient(
+        "http://x",
+        http=httpx.Client(transport=httpx.MockTransport(lambda _r: httpx.Response(200, json={"job_id": "j"}))),
+    )
+    with pytest.raises(ApiError) as info:
+        client.job("j")
+    assert info.value.code == "invalid_answer" and "Job" in info.value.message and "state" in info.value.message
