@@ -36,11 +36,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lastkd.schemas.trainer import Job, JobState  # noqa: E402  (after the path setup above)
+from lastkd.services.client import TrainerClient  # noqa: E402
 
 
 def _redis_up() -> bool:
@@ -94,26 +96,19 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _submit_latencies(url: str, config: dict[str, Any], n: int) -> list[float]:
     out = []
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with TrainerClient(url, retries=0) as client:
         for i in range(n):
             t0 = time.perf_counter()
-            r = client.post("/train", json={**config, "seed": i})
+            client.submit({**config, "seed": i})  # a refusal raises ApiError with the server's reason
             out.append((time.perf_counter() - t0) * 1000)
-            if r.status_code != 202:
-                raise RuntimeError(f"submit {i}: {r.status_code} {r.text}")
     return out
 
 
-def _wait(client: httpx.Client, job_id: str, timeout: float = 600) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/jobs/{job_id}").json()
-        if body["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
-            if body["state"] != "COMPLETED":
-                raise RuntimeError(f"job {job_id} {body['state']}: {body['error']}")
-            return body
-        time.sleep(0.1)
-    raise RuntimeError(f"job {job_id} did not finish in {timeout}s")
+def _run(client: TrainerClient, config: dict[str, Any], timeout: float = 600) -> Job:
+    done = client.follow(client.submit(config).job_id, timeout=timeout)
+    if done.state is not JobState.COMPLETED:
+        raise RuntimeError(f"job {done.job_id} {done.state.value}: {done.error}")
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs = 3 if args.quick else 2
         starts, walls, direct, fixed = [], [], [], []
-        with httpx.Client(base_url=run_url, timeout=60) as client:
+        with TrainerClient(run_url) as client:
             if not args.quick:  # warm-up job (page cache, first broker poll), not counted
-                _wait(client, client.post("/train", json={**config, "seed": 99}).json()["job_id"])
+                _run(client, {**config, "seed": 99})
             for i in range(runs):
-                body = client.post("/train", json={**config, "seed": 100 + i}).json()
-                done = _wait(client, body["job_id"])
-                starts.append(done["started_at"] - done["created_at"])
-                walls.append(done["finished_at"] - done["created_at"])
-                fixed.append(walls[-1] - done["result"]["train_publish_s"])
+                done = _run(client, {**config, "seed": 100 + i})
+                assert done.started_at is not None and done.finished_at is not None and done.result is not None
+                starts.append(done.started_at - done.created_at)
+                walls.append(done.finished_at - done.created_at)
+                fixed.append(walls[-1] - done.result["train_publish_s"])
                 t0 = time.perf_counter()
                 result = train(
                     cfg.model_copy(update={"seed": 100 + i}),
