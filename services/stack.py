@@ -26,7 +26,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -59,10 +58,6 @@ __all__ = [
 
 COMPONENTS: tuple[str, ...] = ("teacher", "trainer", "worker")
 _COMMANDS = {"teacher": "serve-teacher", "trainer": "serve-trainer", "worker": "worker"}
-# Celery logs "<name>@<host> ready." (INFO) once it consumes from the queue.
-_WORKER_READY = re.compile(r"\S+@\S+ ready\.")
-# Below INFO that line is never printed: the worker then counts as ready once it stayed up this long.
-_QUIET_WORKER_READY_S = 5.0
 _COLOURS = {"teacher": "\033[36m", "trainer": "\033[35m", "worker": "\033[33m", "up": "\033[1m"}
 _RESET = "\033[0m"
 _TAIL_LINES = 40
@@ -158,9 +153,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=_TAIL_LINES))
-    ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:
@@ -239,6 +232,7 @@ class Stack:
             else bool(getattr(self.out, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
         )
         self.log_dir = Path(log_dir) if log_dir is not None else Path(settings.data_dir) / "logs"
+        self._worker_ready_file = self.log_dir / "worker.ready"
         self.ready_timeout = ready_timeout
         self.grace = grace
         self.python = python or sys.executable
@@ -292,8 +286,6 @@ class Stack:
                 log.flush()
                 line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 child.tail.append(line)
-                if child.name == "worker" and _WORKER_READY.search(line):
-                    child.ready.set()
                 if self.echo:
                     self._emit(child.name, line)
 
@@ -321,6 +313,8 @@ class Stack:
         argv = [self.python, "-m", "lastkd.services.cli", _COMMANDS[name]]
         if self.queue is not None and name in ("trainer", "worker"):
             argv += ["--queue", self.queue]
+        if name == "worker":
+            argv += ["--ready-file", str(self._worker_ready_file)]
         log_path = self.log_dir / f"{name}.log"
         log_path.write_bytes(b"")
         proc = subprocess.Popen(
@@ -370,11 +364,8 @@ class Stack:
         return True
 
     def _is_ready(self, client: httpx.Client, name: str) -> bool:
-        if name == "worker":
-            child = self.children[name]
-            if self.settings.log_level in ("WARNING", "ERROR"):
-                return child.alive() and time.monotonic() - child.started > _QUIET_WORKER_READY_S
-            return child.ready.is_set()
+        if name == "worker":  # the worker writes this file once it consumes (Celery's worker_ready)
+            return self.children[name].alive() and self._worker_ready_file.exists()
         try:
             return client.get(f"{self.urls()[name]}/health/ready").status_code == 200
         except httpx.HTTPError:

@@ -84,7 +84,7 @@ kombu_transport.TRANSPORT_ALIASES[_SQLA_ALIAS] = f"{__name__}:SQLiteTransport"
 
 @dataclass(frozen=True)
 class TrainerRuntime:
-    """What the task needs from settings, attached to the app (the worker child inherits it)."""
+    """What the task and the API need from settings, carried by :class:`TrainerCelery`."""
 
     jobs_dir: Path
     registry_dir: Path
@@ -177,32 +177,40 @@ def celery_config(broker_url: str, result_backend: str, queue: str = DEFAULT_QUE
     }
 
 
-def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> Celery:
-    """The trainer's Celery app for ``settings`` (broker and result backend from there).
+class TrainerCelery(Celery):
+    """The trainer's Celery app: a plain Celery app that also carries its :class:`TrainerRuntime`
+    (a typed attribute, so the task body and the API read settings without globals)."""
 
-    The training task is registered on it and :class:`TrainerRuntime` is attached as
-    ``app.lastkd`` for the task to read.
-    """
+    def __init__(self, runtime: TrainerRuntime) -> None:
+        # set_as_current=False: several apps may live in one process (the API, tests)
+        super().__init__("lastkd", set_as_current=False)
+        self.runtime = runtime
+
+
+def create_celery_app(settings: Settings, *, queue: str = DEFAULT_QUEUE) -> TrainerCelery:
+    """The trainer's Celery app for ``settings`` (broker and result backend from there), with the
+    training task registered on it."""
     broker = settings.resolved_broker_url
     backend = settings.resolved_result_backend
     if broker_kind(broker) == "sqlite":
         broker = _prepare_sqlite(broker)
     backend = _prepare_result_backend(backend)
-    app = Celery("lastkd", set_as_current=False)
-    app.conf.update(celery_config(broker, backend, queue))
-    app.lastkd = TrainerRuntime(  # type: ignore[attr-defined]
-        jobs_dir=settings.resolved_jobs_dir.resolve(),
-        registry_dir=settings.resolved_registry_dir.resolve(),
-        store_path=settings.resolved_store_path.resolve(),
-        data_roots=list(settings.resolved_data_roots),
-        queue=queue,
-        log_level=settings.log_level,
+    app = TrainerCelery(
+        TrainerRuntime(
+            jobs_dir=settings.resolved_jobs_dir.resolve(),
+            registry_dir=settings.resolved_registry_dir.resolve(),
+            store_path=settings.resolved_store_path.resolve(),
+            data_roots=list(settings.resolved_data_roots),
+            queue=queue,
+            log_level=settings.log_level,
+        )
     )
+    app.conf.update(celery_config(broker, backend, queue))
     register(app)
     return app
 
 
-def broker_reachable(app: Celery, timeout: float = 2.0) -> str | None:
+def broker_reachable(app: TrainerCelery, timeout: float = 2.0) -> str | None:
     """None when the broker answers, else a one-line reason (readiness check)."""
     try:
         with app.connection_for_write() as conn:
@@ -210,7 +218,8 @@ def broker_reachable(app: Celery, timeout: float = 2.0) -> str | None:
             if broker_kind(app.conf.broker_url) == "sqlite":
                 # the SQLAlchemy transport connects lazily: touch the queue table for real
                 with conn.channel() as channel:
-                    channel._size(app.lastkd.queue)  # type: ignore[attr-defined]
+                    # no public way to make this transport touch its table: _size is the cheapest query
+                    channel._size(app.runtime.queue)  # type: ignore[attr-defined]
         return None
     except Exception as exc:  # any transport error means "not reachable"; say which
         return f"{type(exc).__name__}: {str(exc)[:200]}"

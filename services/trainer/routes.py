@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from celery import Celery
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import Field, ValidationError
@@ -41,7 +40,7 @@ from lastkd.schemas.trainer import (
 )
 from lastkd.services.http import ApiError, Authorized
 from lastkd.services.settings import Settings
-from lastkd.services.trainer.celery_app import broker_reachable
+from lastkd.services.trainer.celery_app import TrainerCelery, broker_reachable
 from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobStore, JobStoreError
 from lastkd.services.trainer.tasks import enqueue
 from lastkd.sse import format_comment, format_event
@@ -83,7 +82,7 @@ class TrainerState:
     stale_after_s: float
     registry: Registry
     jobs: JobStore | None = None
-    celery: Celery | None = None
+    celery: TrainerCelery | None = None
     broker_error: str | None = None
     data_roots: list[Path] = field(default_factory=list)
 
@@ -316,18 +315,23 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
     except IdempotencyConflict as exc:
         raise ApiError(409, "conflict", f"{exc}; use a new Idempotency-Key or job_id", job_id=exc.job_id) from None
     # A job this request created is queued by this request (it holds the submit lease), so the
-    # answer says QUEUED or later; a replayed PENDING one goes through the usual lease.
-    if record.state is JobState.PENDING and not await run_in_threadpool(state.submit, record.id, created):
-        raise ApiError(
-            503,
-            "broker_unavailable",
-            f"the job broker is unreachable ({state.broker_error}); job {record.id} is recorded as PENDING and "
-            "will be queued automatically when the broker is back. Retrying with the same Idempotency-Key "
-            "or job_id returns this job.",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-            job_id=record.id,
-            status_url=str(request.url_for("get_job", job_id=record.id)),
-        )
+    # answer says QUEUED or later; a replayed PENDING one goes through the usual lease. When the
+    # lease is held elsewhere (the re-submitter) the job may still be PENDING afterwards: with the
+    # broker failing, that is a 503 too, never a 202 for a job nobody could queue.
+    if record.state is JobState.PENDING:
+        queued = await run_in_threadpool(state.submit, record.id, created)
+        current = await run_in_threadpool(jobs.get, record.id) or record
+        if not queued or (current.state is JobState.PENDING and state.broker_error is not None):
+            raise ApiError(
+                503,
+                "broker_unavailable",
+                f"the job broker is unreachable ({state.broker_error}); job {record.id} is recorded as PENDING and "
+                "will be queued automatically when the broker is back. Retrying with the same Idempotency-Key "
+                "or job_id returns this job.",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+                job_id=record.id,
+                status_url=str(request.url_for("get_job", job_id=record.id)),
+            )
     record = await run_in_threadpool(jobs.get, record.id) or record
     return JobSubmitted(**_job(record, request).model_dump(), created=created, warnings=warnings)
 

@@ -26,12 +26,14 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # celery_app imports this module to register the task; the types only go back
     from celery import Celery, Task
+
+    from lastkd.services.trainer.celery_app import TrainerCelery
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def _runner_entry(spec: dict[str, Any], conn: Any) -> None:
 
 def run_job(task: Task, job_id: str) -> dict[str, Any]:
     """Supervise one delivery of job ``job_id``; returns a small summary for the result backend."""
-    runtime = task.app.lastkd  # type: ignore[attr-defined]
+    runtime = cast("TrainerCelery", task.app).runtime
     store = JobStore(runtime.jobs_dir)
     settled = store.settle(job_id)
     if settled is not None:
@@ -181,10 +183,10 @@ def register(app: Celery) -> None:
     del train_job
 
 
-def enqueue(app: Celery, job_id: str) -> None:
+def enqueue(app: TrainerCelery, job_id: str) -> None:
     """Send job ``job_id`` to the broker (raises on a broker error; the caller decides).
 
     Each send gets its own Celery task id: one job may be sent again after its worker is lost.
     """
-    queue = app.lastkd.queue  # type: ignore[attr-defined]
+    queue = app.runtime.queue
     app.send_task(TASK_NAME, args=[job_id], task_id=f"{job_id}-{time.time_ns()}", queue=queue)

@@ -15,6 +15,7 @@ import argparse
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lastkd.services.trainer.celery_app import DEFAULT_QUEUE, broker_kind, create_celery_app
@@ -55,8 +56,35 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="claim the least-used GPU of these (all = every GPU the driver lists) among the workers sharing "
         "the jobs folder, and train on it only (sets CUDA_VISIBLE_DEVICES); for `docker compose --scale`",
     )
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write PATH once the worker consumes from its queue, remove it at shutdown "
+        "(what `lastkd up` and container healthchecks wait on)",
+    )
     parser.set_defaults(func=run)
     return parser
+
+
+def announce_ready(path: Path) -> None:
+    """Write ``path`` when Celery says the worker consumes (its public ``worker_ready`` signal),
+    and remove it when the worker shuts down. Written atomically: a reader never sees half a file."""
+    from celery.signals import worker_ready, worker_shutdown
+
+    def ready(**_: object) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def gone(**_: object) -> None:
+        path.unlink(missing_ok=True)
+
+    path.unlink(missing_ok=True)  # left by a worker that was killed
+    worker_ready.connect(ready, weak=False)
+    worker_shutdown.connect(gone, weak=False)
 
 
 def gpu_candidates(spec: str, gpu_count: int) -> list[int]:
@@ -115,5 +143,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         file=sys.stderr,
         flush=True,
     )
+    if args.ready_file is not None:
+        announce_ready(args.ready_file)
     app.worker_main(worker_argv(args.queue, args.concurrency, hostname, settings.log_level))
     return 0

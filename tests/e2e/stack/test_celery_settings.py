@@ -37,7 +37,7 @@ def test_long_job_settings(tmp_path: Path, broker: str | None) -> None:
         assert conf.broker_transport_options["visibility_timeout"] >= WEEK_S
     task = app.tasks[TASK_NAME]
     assert task.acks_late is True and task.reject_on_worker_lost is True
-    assert app.lastkd.jobs_dir == (tmp_path / "jobs").resolve()
+    assert app.runtime.jobs_dir == (tmp_path / "jobs").resolve()
 
 
 def test_worker_argv_matches_the_app_settings() -> None:

@@ -273,6 +273,32 @@ def test_stack_gives_the_trainer_api_and_the_worker_one_queue(tmp_path: Path) ->
         ready = httpx.get(f"{stack.trainer_url}/health/ready", timeout=10).json()
         assert ready["queue"] == queue
         assert f"queue {queue!r}" in stack.children["worker"].log_path.read_text()
-        assert all(c.argv[-2:] == ["--queue", queue] for c in stack.children.values())
+        assert all(c.argv[c.argv.index("--queue") + 1] == queue for c in stack.children.values())
     finally:
         stack.stop()
+
+
+def test_the_worker_is_ready_when_celery_says_so_at_any_log_level(tmp_path: Path) -> None:
+    """Readiness comes from Celery's worker_ready signal (a file the worker writes), not from a log
+    line: at WARNING nothing is logged, yet the stack sees the worker ready, and the file is gone
+    once the worker stopped."""
+    from lastkd.services.stack import Stack
+
+    settings = load_settings(data_dir=tmp_path / "d", trainer_port=free_port(), log_level="WARNING")
+    stack = Stack(
+        settings,
+        components=("worker",),
+        echo=False,
+        announce=False,
+        cwd=PROJECT_ROOT,
+        ready_timeout=120,
+        extra_env={"PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    ready_file = stack.log_dir / "worker.ready"
+    try:
+        assert stack.start()
+        assert ready_file.read_text().strip().isdigit()
+        assert " ready." not in stack.children["worker"].log_path.read_text()  # no INFO line to parse
+    finally:
+        stack.stop()
+    assert not ready_file.exists()
