@@ -224,3 +224,11 @@ def test_gpus_are_assigned_not_all_mapped_to_device_0(compose: dict) -> None:
     assert compose["services"]["trainer-worker"]["shm_size"]
     env_example = (ROOT / ".env.example").read_text()
     assert "LASTKD_TEACHER_GPU" in env_example and "LASTKD_WORKER_GPUS" in env_example
+
+
+def test_worker_healthcheck_reads_the_ready_file_it_is_told_to_write(compose: dict) -> None:
+    """Healthy once Celery's worker_ready signal wrote the file, not when the process merely runs."""
+    worker = compose["services"]["trainer-worker"]
+    command = worker["command"]
+    ready_file = command[command.index("--ready-file") + 1]
+    assert ready_file in " ".join(worker["healthcheck"]["test"])
