@@ -26,7 +26,17 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from lastkd.schemas.teacher import EmbedResponse, FeatureResponse, FeatureSetInfo, FeatureSetsResponse
-from lastkd.schemas.trainer import TERMINAL, CheckpointEntry, CheckpointList, Job, JobEvent, JobList, JobSubmitted
+from lastkd.schemas.trainer import (
+    TERMINAL,
+    CheckpointEntry,
+    CheckpointList,
+    Experiment,
+    ExperimentSubmitted,
+    Job,
+    JobEvent,
+    JobList,
+    JobSubmitted,
+)
 from lastkd.sse import Event, parse_events
 
 __all__ = ["ApiError", "TeacherClient", "TrainerClient"]
@@ -229,7 +239,10 @@ class TrainerClient(_Client):
     def events(self, job_id: str) -> Iterator[Event]:
         """The job's server-sent events (``progress`` ..., then one ``end``) as they come; the
         data of each is a :class:`~lastkd.schemas.trainer.JobEvent` as JSON."""
-        with self.http.stream("GET", self._url(f"/jobs/{job_id}/events"), headers=self._headers) as response:
+        return self._events(f"/jobs/{job_id}/events")
+
+    def _events(self, path: str) -> Iterator[Event]:
+        with self.http.stream("GET", self._url(path), headers=self._headers) as response:
             if response.status_code != 200:
                 response.read()
                 raise ApiError.from_response(response)
@@ -270,3 +283,24 @@ class TrainerClient(_Client):
     def checkpoints(self) -> list[CheckpointEntry]:
         """``GET /checkpoints``: the published students."""
         return _answer(CheckpointList, self.request("GET", "/checkpoints").json()).checkpoints
+
+    # --- experiments ------------------------------------------------------------------------------
+    def submit_experiment(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> ExperimentSubmitted:
+        """``POST /experiments`` (an experiment, or a training config for the default arms)."""
+        key = idempotency_key or f"client-{uuid.uuid4().hex}"
+        response = self.request(
+            "POST", "/experiments", ok=(200, 202), headers={"Idempotency-Key": key}, body=lambda: {"json": config}
+        )
+        return _answer(ExperimentSubmitted, response.json())
+
+    def experiment(self, experiment_id: str) -> Experiment:
+        """``GET /experiments/{id}`` (with the report once COMPLETED)."""
+        return _answer(Experiment, self.request("GET", f"/experiments/{experiment_id}").json())
+
+    def cancel_experiment(self, experiment_id: str) -> Experiment:
+        """``POST /experiments/{id}/cancel``: every unfinished child is cancelled."""
+        return _answer(Experiment, self.request("POST", f"/experiments/{experiment_id}/cancel", ok=(200, 202)).json())
+
+    def experiment_events(self, experiment_id: str) -> Iterator[Event]:
+        """The experiment's server-sent events; the data of each is an Experiment as JSON."""
+        return self._events(f"/experiments/{experiment_id}/events")

@@ -12,6 +12,10 @@ __all__ = [
     "CheckpointDetail",
     "CheckpointEntry",
     "CheckpointList",
+    "Experiment",
+    "ExperimentChild",
+    "ExperimentList",
+    "ExperimentSubmitted",
     "Job",
     "JobEvent",
     "JobList",
@@ -45,7 +49,7 @@ class Job(BaseModel):
     state: JobState
     progress: dict[str, Any] | None = Field(description="The latest progress report (epoch, step, loss, ...).")
     metrics: dict[str, Any] | None = Field(description="Evaluation metrics, per epoch and final.")
-    history: list[dict[str, Any]] = Field(description="State changes, oldest first.")
+    history: list[dict[str, Any]] = Field(description="Per-epoch training history (losses, validation), oldest first.")
     result: dict[str, Any] | None = Field(description="What a COMPLETED job published (name, version, path).")
     error: str | None
     attempts: int
@@ -120,6 +124,54 @@ class CheckpointDetail(BaseModel):
     metrics: dict[str, Any] | None = Field(description="The final evaluation.")
     files: list[str]
     files_url: str
+
+
+class ExperimentChild(BaseModel):
+    """One (arm, seed) child job of an experiment."""
+
+    arm: str
+    seed: int
+    job_id: str
+    state: JobState
+    top1: float | None = Field(None, description="The child's final val top-1 once it completed.")
+
+
+class Experiment(BaseModel):
+    """An experiment: arms x seeds of one config as child jobs, and its paired report once done.
+
+    ``state`` is QUEUED until a child runs, RUNNING while any child has to finish, then COMPLETED
+    (report written), FAILED (a child failed; the others are cancelled) or CANCELLED."""
+
+    experiment_id: str
+    name: str
+    state: JobState
+    arms: list[str]
+    seeds: list[int]
+    baseline: str
+    children: list[ExperimentChild]
+    done: int = Field(description="Children in a terminal state.")
+    error: str | None
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    report: dict[str, Any] | None = Field(description="The paired report (report.json), once COMPLETED.")
+    report_dir: str | None = Field(description="Where report.json, report.md and plots/ are kept.")
+    status_url: str
+
+
+class ExperimentSubmitted(Experiment):
+    """``POST /experiments``: the experiment, whether this request ``created`` it, and warnings."""
+
+    created: bool
+    warnings: list[str]
+
+
+class ExperimentList(BaseModel):
+    """``GET /experiments``: newest first (without reports)."""
+
+    experiments: list[Experiment]
+    count: int
 
 
 class TrainerReady(BaseModel):

@@ -5,9 +5,11 @@ This module builds the app (lifespan, the re-submitter, metrics) and the command
 in :mod:`lastkd.services.trainer.routes` and their bodies in :mod:`lastkd.schemas.trainer`.
 
 Endpoints: ``POST /train``, ``GET /jobs``, ``GET /jobs/{id}``, ``POST /jobs/{id}/cancel``,
-``GET /jobs/{id}/events`` (server-sent events), ``GET /checkpoints``,
-``GET /checkpoints/{name}/{version}``, ``GET /checkpoints/{name}/{version}/files/{path}``,
-``GET /health/live``, ``GET /health/ready``, ``GET /metrics``.
+``GET /jobs/{id}/events`` (server-sent events), ``POST /experiments``, ``GET /experiments``,
+``GET /experiments/{id}``, ``POST /experiments/{id}/cancel``, ``GET /experiments/{id}/events``,
+``GET /experiments/{id}/files/{path}``, ``GET /checkpoints``, ``GET /checkpoints/{name}/{version}``,
+``GET /checkpoints/{name}/{version}/files/{path}``, ``GET /health/live``, ``GET /health/ready``,
+``GET /metrics``.
 
 Submission and the broker. ``POST /train`` first records the job (PENDING) in the job database,
 then hands it to the broker (QUEUED). When the broker is down the answer is ``503`` with the job
@@ -39,15 +41,18 @@ from lastkd.schemas.trainer import JobEvent
 from lastkd.services.http import BindRefusedError, add_bind_arguments, bind_address, create_service_app, serve
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, create_celery_app
+from lastkd.services.trainer.experiments import ExperimentStore
 from lastkd.services.trainer.jobs import JobStore, JobStoreError
 from lastkd.services.trainer.routes import (
     TrainerState,
     TrainRequest,
     checkpoints_router,
+    experiments_router,
     health_router,
     jobs_router,
 )
 from lastkd.student.config import MAX_CONFIG_BYTES
+from lastkd.student.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.jobs = await run_in_threadpool(JobStore, settings.resolved_jobs_dir)
+        state.experiments = await run_in_threadpool(ExperimentStore, state.jobs, state.registry.root)
         state.celery = create_celery_app(settings, queue=queue)
         task = asyncio.create_task(resubmitter())
         try:
@@ -119,9 +125,9 @@ def create_app(
         description="Training jobs for LAST v2 students (submit, follow, cancel) and the students they published.",
         token=settings.token(),
         lifespan=lifespan,
-        routers=[health_router, jobs_router, checkpoints_router],
+        routers=[health_router, jobs_router, checkpoints_router, experiments_router],
         max_json_bytes=MAX_CONFIG_BYTES,
-        component_schemas=[TrainRequest, JobEvent],
+        component_schemas=[TrainRequest, JobEvent, ExperimentConfig],
     )
     app.state.trainer = state
     app.state.metrics.registry.register(_JobCounts(state))

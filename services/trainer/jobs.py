@@ -206,7 +206,7 @@ class JobStore:
         self.path = self.jobs_dir / DB_NAME
         try:
             self.jobs_dir.mkdir(parents=True, exist_ok=True)
-            with self._connect() as conn:
+            with self.connect() as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
@@ -214,7 +214,8 @@ class JobStore:
 
     # --- plumbing ---------------------------------------------------------------------------------
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A short-lived connection (autocommit; rows as ``sqlite3.Row``)."""
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -225,9 +226,12 @@ class JobStore:
             conn.close()
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A connection inside ``BEGIN IMMEDIATE`` (the write lock taken up front, no upgrade races)."""
-        with self._connect() as conn:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A connection inside ``BEGIN IMMEDIATE`` (the write lock taken up front, no upgrade races);
+        committed on exit, rolled back on an exception. Other tables of this database (the
+        experiments of :mod:`lastkd.services.trainer.experiments`) write through it too, so a group
+        of jobs is created in one decision."""
+        with self.connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -266,7 +270,7 @@ class JobStore:
     def ping(self) -> None:
         """Raise JobStoreError unless the database answers a query (readiness)."""
         try:
-            with self._connect() as conn:
+            with self.connect() as conn:
                 conn.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             raise JobStoreError(f"job database {self.path} does not answer: {exc}") from None
@@ -290,35 +294,59 @@ class JobStore:
         created with the submit lease held (as :meth:`begin_submit` takes it), so the caller hands
         it to the broker itself and the re-submitter cannot race it in between.
         """
+        with self.transaction() as conn:
+            return self.create_in(
+                conn,
+                name,
+                config,
+                config_hash,
+                max_attempts=max_attempts,
+                idempotency_key=idempotency_key,
+                job_id=job_id,
+                submit_lease_s=submit_lease_s,
+            )
+
+    def create_in(
+        self,
+        conn: sqlite3.Connection,
+        name: str,
+        config: dict[str, Any],
+        config_hash: str,
+        *,
+        max_attempts: int,
+        idempotency_key: str | None = None,
+        job_id: str | None = None,
+        submit_lease_s: float | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """:meth:`create` inside the caller's :meth:`transaction`."""
         now = time.time()
         new_id = job_id or uuid.uuid4().hex
-        with self._write() as conn:
-            row = None
-            if job_id is not None:
-                row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row is None and idempotency_key is not None:
-                row = conn.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
-            if row is not None:
-                if row["config_hash"] != config_hash:
-                    raise IdempotencyConflict(row["id"])
-                return self._record(row), False
-            conn.execute(
-                "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
-                " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    new_id,
-                    name,
-                    JobState.PENDING.value,
-                    _dumps(config),
-                    config_hash,
-                    idempotency_key,
-                    max_attempts,
-                    now,
-                    now,
-                    None if submit_lease_s is None else now + submit_lease_s,
-                ),
-            )
-            row = conn.execute("SELECT * FROM jobs WHERE id=?", (new_id,)).fetchone()
+        row = None
+        if job_id is not None:
+            row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None and idempotency_key is not None:
+            row = conn.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
+        if row is not None:
+            if row["config_hash"] != config_hash:
+                raise IdempotencyConflict(row["id"])
+            return self._record(row), False
+        conn.execute(
+            "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
+            " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                new_id,
+                name,
+                JobState.PENDING.value,
+                _dumps(config),
+                config_hash,
+                idempotency_key,
+                max_attempts,
+                now,
+                now,
+                None if submit_lease_s is None else now + submit_lease_s,
+            ),
+        )
+        row = conn.execute("SELECT * FROM jobs WHERE id=?", (new_id,)).fetchone()
         return self._record(row), True
 
     def begin_submit(self, job_id: str, lease_s: float = 30.0) -> bool:
@@ -326,7 +354,7 @@ class JobStore:
         process is submitting it right now). Prevents the API and the re-submitter from queueing
         one job twice."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET submitting_until=? WHERE id=? AND state=? AND cancel_requested=0"
                 " AND (submitting_until IS NULL OR submitting_until < ?)",
@@ -337,7 +365,7 @@ class JobStore:
     def end_submit(self, job_id: str, queued: bool) -> None:
         """Record the outcome of a submission started with :meth:`begin_submit`."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             if queued:
                 conn.execute(
                     "UPDATE jobs SET state=?, queued_at=?, updated_at=?, submitting_until=NULL WHERE id=? AND state=?",
@@ -349,7 +377,7 @@ class JobStore:
     def requeue(self, job_id: str, reason: str) -> bool:
         """Put a RUNNING job whose owner died back to PENDING so the re-submitter queues it again."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None or row["state"] != JobState.RUNNING.value:
                 return False
@@ -364,7 +392,7 @@ class JobStore:
     # --- queries ------------------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
         """The job, or None."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._record(row)
 
@@ -376,12 +404,12 @@ class JobStore:
             args.append(state.value)
         sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
         args += [limit, offset]
-        with self._connect() as conn:
+        with self.connect() as conn:
             return [self._record(r) for r in conn.execute(sql, args).fetchall()]
 
     def pending_ids(self) -> list[str]:
         """PENDING jobs not cancelled (to be handed to the broker), oldest first."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 "SELECT id FROM jobs WHERE state=? AND cancel_requested=0 ORDER BY created_at",
                 (JobState.PENDING.value,),
@@ -391,7 +419,7 @@ class JobStore:
     def stale_running(self, stale_after_s: float) -> list[JobRecord]:
         """RUNNING jobs whose heartbeat is older than ``stale_after_s``."""
         cutoff = time.time() - stale_after_s
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE state=? AND (heartbeat_at IS NULL OR heartbeat_at < ?)",
                 (JobState.RUNNING.value, cutoff),
@@ -400,7 +428,7 @@ class JobStore:
 
     def counts(self) -> dict[str, int]:
         """Number of jobs per state (for /metrics)."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         found = {r["state"]: r["n"] for r in rows}
         return {s.value: found.get(s.value, 0) for s in JobState}
@@ -440,7 +468,7 @@ class JobStore:
         ownership): ``(outcome, record)`` when the job is missing, final, run by another live
         process, cancelled or over its attempt cap; None when a runner should be started."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             outcome = self._settle_row(conn, row, now)
             if outcome is None:
@@ -455,7 +483,7 @@ class JobStore:
         would exceed the attempt cap marks the job FAILED instead.
         """
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             outcome = self._settle_row(conn, row, now)
             if outcome is ClaimOutcome.MISSING:
@@ -475,7 +503,7 @@ class JobStore:
         """Put a QUEUED job whose delivery ended before any process claimed it back to PENDING, so
         the re-submitter sends it again (its message is gone)."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(
                 "UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=? AND state=?",
                 (JobState.PENDING.value, reason, now, job_id, JobState.QUEUED.value),
@@ -504,7 +532,7 @@ class JobStore:
         if resumed_from_epoch is not None:
             sets.append("resumed_from_epoch=COALESCE(resumed_from_epoch, ?)")
             args.append(resumed_from_epoch)
-        with self._write() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND owner=? AND state=?",
                 (*args, job_id, owner, JobState.RUNNING.value),
@@ -514,7 +542,7 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         """The cancel flag (one indexed read)."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             row = conn.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
@@ -544,14 +572,14 @@ class JobStore:
         if owner is not None:
             where += " AND owner=?"
             wargs.append(owner)
-        with self._write() as conn:
+        with self.transaction() as conn:
             cur = conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE {where}", (*args, *wargs))
             return cur.rowcount == 1
 
     def request_cancel(self, job_id: str) -> JobRecord | None:
         """Set the cancel flag; a job not yet running becomes CANCELLED at once. None if unknown."""
         now = time.time()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
             if row is None:
                 return None

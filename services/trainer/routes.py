@@ -8,12 +8,11 @@ broker handle and the registry of published students.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +23,7 @@ from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from lastkd.datapaths import DataPathError
+from lastkd.hashing import sha256_json
 from lastkd.ids import check_job_id
 from lastkd.jsonsafe import to_jsonable
 from lastkd.registry import Registry
@@ -31,6 +31,10 @@ from lastkd.schemas.trainer import (
     CheckpointDetail,
     CheckpointEntry,
     CheckpointList,
+    Experiment,
+    ExperimentChild,
+    ExperimentList,
+    ExperimentSubmitted,
     Job,
     JobEvent,
     JobList,
@@ -41,10 +45,12 @@ from lastkd.schemas.trainer import (
 from lastkd.services.http import ApiError, Authorized
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.celery_app import TrainerCelery, broker_reachable
+from lastkd.services.trainer.experiments import ExperimentRecord, ExperimentStore
 from lastkd.services.trainer.jobs import IdempotencyConflict, JobRecord, JobStore, JobStoreError
 from lastkd.services.trainer.tasks import enqueue
 from lastkd.sse import format_comment, format_event
-from lastkd.student.config import TrainConfig
+from lastkd.student.config import ConfigError, TrainConfig
+from lastkd.student.experiment import ExperimentConfig
 from lastkd.student.paths import confine_config_paths
 from lastkd.validation import problems, summary
 
@@ -54,6 +60,7 @@ __all__ = [
     "TrainRequest",
     "TrainerState",
     "checkpoints_router",
+    "experiments_router",
     "health_router",
     "jobs_router",
 ]
@@ -85,6 +92,7 @@ class TrainerState:
     celery: TrainerCelery | None = None
     broker_error: str | None = None
     data_roots: list[Path] = field(default_factory=list)
+    experiments: ExperimentStore | None = None
 
     def submit(self, job_id: str, leased: bool = False) -> bool:
         """Hand a PENDING job to the broker; False when the broker refused (the job stays PENDING).
@@ -106,7 +114,8 @@ class TrainerState:
 
     def sweep(self) -> None:
         """One round of the re-submitter: requeue RUNNING jobs whose worker stopped sending
-        heartbeats, then hand every PENDING job to the broker (stops at the first refusal)."""
+        heartbeats, hand every PENDING job to the broker (stops at the first refusal), and settle
+        the experiments whose children allow it (report, failure, cancel)."""
         store = self.jobs
         assert store is not None
         for record in store.stale_running(self.stale_after_s):
@@ -120,6 +129,9 @@ class TrainerState:
         for job_id in store.pending_ids():
             if not self.submit(job_id):
                 break  # broker still down; try again next sweep
+        if self.experiments is not None:
+            for experiment_id in self.experiments.open_ids():
+                self.experiments.settle(experiment_id)
 
 
 def trainer_state(request: Request) -> TrainerState:
@@ -206,27 +218,48 @@ _TRAIN_BODY = {
 }
 
 
-def _config_digest(config: TrainConfig) -> str:
-    text = json.dumps(config.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _invalid_config(message: str, details: list[dict[str, str]] | None = None) -> ApiError:
     return ApiError(422, "invalid_config", message, **({"details": details} if details is not None else {}))
+
+
+def _idempotency_key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+        raise ApiError(
+            422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces"
+        )
+    return key
+
+
+def _broker_unavailable(state: TrainerState, what: str, **ids: str) -> ApiError:
+    return ApiError(
+        503,
+        "broker_unavailable",
+        f"the job broker is unreachable ({state.broker_error}); {what} recorded as PENDING and will be queued "
+        "automatically when the broker is back. Retrying with the same Idempotency-Key returns the same record.",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+        **ids,
+    )
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """The JSON object of a request body, or 422 ``invalid_config`` saying why not."""
+    if not raw.strip():
+        raise _invalid_config(f"empty body: send a {what} as JSON")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _invalid_config(f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise _invalid_config(f"body must be a JSON object of {what} fields, got {type(body).__name__}")
+    return body
 
 
 def _parse_train_body(raw: bytes) -> tuple[TrainConfig, str | None]:
     """The config and the client's job id of a ``POST /train`` body; 422 ``invalid_config`` naming
     every invalid field otherwise. Parsed here, not by FastAPI, so that every refusal of a config
     (YAML on the command line or JSON here) reads the same."""
-    if not raw.strip():
-        raise _invalid_config("empty body: send a TrainConfig as JSON")
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _invalid_config(f"body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise _invalid_config(f"body must be a JSON object of TrainConfig fields, got {type(body).__name__}")
+    body = _json_object(raw, "TrainConfig")
     client_id = body.pop("job_id", None)
     if client_id is not None:
         try:
@@ -284,11 +317,7 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
     """Record a training job and queue it. The same ``Idempotency-Key`` (or ``job_id``) with the
     same config returns the same job; with another config, 409."""
     config, client_id = _parse_train_body(await request.body())
-    key = request.headers.get("idempotency-key")
-    if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
-        raise ApiError(
-            422, "invalid_request", "Idempotency-Key: must be 1-200 printable ASCII characters without spaces"
-        )
+    key = _idempotency_key(request)
     try:
         config = await run_in_threadpool(confine_config_paths, config, state.data_roots)
     except DataPathError as exc:  # 403 forbidden, 422 missing/invalid (the error carries both)
@@ -305,7 +334,7 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
             lambda: jobs.create(
                 config.name,
                 config.model_dump(mode="json"),
-                _config_digest(config),
+                sha256_json(config.model_dump(mode="json")),
                 max_attempts=state.max_attempts,
                 idempotency_key=key,
                 job_id=client_id,
@@ -322,13 +351,9 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
         queued = await run_in_threadpool(state.submit, record.id, created)
         current = await run_in_threadpool(jobs.get, record.id) or record
         if not queued or (current.state is JobState.PENDING and state.broker_error is not None):
-            raise ApiError(
-                503,
-                "broker_unavailable",
-                f"the job broker is unreachable ({state.broker_error}); job {record.id} is recorded as PENDING and "
-                "will be queued automatically when the broker is back. Retrying with the same Idempotency-Key "
-                "or job_id returns this job.",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+            raise _broker_unavailable(
+                state,
+                f"job {record.id} is",
                 job_id=record.id,
                 status_url=str(request.url_for("get_job", job_id=record.id)),
             )
@@ -393,6 +418,29 @@ async def events(job_id: str, request: Request, jobs: Jobs) -> StreamingResponse
     """Follow a job as server-sent events until it ends (comments keep the stream alive)."""
     await run_in_threadpool(_get_job, jobs, job_id)
 
+    def look() -> tuple[Any, dict[str, Any], bool] | None:
+        record = jobs.get(job_id)
+        if record is None:
+            return None
+        stamp = (record.state, record.updated_at, record.progress and json.dumps(record.progress, sort_keys=True))
+        event = JobEvent(
+            job_id=record.id,
+            state=record.state,
+            progress=record.progress,
+            attempts=record.attempts,
+            error=record.error,
+            result=record.result,
+        )
+        return stamp, event.model_dump(mode="json"), record.terminal
+
+    return _event_stream(request, look)
+
+
+def _event_stream(request: Request, look: Callable[[], tuple[Any, dict[str, Any], bool] | None]) -> StreamingResponse:
+    """Server-sent events of one record: ``look()`` gives (stamp, data, terminal) or None when the
+    record is gone; a ``progress`` event whenever the stamp changes, one ``end`` when terminal,
+    comments to keep quiet streams open."""
+
     async def stream() -> AsyncIterator[str]:
         last = None
         quiet_since = time.monotonic()
@@ -400,23 +448,15 @@ async def events(job_id: str, request: Request, jobs: Jobs) -> StreamingResponse
         while True:
             if await request.is_disconnected():
                 return
-            record = await run_in_threadpool(jobs.get, job_id)
-            if record is None:
+            seen = await run_in_threadpool(look)
+            if seen is None:
                 return
-            stamp = (record.state, record.updated_at, record.progress and json.dumps(record.progress, sort_keys=True))
+            stamp, data, terminal = seen
             if stamp != last:
                 last = stamp
                 quiet_since = time.monotonic()
-                event = JobEvent(
-                    job_id=record.id,
-                    state=record.state,
-                    progress=record.progress,
-                    attempts=record.attempts,
-                    error=record.error,
-                    result=record.result,
-                )
-                yield format_event("end" if record.terminal else "progress", to_jsonable(event.model_dump(mode="json")))
-                if record.terminal:
+                yield format_event("end" if terminal else "progress", to_jsonable(data))
+                if terminal:
                     return
             elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
                 quiet_since = time.monotonic()
@@ -494,8 +534,14 @@ async def checkpoint(name: str, version: str, request: Request, registry: Publis
 async def checkpoint_file(name: str, version: str, filename: str, registry: Published) -> FileResponse:
     """Download one file of a published version (no path leaves the version's folder)."""
     folder = registry.path(name, version)
+    return _file_in(folder, filename, f"{name} {folder.name}")
+
+
+def _file_in(folder: Path, filename: str, label: str) -> FileResponse:
+    """A regular file under ``folder`` named by a relative path from a URL; 404 for anything else
+    (absolute, ``..``, NUL, a symlink, a folder), so no request reads outside ``folder``."""
     parts = Path(filename).parts
-    refused = ApiError(404, "not_found", f"no file {filename!r} in {name} {folder.name}")
+    refused = ApiError(404, "not_found", f"no file {filename!r} in {label}")
     if not filename or "\x00" in filename or Path(filename).is_absolute() or any(p in ("..", ".") for p in parts):
         raise refused
     target = folder / filename
@@ -503,3 +549,222 @@ async def checkpoint_file(name: str, version: str, filename: str, registry: Publ
     if target.is_symlink() or folder.resolve() not in real.parents or not real.is_file():
         raise refused
     return FileResponse(real, filename=real.name)
+
+
+# --------------------------------------------------------------------------------------------
+# experiments
+# --------------------------------------------------------------------------------------------
+experiments_router = APIRouter(tags=["experiments"])
+
+_EXPERIMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ExperimentConfig"}}},
+    }
+}
+
+
+def experiment_store(state: State) -> ExperimentStore:
+    """The experiments of the job database, or 503 before the lifespan opened it."""
+    if state.experiments is None:
+        raise ApiError(503, "unavailable", "starting up", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return state.experiments
+
+
+Experiments = Annotated[ExperimentStore, Depends(experiment_store)]
+
+
+def _live_state(record: ExperimentRecord, children: list[JobRecord]) -> JobState:
+    if record.terminal:
+        return record.state
+    if any(c.state is JobState.RUNNING or c.terminal for c in children):
+        return JobState.RUNNING
+    return JobState.PENDING if all(c.state is JobState.PENDING for c in children) else JobState.QUEUED
+
+
+def _experiment(store: ExperimentStore, record: ExperimentRecord, request: Request, *, report: bool) -> Experiment:
+    children = store.child_jobs(record)
+    config = record.config
+    return Experiment(
+        experiment_id=record.id,
+        name=record.name,
+        state=_live_state(record, children),
+        arms=list(config["arms"]),
+        seeds=list(config["seeds"]),
+        baseline=config["baseline"],
+        children=[
+            ExperimentChild(
+                arm=ref.arm,
+                seed=ref.seed,
+                job_id=ref.job_id,
+                state=job.state,
+                top1=(job.metrics or {}).get("top1") if job.state is JobState.COMPLETED else None,
+            )
+            for ref, job in zip(record.children, children, strict=True)
+        ],
+        done=sum(1 for c in children if c.terminal),
+        error=record.error,
+        cancel_requested=record.cancel_requested,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        finished_at=record.finished_at,
+        report=store.report(record) if report else None,
+        report_dir=record.report_dir,
+        status_url=str(request.url_for("get_experiment", experiment_id=record.id)),
+    )
+
+
+def _get_experiment(store: ExperimentStore, experiment_id: str) -> ExperimentRecord:
+    try:
+        check_job_id(experiment_id)
+    except ValueError:
+        record = None
+    else:
+        record = store.settle(experiment_id)  # whoever looks moves it on
+    if record is None:
+        raise ApiError(404, "not_found", f"no experiment {experiment_id!r}")
+    return record
+
+
+@experiments_router.post(
+    "/experiments",
+    status_code=202,
+    response_model=ExperimentSubmitted,
+    openapi_extra=_EXPERIMENT_BODY,
+    responses={
+        503: {"description": "The broker is down: the children are recorded PENDING and queued when it is back."}
+    },
+)
+async def submit_experiment(request: Request, _: Authorized, state: State, store: Experiments) -> ExperimentSubmitted:
+    """Record an experiment (arms x seeds of one config) and queue its child jobs. The body is an
+    experiment (``name``, ``base``, ``arms``, ``seeds``, ``baseline``) or a plain training config
+    (then the default arms ``ce``, ``kd``, ``kd-shuffled``)."""
+    body = _json_object(await request.body(), "ExperimentConfig")
+    try:
+        exp = ExperimentConfig.from_dict(body, source="body")
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        raise _invalid_config("; ".join(line.strip() for line in lines)) from None
+    key = _idempotency_key(request)
+    try:
+        exp = await run_in_threadpool(exp.confined, state.data_roots)
+    except DataPathError as exc:
+        raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from None
+    warnings: list[str] = []
+    if exp.base.distill.feature_set is not None:
+        store_path = state.settings.resolved_store_path.resolve()
+        note = await run_in_threadpool(check_feature_set, store_path, exp.base.distill.feature_set)
+        if note is not None:
+            warnings.append(note)
+    try:
+        record, created = await run_in_threadpool(
+            lambda: store.create(exp, max_attempts=state.max_attempts, idempotency_key=key)
+        )
+    except IdempotencyConflict as exc:
+        raise ApiError(409, "conflict", f"{exc}; use a new Idempotency-Key", experiment_id=exc.job_id) from None
+    children = await run_in_threadpool(store.child_jobs, record)
+    refused = False
+    for job in children:
+        if job.state is JobState.PENDING and not await run_in_threadpool(state.submit, job.id):
+            refused = True
+            break  # the broker is down: the re-submitter queues the rest
+    if refused:
+        raise _broker_unavailable(
+            state,
+            f"experiment {record.id} and its {len(children)} child jobs are",
+            experiment_id=record.id,
+            status_url=str(request.url_for("get_experiment", experiment_id=record.id)),
+        )
+    answer = await run_in_threadpool(lambda: _experiment(store, record, request, report=False))
+    return ExperimentSubmitted(**answer.model_dump(), created=created, warnings=warnings)
+
+
+@experiments_router.get("/experiments", response_model=ExperimentList)
+async def list_experiments(
+    request: Request,
+    store: Experiments,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> ExperimentList:
+    """Experiments, newest first (without their reports)."""
+
+    def read() -> list[Experiment]:
+        return [_experiment(store, r, request, report=False) for r in store.list(limit, offset)]
+
+    found = await run_in_threadpool(read)
+    return ExperimentList(experiments=found, count=len(found))
+
+
+@experiments_router.get("/experiments/{experiment_id}", name="get_experiment", response_model=Experiment)
+async def get_experiment(experiment_id: str, request: Request, store: Experiments) -> Experiment:
+    """One experiment: its children's states and, once COMPLETED, the paired report."""
+
+    def read() -> Experiment:
+        return _experiment(store, _get_experiment(store, experiment_id), request, report=True)
+
+    return await run_in_threadpool(read)
+
+
+@experiments_router.post(
+    "/experiments/{experiment_id}/cancel",
+    response_model=Experiment,
+    responses={202: {"model": Experiment, "description": "Cancel requested; running children stop within a step."}},
+)
+async def cancel_experiment(
+    experiment_id: str, request: Request, response: Response, _: Authorized, store: Experiments
+) -> Experiment:
+    """Cancel the experiment and every unfinished child: 200 once CANCELLED, 202 while children
+    still have to stop; 409 when it already finished."""
+
+    def cancel() -> Experiment:
+        record = _get_experiment(store, experiment_id)
+        if record.state in (JobState.COMPLETED, JobState.FAILED):
+            raise ApiError(
+                409, "conflict", f"experiment {experiment_id} is already {record.state.value}", state=record.state.value
+            )
+        updated = store.request_cancel(experiment_id)
+        assert updated is not None
+        response.status_code = 200 if updated.terminal else 202
+        return _experiment(store, updated, request, report=False)
+
+    return await run_in_threadpool(cancel)
+
+
+@experiments_router.get(
+    "/experiments/{experiment_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-sent events: `progress` when a child changes state, then one `end`; "
+            "each `data` is an Experiment (without its report).",
+            "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/Experiment"}}},
+        }
+    },
+)
+async def experiment_events(experiment_id: str, request: Request, store: Experiments) -> StreamingResponse:
+    """Follow an experiment as server-sent events until it ends."""
+    await run_in_threadpool(_get_experiment, store, experiment_id)
+
+    def look() -> tuple[Any, dict[str, Any], bool] | None:
+        record = store.settle(experiment_id)
+        if record is None:
+            return None
+        answer = _experiment(store, record, request, report=False)
+        stamp = (answer.state, tuple(c.state for c in answer.children), answer.updated_at)
+        return stamp, answer.model_dump(mode="json"), record.terminal
+
+    return _event_stream(request, look)
+
+
+@experiments_router.get(
+    "/experiments/{experiment_id}/files/{filename:path}",
+    name="experiment_file",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "A report file's bytes."}},
+)
+async def experiment_file(experiment_id: str, filename: str, store: Experiments) -> FileResponse:
+    """A file of a COMPLETED experiment's report (report.json, report.md, plots/*.png)."""
+    record = await run_in_threadpool(_get_experiment, store, experiment_id)
+    if record.report_dir is None:
+        raise ApiError(404, "not_found", f"experiment {experiment_id} has no report yet ({record.state.value})")
+    return _file_in(Path(record.report_dir), filename, f"the report of experiment {experiment_id}")

@@ -20,8 +20,9 @@ from lastkd.services.trainer.api import create_app as create_trainer
 NOT_JSON = {
     ("get", "/metrics"): CONTENT_TYPE_LATEST,
     ("get", "/checkpoints/{name}/{version}/files/{filename}"): "application/octet-stream",
+    ("get", "/experiments/{experiment_id}/files/{filename}"): "application/octet-stream",
 }
-BODYLESS_POSTS = {"/jobs/{job_id}/cancel"}
+BODYLESS_POSTS = {"/jobs/{job_id}/cancel", "/experiments/{experiment_id}/cancel"}
 EXPECTED = {
     "teacher": {
         ("get", "/health/live"),
@@ -43,6 +44,12 @@ EXPECTED = {
         ("get", "/checkpoints"),
         ("get", "/checkpoints/{name}/{version}"),
         ("get", "/checkpoints/{name}/{version}/files/{filename}"),
+        ("post", "/experiments"),
+        ("get", "/experiments"),
+        ("get", "/experiments/{experiment_id}"),
+        ("post", "/experiments/{experiment_id}/cancel"),
+        ("get", "/experiments/{experiment_id}/events"),
+        ("get", "/experiments/{experiment_id}/files/{filename}"),
     },
 }
 
