@@ -26,6 +26,10 @@ TeacherNorm = Literal["none", "l2", "standardize"]
 # 'shuffled' is the control arm of an experiment: teacher vectors permuted across clips (fixed by
 # the seed), so any gain that survives it is not due to the teacher knowing the clip.
 TeacherOrder = Literal["joined", "shuffled"]
+# What a flipped (time-reversed) training sample does with the teacher vector of its clip, which
+# was computed on the clip played forwards: 'skip' leaves it out of the distillation term (its
+# cross-entropy term stays); 'reuse' pulls it towards the forward clip's vector anyway.
+FlippedViews = Literal["skip", "reuse"]
 
 _EPS = 1e-6
 
@@ -48,6 +52,12 @@ class DistillConfig(StrictModel):
         "joined",
         description="'joined': each clip gets its own teacher vector; 'shuffled': vectors permuted across "
         "clips at load time (a control that must do worse whenever the teacher is informative).",
+    )
+    flipped_views: FlippedViews = Field(
+        "skip",
+        description="A sample flipped by augmentation is time-reversed, but its teacher vector was computed on "
+        "the forward clip: 'skip' leaves flipped samples out of the distillation term (CE only), 'reuse' "
+        "distils them towards the forward vector anyway (the mismatch of cached-feature training).",
     )
 
     @field_validator("feature_set")

@@ -18,22 +18,18 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lastkd.ids import check_job_id
+from lastkd.jsonsafe import to_jsonable
 from lastkd.models.last_v2 import (
     STREAM_BN_FILE,
     STUDENT_CONFIG_FILE,
@@ -43,355 +39,35 @@ from lastkd.models.last_v2 import (
     num_parameters,
 )
 from lastkd.registry import LINEAGE_FILE, METRICS_FILE, PublishedStudent, Registry, RegistryError
-from lastkd.student.data.dataset import DataInfo
+from lastkd.student.card import model_card
+from lastkd.student.plots import write_plots
+from lastkd.student.provenance import code_version, estimate_flops, is_synthetic
 from lastkd.student.training import RunState, TrainResult
+
+# publish() and load_student(), and the pieces callers reach through this module (``pub.estimate_flops``)
+__all__ = [
+    "MODEL_CARD_FILE",
+    "TRAIN_CONFIG_FILE",
+    "PublishError",
+    "estimate_flops",
+    "list_published",
+    "load_student",
+    "publish",
+]
 
 MODEL_CARD_FILE = "README.md"
 TRAIN_CONFIG_FILE = "train_config.yaml"
-SYNTHETIC_MARKER = "synthetic.json"  # written by `lastkd synth` (lastkd.student.synth)
 
 
 class PublishError(ValueError):
     """A result that cannot be published, or a registry entry that cannot be read."""
 
 
-# --------------------------------------------------------------------------------------------
-# facts about the model and the code
-# --------------------------------------------------------------------------------------------
-def estimate_flops(model: LASTv2, num_frames: int, streams: tuple[str, ...], bodies: int = 2) -> int:
-    """FLOPs (2 x multiply-accumulates, as counted by torch's FlopCounterMode) of one clip's
-    eval-mode forward with all ``streams``, ``bodies`` bodies and ``num_frames`` frames."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    x = {s: torch.zeros(1, 3, num_frames, 25, bodies) for s in streams}
-    counter = FlopCounterMode(display=False)
-    try:
-        with torch.no_grad(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-def code_version() -> str:
-    """Package version plus ``git describe`` of the source tree when it is a git checkout."""
-    try:
-        version = importlib.metadata.version("lastkd")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(here), "describe", "--always", "--dirty", "--tags"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return f"{version}+git.{out.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return version
-
-
-def _is_synthetic(data_path: Path) -> bool:
-    """True when the data folder or its parent carries the marker ``lastkd synth`` writes."""
-    base = Path(data_path)
-    folder = base if base.is_dir() else base.parent
-    for candidate in (folder, folder.parent):
-        marker = candidate / SYNTHETIC_MARKER
-        if marker.is_file():
-            try:
-                return bool(json.loads(marker.read_text(encoding="utf-8")).get("synthetic", True))
-            except (OSError, ValueError, AttributeError):
-                return True
-    return False
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    # the one JSON conversion of the house: numpy/tensor values as lists, non-finite floats as null
+    path.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-# --------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------
-def present_classes(metrics: Mapping[str, Any]) -> list[int]:
-    """Indices of the classes that have validation samples (what the per-class plots show)."""
-    return [p["index"] for p in metrics.get("per_class") or [] if p.get("count")]
-
-
-def confusion_view(metrics: Mapping[str, Any]) -> tuple[list[int], list[str], np.ndarray]:
-    """(class indices, names, counts) of the confusion matrix restricted to the classes that occur
-    in the data: with validation samples, or predicted for some sample."""
-    full = np.asarray(metrics.get("confusion") or [[]], dtype=np.float64)
-    if full.size == 0:
-        return [], [], np.zeros((0, 0))
-    used = sorted(set(present_classes(metrics)) | set(np.flatnonzero(full.sum(axis=0) > 0).tolist()))
-    names = {p["index"]: p["name"] for p in metrics.get("per_class") or []}
-    return used, [names.get(i, f"A{i + 1:03d}") for i in used], full[np.ix_(used, used)]
-
-
-def _short_name(name: str, index: int, width: int = 28) -> str:
-    """A tick label: the class name (``synthetic: `` prefix dropped), shortened to ``width``."""
-    text = str(name).removeprefix("synthetic: ").strip() or f"A{index + 1:03d}"
-    return text if len(text) <= width else text[: width - 1] + "\u2026"
-
-
-def write_plots(result: TrainResult, out_dir: Path) -> list[str]:
-    """Loss/accuracy curves, per-class accuracy and confusion matrix as PNGs (matplotlib Agg)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    hist = result.history
-    epochs = [h["epoch"] for h in hist]
-
-    def save(fig: Figure, name: str) -> None:
-        FigureCanvasAgg(fig)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        written.append(name)
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for key, label in (
-        ("train_total", "train loss"),
-        ("train_ce", "train CE"),
-        ("train_distill", "train distill"),
-        ("val_nll", "val NLL"),
-    ):
-        ys = [h.get(key) for h in hist]
-        if any(y is not None for y in ys):
-            ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    if ax.get_lines():
-        ax.legend()
-    ax.set_title(f"{result.config.name}: losses")
-    save(fig, "loss.png")
-
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for key, label in (("val_top1", "val top-1"), ("val_top5", "val top-5")):
-        ys = [h.get(key) for h in hist]
-        if any(y is not None for y in ys):
-            ax.plot(epochs, [np.nan if y is None else y for y in ys], marker="o", label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    if ax.get_lines():
-        ax.legend()
-    ax.set_title(f"{result.config.name}: validation accuracy")
-    save(fig, "accuracy.png")
-
-    per_class = result.metrics.get("per_class") or []
-    shown = present_classes(result.metrics)
-    if shown:
-        by_index = {p["index"]: p for p in per_class}
-        labels = [_short_name(by_index[i]["name"], i) for i in shown]
-        fig = Figure(figsize=(max(6, len(shown) * 0.35), 4.5))
-        ax = fig.add_subplot()
-        acc = [np.nan if by_index[i]["accuracy"] is None else by_index[i]["accuracy"] for i in shown]
-        objects = set(result.metrics.get("object_classes", {}).get("classes", []))
-        colors = ["tab:orange" if i in objects else "tab:blue" for i in shown]
-        ax.bar(range(len(shown)), acc, color=colors)
-        ax.set_xticks(
-            range(len(shown)),
-            labels,
-            rotation=60 if len(shown) > 6 else 0,
-            ha="right" if len(shown) > 6 else "center",
-            fontsize=8,
-        )
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(0, 1)
-        ax.set_title(
-            f"per-class validation accuracy ({len(shown)} classes with val samples"
-            + ("; orange = object interaction)" if objects else ")")
-        )
-        save(fig, "per_class.png")
-
-    confusion = result.metrics.get("confusion")
-    if confusion and shown:
-        # Only classes that occur in the data (as true or predicted class): a 60-way head trained
-        # on 5 classes would otherwise draw a 60x60 matrix with 5 meaningful rows.
-        used, tick_names, cm = confusion_view(result.metrics)
-        rows = cm.sum(axis=1, keepdims=True)
-        norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-        size = max(5.0, 0.35 * len(used) + 3)
-        fig = Figure(figsize=(size + 1, size))
-        ax = fig.add_subplot()
-        im = ax.imshow(norm, cmap="viridis", vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax)
-        ticks = [_short_name(n, i) for i, n in zip(used, tick_names)]
-        ax.set_xticks(range(len(used)), ticks, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(used)), ticks, fontsize=7)
-        if len(used) <= 20:
-            for r in range(len(used)):
-                for c in range(len(used)):
-                    if cm[r, c]:
-                        ax.text(
-                            c,
-                            r,
-                            f"{int(cm[r, c])}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="black" if norm[r, c] > 0.5 else "white",
-                        )
-        ax.set_xlabel("predicted class")
-        ax.set_ylabel("true class")
-        ax.set_title("confusion matrix (row-normalised; counts)")
-        save(fig, "confusion.png")
-    return written
-
-
-# --------------------------------------------------------------------------------------------
-# model card
-# --------------------------------------------------------------------------------------------
-def _pct(x: Any) -> str:
-    return "n/a" if x is None else f"{100 * float(x):.2f}%"
-
-
-def _skipped_lines(info: DataInfo) -> list[str]:
-    if not info.skipped:
-        return ["- skipped source files: none"]
-    shown = len(info.skipped_first)
-    first = f"the first {shown}" if shown < info.skipped else "all"
-    lines = [f"- **skipped {info.skipped} unusable source file(s)/sample(s)** ({first} below, also in `metrics.json`):"]
-    return lines + [f"  - `{reason}`" for reason in info.skipped_first]
-
-
-def model_card(result: TrainResult, student: dict[str, Any], lineage: dict[str, Any], warnings: list[str]) -> str:
-    """Markdown summary of one published student."""
-    cfg, m, info = result.config, result.metrics, result.data_info
-    tags = ["skeleton-action-recognition", "last-v2", cfg.data.dataset.replace("_", "-")]
-    if cfg.distill.enabled:
-        tags.append("knowledge-distillation")
-    if lineage.get("synthetic_data"):
-        tags.append("synthetic-data")
-    front = {
-        "library_name": "lastkd",
-        "license": "apache-2.0",
-        "tags": tags,
-        "metrics": ["accuracy"],
-        "lastkd": {
-            "format": STUDENT_FORMAT,
-            "name": cfg.name,
-            "version": lineage["version"],
-            "top1": m.get("top1"),
-            "top5": m.get("top5"),
-            "job_id": lineage.get("job_id"),
-        },
-    }
-    lines = [
-        "---",
-        yaml.safe_dump(_jsonable(front), sort_keys=False).rstrip(),
-        "---",
-        "",
-        f"# {cfg.name} v{lineage['version']}",
-        "",
-    ]
-    for w in warnings:
-        lines.append(f"> **Warning:** {w}")
-    if warnings:
-        lines.append("")
-    lines += [
-        "## Model",
-        f"- LAST v2, variant `{cfg.variant}`, {student['num_classes']} classes",
-        f"- parameters: {student['params']:,}",
-        f"- FLOPs per clip: {student['flops'] / 1e9:.3f} GFLOPs "
-        f"({len(student['streams'])} streams x 2 bodies x {student['num_frames']} frames, eval mode)",
-        "- the distillation projector is training-only and is not part of this checkpoint",
-        "",
-        "## Data",
-        f"- dataset `{cfg.data.dataset}`, split `{cfg.data.split}`, format `{cfg.data.format}`, streams mode "
-        f"`{cfg.data.streams_mode}`",
-        f"- train {info.train_size} / val {info.val_size} samples; data hash `{info.data_hash}`",
-        *_skipped_lines(info),
-        f"- teacher feature set: `{cfg.distill.feature_set or 'none (plain cross-entropy baseline)'}`"
-        + (
-            f"; coverage train {_pct(info.coverage_train)}, val {_pct(info.coverage_val)}"
-            if cfg.distill.enabled
-            else ""
-        ),
-        "",
-        "## Training",
-        f"- {result.epochs_completed} epochs, batch {cfg.batch_size}, {cfg.optimizer.name} lr {cfg.optimizer.lr}, "
-        f"schedule {cfg.schedule.kind}, label smoothing {cfg.label_smoothing}, seed {cfg.seed}",
-    ]
-    if cfg.distill.enabled:
-        d = cfg.distill
-        lines.append(
-            f"- distillation: alpha {d.alpha_start} -> {d.alpha_end} ({d.schedule}), loss {d.loss}, "
-            f"teacher norm {d.teacher_norm}, projector hidden {d.projector_hidden}"
-        )
-    lines += [
-        "",
-        "## Metrics (validation)",
-        "| metric | value |",
-        "|---|---|",
-        f"| top-1 | {_pct(m.get('top1'))} |",
-        f"| top-5 | {_pct(m.get('top5'))} |",
-        f"| mean class accuracy | {_pct(m.get('mean_class_accuracy'))} |",
-        f"| object-interaction classes top-1 | {_pct(m.get('object_classes', {}).get('top1'))} |",
-        f"| other classes top-1 | {_pct(m.get('non_object_classes', {}).get('top1'))} |",
-    ]
-    for key, val in (m.get("robustness") or {}).items():
-        lines.append(f"| top-1 under {key} | {_pct(val.get('top1'))} (drop {_pct(val.get('drop'))}) |")
-    lines += [
-        "",
-        "Per-class accuracy and the confusion matrix are in `metrics.json` and `plots/`.",
-        "",
-        "## Use",
-        "```python",
-        "from lastkd.models.last_v2 import LASTv2",
-        'student = LASTv2.from_pretrained("<this folder>")  # strict, eval mode',
-        "```",
-        "",
-        "## Lineage",
-    ]
-    for key in (
-        "job_id",
-        "feature_set",
-        "dataset",
-        "split",
-        "data_hash",
-        "seed",
-        "code_version",
-        "config_hash",
-        "created",
-    ):
-        lines.append(f"- {key}: `{lineage.get(key)}`")
-    for key, val in (lineage.get("extra") or {}).items():
-        lines.append(f"- {key}: `{val}`")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# registry
-# --------------------------------------------------------------------------------------------
 def publish(
     result: TrainResult,
     registry_dir: Path,
@@ -470,7 +146,7 @@ def publish(
 
         feature_set = cfg.distill.feature_set if cfg.distill.enabled else None
         warnings = []
-        if _is_synthetic(cfg.data.path):
+        if is_synthetic(cfg.data.path):
             warnings.append("trained and evaluated on SYNTHETIC skeletons; the metrics say nothing about NTU RGB+D.")
         if feature_set and "random-init" in feature_set:
             warnings.append("distilled from a RANDOM-INIT teacher (no official weights); the teacher signal is noise.")
@@ -479,7 +155,7 @@ def publish(
             "job_id": job_id,
             "feature_set": feature_set,
             "teacher_random_init": bool(feature_set and "random-init" in feature_set),
-            "synthetic_data": _is_synthetic(cfg.data.path),
+            "synthetic_data": is_synthetic(cfg.data.path),
             "dataset": cfg.data.dataset,
             "split": cfg.data.split,
             "data_path": str(cfg.data.path),

@@ -3,21 +3,24 @@
 ``train(config, run_dir)`` builds the data, the student and (when distilling) the projector,
 trains for ``config.epochs`` epochs and evaluates. After every epoch the complete training
 state goes to ``run_dir/last.pt`` (written atomically); calling ``train`` again on the same
-``run_dir`` resumes from it, and the result of a finished run is kept in ``run_dir/result.pt``.
+``run_dir`` resumes from it, and the result of a finished run is kept in ``run_dir/result.pt``
+(the files: :mod:`lastkd.student.checkpoints`).
 
 Determinism. The shuffle order of an epoch and the DataLoader worker seeds are functions of
 (seed, epoch) alone and augmentation is a function of (seed, epoch, index) (see the Dataset), and
-the torch/numpy/python RNG states are checkpointed at the epoch boundary, so on CPU a run that is
-interrupted and resumed ends with the same weights, bit for bit, as one that was not.
+the torch/numpy/python RNG states are checkpointed at the epoch boundary (:mod:`lastkd.student.rng`),
+so on CPU a run that is interrupted and resumed ends with the same weights, bit for bit, as one
+that was not.
 
 DDP. Run ``torchrun --nproc_per_node N -m lastkd.student.training --config C --run-dir D``.
 ``batch_size`` is the global batch: each of the N ranks takes its 1/N slice of the *same* global
-batch a single process would draw (:class:`GlobalBatchSampler`), and DDP averages the gradients,
-so a DDP run follows the single-process run up to BatchNorm statistics (per rank, over B/N
-samples, not synchronised) and floating-point reduction order. The projector is kept out of DDP:
-it is not used on steps where alpha is 0 or on batches without teacher features, which DDP's
-reducer cannot express, so its gradients are averaged by an explicit all-reduce. Rank 0 alone
-writes checkpoints, metrics and results.
+batch a single process would draw (:class:`lastkd.student.sampler.GlobalBatchSampler`), and DDP
+averages the gradients, so a DDP run follows the single-process run up to BatchNorm statistics
+(per rank, over B/N samples, not synchronised) and floating-point reduction order. The projector
+is kept out of DDP: it is not used on steps where alpha is 0 or on batches without teacher
+features, which DDP's reducer cannot express, so its gradients are averaged by an explicit
+all-reduce (the collectives: :mod:`lastkd.student.ddp`). Rank 0 alone writes checkpoints, metrics
+and results.
 """
 
 from __future__ import annotations
@@ -27,11 +30,9 @@ import contextlib
 import enum
 import logging
 import math
-import os
-import random
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,34 +41,61 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from lastkd.datapaths import confine
 from lastkd.devices import DeviceError, resolve_device
-from lastkd.lifeline import die_with_parent
 from lastkd.models.last_v2 import LASTv2, create_last_v2
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student import tblog
 from lastkd.student.bn_stats import recompute_bn_stats
+from lastkd.student.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_NAME,
+    RESULT_NAME,
+    atomic_torch_save,
+    check_config_hash,
+    load_checkpoint_file,
+)
 from lastkd.student.config import TrainConfig
 from lastkd.student.data import streams as data_streams
 from lastkd.student.data.dataset import DataInfo, SkeletonDataset, build_datasets
 from lastkd.student.data.sources import load_splits
+from lastkd.student.ddp import (
+    allreduce_mean_grads,
+    any_rank,
+    broadcast_module,
+    dist_info,
+    gather,
+    init_process_group_from_env,
+)
+from lastkd.student.errors import ResumeError, TrainError
+from lastkd.student.rng import mix_seed, rng_state, seed_everything, seed_worker, set_rng_state
+from lastkd.student.sampler import GlobalBatchSampler
+
+# The loop's own names, and those of its pieces that callers reach through this module
+# (``engine.TrainError``, ``engine.GlobalBatchSampler``, ``engine.load_checkpoint_file``, ...).
+__all__ = [
+    "CHECKPOINT_NAME",
+    "RESULT_NAME",
+    "GlobalBatchSampler",
+    "Progress",
+    "ResumeError",
+    "RunState",
+    "TrainError",
+    "TrainHooks",
+    "TrainResult",
+    "TrainingRun",
+    "load_checkpoint_file",
+    "load_result",
+    "lr_factor_fn",
+    "main",
+    "save_result",
+    "train",
+]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_NAME = "last.pt"
-RESULT_NAME = "result.pt"
-CHECKPOINT_FORMAT = 1
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or continue (bad device, unusable data, diverged loss)."""
-
-
-class ResumeError(TrainError):
-    """``run_dir`` holds a checkpoint that cannot be resumed with this config."""
 
 
 class RunState(str, enum.Enum):
@@ -121,118 +149,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------
-# distributed context, device, seeding
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank/world of an initialised process group, or the single-process default."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))  # set by torchrun; edge knowledge
-        return DistInfo(dist.get_rank(), dist.get_world_size(), local)
-    return DistInfo()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        # numpy/python states as tensors and plain values so the checkpoint loads with weights_only
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and runs, unlike hash())."""
-    seq = np.random.SeedSequence([int(p) % 2**32 for p in parts])
-    return int(seq.generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
-def _seed_worker(worker_id: int) -> None:
-    # A loader worker must not outlive the process that feeds on it (kill -9 of a runner).
-    die_with_parent()
-    # torch already seeded the worker with base_seed + worker_id (base_seed from the loader's
-    # generator, which we reseed every epoch); derive numpy/python from it for any global use.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-# --------------------------------------------------------------------------------------------
-# sampling
-# --------------------------------------------------------------------------------------------
-class GlobalBatchSampler(Sampler[int]):
-    """Shuffled indices, grouped into global batches of ``global_batch``; this rank gets its
-    contiguous ``1/world`` slice of every global batch. The order is a function of (seed, epoch);
-    the trailing partial global batch is dropped so every rank has equal, full batches."""
-
-    def __init__(
-        self, size: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, max_batches: int | None = None
-    ) -> None:
-        if global_batch % world:
-            raise TrainError(f"batch_size {global_batch} is not divisible by the {world} DDP ranks")
-        if size < global_batch:
-            raise TrainError(f"the training split has {size} samples, fewer than batch_size {global_batch}")
-        self.size, self.global_batch, self.seed = size, global_batch, seed
-        self.rank, self.world = rank, world
-        self.local_batch = global_batch // world
-        self.num_batches = size // global_batch
-        if max_batches is not None:
-            self.num_batches = min(self.num_batches, max_batches)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches * self.local_batch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, 0x5A3))
-        perm = torch.randperm(self.size, generator=g).tolist()
-        lo = self.rank * self.local_batch
-        for b in range(self.num_batches):
-            start = b * self.global_batch + lo
-            yield from perm[start : start + self.local_batch]
-
-
-# --------------------------------------------------------------------------------------------
 # model pieces
 # --------------------------------------------------------------------------------------------
 class _WithFeatures(nn.Module):
@@ -274,77 +190,6 @@ def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.o
             params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, weight_decay=o.weight_decay
         )
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then os.replace (never a partial file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint_file(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by this module (weights_only), or raise ResumeError saying why."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt or foreign file: say which and why
-        raise ResumeError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
-        raise ResumeError(
-            f"{path}: not a lastkd training checkpoint (format {obj.get('format') if isinstance(obj, dict) else type(obj).__name__})"
-        )
-    return obj
-
-
-def _check_hash(obj: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    want = config.config_hash()
-    if obj.get("config_hash") != want:
-        raise ResumeError(
-            f"{path} was written by a different training config (hash {str(obj.get('config_hash'))[:12]} != "
-            f"{want[:12]}); use a new run directory, or delete the file to start over"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# DDP helpers
-# --------------------------------------------------------------------------------------------
-def _allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-
-
-def _any_rank(flag: bool, di: DistInfo, device: torch.device) -> bool:
-    if not di.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _gather(obj: Any, di: DistInfo) -> list[Any]:
-    if not di.active:
-        return [obj]
-    out: list[Any] = [None] * di.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast_module(module: nn.Module, di: DistInfo) -> None:
-    if di.active:
-        for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,18 +270,21 @@ class TrainingRun:
 
         self.model = create_last_v2(cfg.variant, num_classes=self.info.num_classes).to(self.device)
         self.projector: nn.Module | None = None
-        self.stats = None
+        self.stats: kd.FeatureStats | None = None
         if self.distilling:
             self.projector = kd.Projector(
                 self.model.feature_dim, self.info.feature_dim, cfg.distill.projector_hidden
             ).to(self.device)
-            mean, std = self.train_ds.teacher.stats()
+            teacher = self.train_ds.teacher
+            if teacher is None:  # build_datasets joins features whenever it is given a store and a set
+                raise TrainError(f"feature set {cfg.distill.feature_set!r} was not joined to the training split")
+            mean, std = teacher.stats()
             self.stats = kd.FeatureStats(torch.from_numpy(mean).to(self.device), torch.from_numpy(std).to(self.device))
-        _broadcast_module(self.model, di)
+        broadcast_module(self.model, di)
         if self.projector is not None:
-            _broadcast_module(self.projector, di)
+            broadcast_module(self.projector, di)
         # distinct dropout draws per rank; rank 0 keeps the single-process stream
-        torch.manual_seed(_mix_seed(cfg.seed, di.rank, 0xD0) if di.rank else cfg.seed)
+        torch.manual_seed(mix_seed(cfg.seed, di.rank, 0xD0) if di.rank else cfg.seed)
 
         self.sampler = GlobalBatchSampler(
             len(self.train_ds), cfg.batch_size, cfg.seed, di.rank, di.world, cfg.max_steps_per_epoch
@@ -450,7 +298,7 @@ class TrainingRun:
             batch_size=self.sampler.local_batch,
             sampler=self.sampler,
             num_workers=cfg.workers,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             generator=self.loader_gen,
             pin_memory=pin,
             drop_last=True,
@@ -463,7 +311,7 @@ class TrainingRun:
             batch_size=eval_bs,
             shuffle=False,
             num_workers=cfg.workers,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(cfg.seed),
             pin_memory=pin,
         )
@@ -472,7 +320,7 @@ class TrainingRun:
         # set in its deterministic (validation-style) view, batched as in training.
         n_bn = min(len(self.train_ds), cfg.eval.bn_samples)
         bn_order = torch.randperm(
-            len(self.train_ds), generator=torch.Generator().manual_seed(_mix_seed(cfg.seed, 0xB4))
+            len(self.train_ds), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 0xB4))
         ).tolist()
         bn_ds = SkeletonDataset(self.train_ds.collection, cfg.data, train=False, seed=cfg.seed)
         self.bn_loader = DataLoader(
@@ -480,7 +328,7 @@ class TrainingRun:
             batch_size=self.sampler.local_batch,
             shuffle=False,
             num_workers=cfg.workers,
-            worker_init_fn=_seed_worker,
+            worker_init_fn=seed_worker,
             generator=torch.Generator().manual_seed(cfg.seed),
             pin_memory=pin,
         )
@@ -491,6 +339,8 @@ class TrainingRun:
         self.optimizer = _build_optimizer(cfg, params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor_fn(cfg, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # DDP-wrapped or not, one call per step: streams -> (log-probabilities, features)
+        self.forward: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
         if di.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(_WithFeatures(self.model), device_ids=ids)
@@ -504,7 +354,7 @@ class TrainingRun:
         if not path.exists():
             return
         ck = load_checkpoint_file(path)
-        _check_hash(ck, self.config, path)
+        check_config_hash(ck, self.config, path)
         try:
             self.model.load_state_dict(ck["model"])
             if self.projector is not None:
@@ -518,13 +368,13 @@ class TrainingRun:
         self.start_epoch = int(ck["epoch"])
         rng = ck.get("rng") or []
         if len(rng) == self.di.world:
-            _set_rng_state(rng[self.di.rank])
+            set_rng_state(rng[self.di.rank])
         else:
             log.warning("resuming %d-rank checkpoint on %d ranks: RNG streams restart", len(rng), self.di.world)
         log.info("resumed %s at epoch %d/%d", path, self.start_epoch, self.config.epochs)
 
     def save_checkpoint(self, epoch_done: int) -> None:
-        rng = _gather(_rng_state(), self.di)
+        rng = gather(rng_state(), self.di)
         if not self.di.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -553,12 +403,12 @@ class TrainingRun:
 
     def _cancel_requested(self) -> bool:
         local = bool(self.hooks.should_cancel()) if self.hooks.should_cancel is not None else False
-        return _any_rank(local, self.di, self.device)
+        return any_rank(local, self.di, self.device)
 
     def train_step(self, batch: dict[str, Any], global_step: int) -> tuple[dict[str, float], float]:
         cfg = self.config
         dev = self.device
-        streams = {s: batch[s].to(dev, non_blocking=True) for s in cfg.data.streams}
+        streams: dict[str, Tensor] = {s: batch[s].to(dev, non_blocking=True) for s in cfg.data.streams}
         target = batch["label"].to(dev, non_blocking=True)
         alpha = float(kd.alpha_at(cfg.distill, global_step / self.total_steps)) if self.projector is not None else 0.0
         teacher = mask = None
@@ -583,7 +433,7 @@ class TrainingRun:
         )
         self.scaler.scale(loss).backward()
         if self.di.active and self.projector is not None:
-            _allreduce_mean_grads(list(self.projector.parameters()), self.di.world)
+            allreduce_mean_grads(list(self.projector.parameters()), self.di.world)
         # unscale_ is a no-op without fp16, so the norm is always that of the true gradients; an
         # infinite max_norm scales by exactly 1.0 (no clipping) and just measures (logged as grad_norm).
         self.scaler.unscale_(self.optimizer)
@@ -612,7 +462,7 @@ class TrainingRun:
         cfg = self.config
         self.train_ds.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
-        self.loader_gen.manual_seed(_mix_seed(cfg.seed, epoch, self.di.rank, 0x10AD))
+        self.loader_gen.manual_seed(mix_seed(cfg.seed, epoch, self.di.rank, 0x10AD))
         self.model.train()
         if self.projector is not None:
             self.projector.train()
@@ -708,7 +558,7 @@ class TrainingRun:
     def _predict_all(self, corruption: ev.Corruption | None = None) -> tuple[np.ndarray, np.ndarray] | None:
         """Predictions over the whole val split, gathered on rank 0 (None on other ranks)."""
         self.refresh_bn_stats()
-        _broadcast_module(self.model, self.di)  # everyone evaluates rank 0's BN statistics
+        broadcast_module(self.model, self.di)  # everyone evaluates rank 0's BN statistics
         parents = (
             data_streams.REFERENCE_BONE_PARENTS
             if self.config.data.streams_mode == "reference"
@@ -724,7 +574,7 @@ class TrainingRun:
             bone_parents=parents,
             autocast=self.autocast,
         )
-        parts = _gather((lp, lb, idx), self.di)
+        parts = gather((lp, lb, idx), self.di)
         if not self.di.is_main:
             return None
         parts = [p for p in parts if p[0].size]
@@ -914,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Exit status 0 when completed, 3 when cancelled, 2 for bad input.
     """
-    parser = argparse.ArgumentParser(prog="python -m lastkd.student.training", description=main.__doc__.splitlines()[0])
+    # the first line of this docstring is the usage (``or ""``: docstrings are gone under -OO)
+    usage = (main.__doc__ or "").partition("\n")[0]
+    parser = argparse.ArgumentParser(prog="python -m lastkd.student.training", description=usage)
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--store", type=Path, default=None, help="feature store (needed when distilling)")
@@ -929,12 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    started = False
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
-        started = True
+    started = init_process_group_from_env(use_cuda=torch.cuda.is_available() and config.device != "cpu")
     try:
         result = train(config, args.run_dir, store_path=args.store, data_roots=args.data_root)
     except (TrainError, ValueError, OSError) as exc:  # bad data/store/run dir: a message, not a traceback

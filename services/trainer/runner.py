@@ -116,7 +116,7 @@ def _watch_supervisor(conn: Connection) -> None:
 
 def partial_checkpoint(run_dir: Path) -> str | None:
     """The epoch checkpoint a cancelled run leaves, or None when no epoch was saved yet."""
-    from lastkd.student.training import CHECKPOINT_NAME
+    from lastkd.student.checkpoints import CHECKPOINT_NAME
 
     path = run_dir / CHECKPOINT_NAME
     return str(path) if path.is_file() else None

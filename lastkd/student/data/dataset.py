@@ -31,7 +31,7 @@ from lastkd.student.data import augment as aug
 from lastkd.student.data import streams as st
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.config import DataConfig
-from lastkd.student.distill import TeacherOrder
+from lastkd.student.distill import FlippedViews, TeacherOrder
 
 # Mixed into the shuffle seed so the permutation is not correlated with any other draw of the seed.
 _SHUFFLE_SALT = 0x7EAC5EED
@@ -166,6 +166,7 @@ class SkeletonDataset(Dataset):
         train: bool,
         teacher: TeacherFeatures | None = None,
         seed: int = 0,
+        flipped_views: FlippedViews = "skip",
     ) -> None:
         if not isinstance(collection, SkeletonCollection):
             raise DatasetError(f"collection must be a SkeletonCollection, got {type(collection).__name__}")
@@ -176,6 +177,7 @@ class SkeletonDataset(Dataset):
         self.train = bool(train)
         self.seed = seed
         self.teacher = teacher
+        self.flipped_views = flipped_views
         self._use_ready = bool(collection.streams) and all(s in collection.streams for s in cfg.streams)
         self._check_collection()
         if teacher is not None and teacher.names != collection.names:
@@ -236,12 +238,14 @@ class SkeletonDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
         i = int(index) % n
         rng = self.rng(i) if self.train else None
-        streams = self.sample_streams(i, rng)
+        streams, flipped = self._sample(i, rng)
         item: dict[str, torch.Tensor | int] = {k: torch.from_numpy(streams[k]) for k in self.cfg.streams}
         item["label"] = torch.tensor(int(self.collection.labels[i]), dtype=torch.int64)
         if self.teacher is not None:
             item["teacher"] = torch.from_numpy(self.teacher.vectors[i].copy())
-            item["has_teacher"] = torch.tensor(bool(self.teacher.found[i]))
+            # The stored vector is of the clip played forwards; a time-reversed view is another clip.
+            mismatch = flipped and self.flipped_views == "skip"
+            item["has_teacher"] = torch.tensor(bool(self.teacher.found[i]) and not mismatch)
         else:
             item["teacher"] = torch.zeros(0, dtype=torch.float32)
             item["has_teacher"] = torch.tensor(False)
@@ -252,13 +256,25 @@ class SkeletonDataset(Dataset):
 
     def sample_streams(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
         """The configured streams of sample ``i`` as contiguous float32 (3, num_frames, 25, 2) arrays."""
+        return self._sample(i, rng)[0]
+
+    def _sample(self, i: int, rng: np.random.Generator | None) -> tuple[dict[str, np.ndarray], bool]:
+        """The streams of sample ``i`` and whether augmentation flipped (time-reversed) them."""
         if self._use_ready:
-            out = self._from_ready(i, rng)
+            out, flipped = self._from_ready(i, rng)
         elif self.cfg.streams_mode == "reference":
-            out = self._reference(i, rng)
+            out, flipped = self._reference(i, rng)
         else:
-            out = self._standard(i, rng)
-        return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in self.cfg.streams}
+            out, flipped = self._standard(i, rng)
+        return {k: np.ascontiguousarray(out[k], dtype=np.float32) for k in self.cfg.streams}, flipped
+
+    def _augment(self, streams: dict[str, np.ndarray], rng: np.random.Generator) -> tuple[dict[str, np.ndarray], bool]:
+        # draw_params first, as aug.augment itself would: the same draws, and the flip is known
+        params = aug.draw_params(rng, self.cfg.augment)
+        return aug.augment(streams, rng, self.cfg.augment, params), self._flipped(params)
+
+    def _flipped(self, params: aug.AugmentParams) -> bool:
+        return bool(self.cfg.augment.flip and params.flip)
 
     def _window(self) -> tuple[float, float] | None:
         """The training window fraction range, or None (validation window) when the crop is off."""
@@ -279,9 +295,9 @@ class SkeletonDataset(Dataset):
             start = st.reference_crop_start(st.REFERENCE_STORED_FRAMES, t, None)
         window = st.reference_window(coords, start, t)
         cropped = {k: window[k] for k in self.cfg.streams}
-        return cropped if rng is None else aug.augment(cropped, rng, self.cfg.augment)
+        return (cropped, False) if rng is None else self._augment(cropped, rng)
 
-    def _from_ready(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def _from_ready(self, i: int, rng: np.random.Generator | None) -> tuple[dict[str, np.ndarray], bool]:
         ready = {k: self.collection.streams[k][i] for k in self.cfg.streams}
         if self.cfg.streams_mode == "reference":
             return self._crop_augment(ready, rng)
@@ -293,42 +309,44 @@ class SkeletonDataset(Dataset):
         if "velocity" in sampled:  # stored per stored frame; standard velocity is per second
             sampled["velocity"] = sampled["velocity"] * np.float32(st.STANDARD_VELOCITY_SCALE)
         if rng is None:
-            return sampled
+            return sampled, False
         params = aug.draw_params(rng, self.cfg.augment)
         out = aug.transform(sampled, params, self.cfg.augment)
-        if "velocity" in out and self.cfg.augment.flip and params.flip:
+        if "velocity" in out and self._flipped(params):
             out["velocity"] = -out["velocity"]  # reversed time reverses motion
         out = aug.add_noise(out, rng, self.cfg.augment)
-        return aug.drop_joints(out, params, self.cfg.augment)
+        return aug.drop_joints(out, params, self.cfg.augment), self._flipped(params)
 
-    def _crop_augment(self, full: dict[str, np.ndarray], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def _crop_augment(
+        self, full: dict[str, np.ndarray], rng: np.random.Generator | None
+    ) -> tuple[dict[str, np.ndarray], bool]:
         t = self.cfg.num_frames
         stored = next(iter(full.values())).shape[1]
         start = st.reference_crop_start(stored, t, rng)
         if rng is not None and not self.cfg.augment.time_crop:
             start = st.reference_crop_start(stored, t, None)
         cropped = {k: st.reference_crop(v, start, t) for k, v in full.items()}
-        return cropped if rng is None else aug.augment(cropped, rng, self.cfg.augment)
+        return (cropped, False) if rng is None else self._augment(cropped, rng)
 
-    def _standard(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def _standard(self, i: int, rng: np.random.Generator | None) -> tuple[dict[str, np.ndarray], bool]:
         coords = self._raw(i)
         t = self.cfg.num_frames
         if coords.shape[1] == 0:
             zeros = np.zeros((3, t, st.NUM_JOINTS, st.NUM_BODIES), np.float32)
-            return {k: zeros for k in self.cfg.streams}
+            return {k: zeros for k in self.cfg.streams}, False
         joint, present, step = st.standard_joint(coords, t, rng, window=self._window())
         if rng is None:
-            return st.standard_streams(joint, present, step)
+            return st.standard_streams(joint, present, step), False
         acfg = self.cfg.augment
         params = aug.draw_params(rng, acfg)
         # Augment the joints, then derive velocity and bone from them, so a flipped clip gets the
         # velocity of the reversed motion (spatial transforms commute with both anyway).
         joint = aug.apply_spatial(joint, aug.spatial_matrix(params, acfg))
-        if acfg.flip and params.flip:
+        if self._flipped(params):
             joint, present = np.ascontiguousarray(joint[:, ::-1]), present[::-1]
         out = st.standard_streams(joint, present, step)
         out = aug.add_noise({k: out[k] for k in self.cfg.streams}, rng, acfg, present=present)
-        return aug.drop_joints(out, params, acfg)
+        return aug.drop_joints(out, params, acfg), self._flipped(params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -395,16 +413,20 @@ def build_datasets(
     feature_set: str | None = None,
     seed: int = 0,
     teacher_order: TeacherOrder = "joined",
+    flipped_views: FlippedViews = "skip",
 ) -> tuple[SkeletonDataset, SkeletonDataset, DataInfo]:
     """Train and val datasets (teacher features joined when a store and a feature set are given).
 
     ``teacher_order='shuffled'`` permutes the teacher vectors across clips once, here, with a
-    permutation fixed by ``seed`` (see :meth:`TeacherFeatures.shuffled`).
+    permutation fixed by ``seed`` (see :meth:`TeacherFeatures.shuffled`). ``flipped_views``: what a
+    flipped training sample does with its clip's (forward) teacher vector (see DistillConfig).
     """
     if (teacher_store_path is None) != (feature_set is None):
         raise DatasetError("teacher_store_path and feature_set must be given together (or neither)")
     if teacher_order not in get_args(TeacherOrder):
         raise DatasetError(f"teacher_order must be one of {list(get_args(TeacherOrder))}, got {teacher_order!r}")
+    if flipped_views not in get_args(FlippedViews):
+        raise DatasetError(f"flipped_views must be one of {list(get_args(FlippedViews))}, got {flipped_views!r}")
     if len(train_col) == 0 or len(val_col) == 0:
         raise DatasetError(f"empty split: train has {len(train_col)} samples, val {len(val_col)}")
     t_train = t_val = None
@@ -414,7 +436,7 @@ def build_datasets(
         if teacher_order == "shuffled":
             t_train, t_val = t_train.shuffled(seed), t_val.shuffled(seed)
     skipped = skipped_reasons(train_col, val_col)
-    train_ds = SkeletonDataset(train_col, cfg, train=True, teacher=t_train, seed=seed)
+    train_ds = SkeletonDataset(train_col, cfg, train=True, teacher=t_train, seed=seed, flipped_views=flipped_views)
     val_ds = SkeletonDataset(val_col, cfg, train=False, teacher=t_val, seed=seed)
     info = DataInfo(
         num_classes=cfg.num_classes,

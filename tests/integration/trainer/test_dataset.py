@@ -355,7 +355,9 @@ def test_teacher_join_coverage_stats_and_items(store_with_half) -> None:
     stacked = np.stack(list(vectors.values()))
     np.testing.assert_allclose(mean, stacked.mean(axis=0), atol=1e-6)
     np.testing.assert_allclose(std, stacked.std(axis=0), atol=1e-6)
-    train_ds, val_ds, info = build_datasets(_cfg(), col, col.subset(np.array([1, 2])), path, set_id, seed=3)
+    # no flip: a flipped training sample has no teacher target (tested below), the join is tested here
+    cfg = _cfg(augment=NO_AUG)
+    train_ds, val_ds, info = build_datasets(cfg, col, col.subset(np.array([1, 2])), path, set_id, seed=3)
     assert info.coverage_train == 0.5 and info.coverage_val == 0.5 and info.feature_dim == 8
     assert (info.num_classes, info.train_size, info.val_size) == (60, 6, 2)
     for ds in (train_ds, val_ds):
@@ -370,6 +372,32 @@ def test_teacher_join_coverage_stats_and_items(store_with_half) -> None:
                 assert item["has_teacher"].item() is False and not item["teacher"].any()
     batch = next(iter(DataLoader(train_ds, batch_size=6)))
     assert batch["teacher"].shape == (6, 8) and batch["has_teacher"].tolist() == [True, False] * 3
+
+
+@pytest.mark.parametrize("mode", ["standard", "reference"])
+def test_flipped_samples_leave_the_distillation_term_unless_reuse_is_asked(store_with_half, mode: str) -> None:
+    """A flipped view is the clip time-reversed, but the stored vector is of the clip played
+    forwards: by default a flipped sample keeps its label and streams but gets no teacher target."""
+    path, set_id, col, vectors = store_with_half
+    always = AugmentConfig(rotate=False, scale=False, shear=False, flip=True, flip_prob=1.0, noise=False)
+    never = always.model_copy(update={"flip_prob": 0.0})
+    covered = [i for i, name in enumerate(col.names) if name in vectors]
+    items = {}
+    for policy in ("skip", "reuse"):
+        for label, aug_cfg in (("flip", always), ("plain", never)):
+            cfg = _cfg(streams_mode=mode, augment=aug_cfg)
+            train_ds, _, _ = build_datasets(cfg, col, col, path, set_id, seed=3, flipped_views=policy)
+            items[(policy, label)] = [train_ds[i] for i in covered]
+    assert all(not it["has_teacher"].item() for it in items[("skip", "flip")])
+    assert all(it["has_teacher"].item() for it in items[("reuse", "flip")])
+    assert all(it["has_teacher"].item() for key in (("skip", "plain"), ("reuse", "plain")) for it in items[key])
+    # the policy decides the target only: the streams a flipped sample trains on are the same
+    for a, b in zip(items[("skip", "flip")], items[("reuse", "flip")], strict=True):
+        assert _same({k: v for k, v in a.items() if k != "has_teacher"}, {k: v for k, v in b.items() if k != "has_teacher"})
+    if mode == "standard":  # really the reversed clip (a reference crop may lie in the padded tail)
+        assert not torch.equal(items[("skip", "flip")][0]["joint"], items[("skip", "plain")][0]["joint"])
+    with pytest.raises(DatasetError, match="flipped_views"):
+        build_datasets(_cfg(), col, col, path, set_id, flipped_views="sometimes")  # type: ignore[arg-type]
 
 
 def test_teacher_join_errors(store_with_half, tmp_path) -> None:
