@@ -208,7 +208,8 @@ class EngineRun:
         name: str = "videomae_v2_vit_b",
     ) -> None:
         from lastkd.featurestore import FeatureStore
-        from lastkd.teacher.embedder import Embedder, EngineConfig
+        from lastkd.teacher.embedder import Embedder
+        from lastkd.teacher.engine_config import EngineConfig
         from lastkd.teacher.video import PreprocessConfig, VideoLimits
 
         config = EngineConfig(

@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
 from lastkd.models.last_v2 import num_parameters  # noqa: E402
 from lastkd.student import training as engine  # noqa: E402
 from lastkd.student.config import TrainConfig  # noqa: E402
-from lastkd.student.publish import estimate_flops, load_student, publish  # noqa: E402
+from lastkd.student.provenance import estimate_flops  # noqa: E402
+from lastkd.student.publish import load_student, publish  # noqa: E402
 from lastkd.student.synth import generate  # noqa: E402
 
 

@@ -229,7 +229,7 @@ class EnvHandle:
                 self.require_env().set_mapsize(0)  # 0 = adopt the size the writer recorded
 
     @contextmanager
-    def write_txn(self) -> Iterator[lmdb.Transaction]:
+    def write_txn(self) -> Iterator[lmdb.Transaction[bytes]]:
         """A write transaction: committed when the block ends normally, aborted on any error."""
         with self.lock.shared():
             with self.require_env().begin(write=True) as txn:

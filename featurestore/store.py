@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lmdb
 import numpy as np
@@ -134,7 +134,7 @@ class FeatureStore:
         if self.readonly:
             raise ReadOnlyStoreError(f"feature store {self.path} is opened read-only")
 
-    def _write(self, what: str, fn: Callable[[lmdb.Transaction, envs.EnvHandle], T]) -> T:
+    def _write(self, what: str, fn: Callable[[lmdb.Transaction[bytes], envs.EnvHandle], T]) -> T:
         """Run ``fn`` in one write transaction; grow the map or raise StoreFullError when full."""
         self._require_writable()
         while True:
@@ -245,7 +245,7 @@ class FeatureStore:
         set_key = check_set_id(set_id)
         pre = layout.prefix(set_key)
 
-        def write(txn: lmdb.Transaction, handle: envs.EnvHandle) -> int:
+        def write(txn: lmdb.Transaction[bytes], handle: envs.EnvHandle) -> int:
             if txn.get(set_key, db=handle.dbs[layout.DB_SETS]) is None:
                 raise self._unknown(txn, handle, set_key)
             deleted = 0
@@ -345,14 +345,15 @@ class FeatureStore:
             decided: dict[bytes, bytes | None] = {}  # key -> digest it holds after this batch
             outcome: list[str] = []
             for i, key in enumerate(full_keys):
-                digest = shas[i].encode()  # type: ignore[union-attr]
+                digest = cast(str, shas[i]).encode()  # every digest was checked present above
                 if key not in decided:
                     if txn.get(key, db=vecs) is None:
                         txn.put(key, flat[i * rb : (i + 1) * rb], db=vecs)
                         txn.put(pre + digest, key[len(pre) :], db=fwd, overwrite=False)
                         txn.put(key, digest, db=rev)
-                        if info_bytes[i] is not None:
-                            txn.put(key, info_bytes[i], db=handle.dbs[layout.DB_CLIP_INFO])
+                        info = info_bytes[i]
+                        if info is not None:
+                            txn.put(key, info, db=handle.dbs[layout.DB_CLIP_INFO])
                         decided[key] = digest
                         outcome.append("added")
                         continue
@@ -407,7 +408,8 @@ class FeatureStore:
             clip_key = pre + key
             if clip_key in existing:  # an overwritten vector's facts no longer describe it
                 txn.delete(clip_key, db=handle.dbs[layout.DB_CLIP_INFO])
-            new = shas[i].encode() if shas is not None and shas[i] is not None else None
+            sha = shas[i] if shas is not None else None
+            new = sha.encode() if sha is not None else None
             if clip_key in existing:
                 old = txn.get(clip_key, db=rev)
                 if old is not None and old != new:
@@ -430,7 +432,7 @@ class FeatureStore:
             meta = self._meta(txn, handle, set_key)
             rb = meta.row_bytes
             out = np.empty((len(keys), meta.dim), dtype=meta.np_dtype)
-            flat = memoryview(out).cast("B") if keys else None
+            flat = out.data.cast("B") if keys else None
             missing: list[int] = []
             get = txn.get
             pos = 0
@@ -440,7 +442,7 @@ class FeatureStore:
                     missing.append(i)
                 elif len(value) == rb:
                     # One copy, straight from the map into the preallocated row.
-                    flat[pos : pos + rb] = value  # type: ignore[index]
+                    flat[pos : pos + rb] = value  # type: ignore[index]  # None only when keys is empty
                 else:
                     raise CorruptStoreError(
                         f"feature store {self.path}: vector {key[len(set_key) + 1 :].decode()!r} of {set_id!r} has "

@@ -42,7 +42,7 @@ def as_id_list(ids: object, what: str = "ids") -> list:
     if isinstance(ids, np.ndarray) and ids.ndim != 1:
         raise InvalidFeatureError(f"{what} must be one-dimensional, got an array of shape {ids.shape}")
     try:
-        return list(ids)  # type: ignore[call-overload]
+        return list(ids)  # type: ignore[call-overload]  # any object: a non-iterable raises TypeError
     except TypeError:
         raise InvalidFeatureError(f"{what} must be a sequence of strings, got {type(ids).__name__}") from None
 
@@ -168,7 +168,7 @@ def check_dtype(dtype: object) -> str:
         name = None
     if name not in DTYPES:
         raise InvalidFeatureError(f"dtype must be 'float16' or 'float32', got {_show(dtype)}")
-    return name  # type: ignore[return-value]
+    return name
 
 
 def check_teacher(teacher: object) -> str:

@@ -39,13 +39,13 @@ class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
-        real_exec = loader.exec_module  # type: ignore[union-attr]  # checked with hasattr above
+        real_exec = loader.exec_module
 
         def exec_then_register(module: ModuleType) -> None:
             real_exec(module)
             _register_with_timm()
 
-        loader.exec_module = exec_then_register  # type: ignore[method-assign]  # this spec's loader only
+        loader.exec_module = exec_then_register  # this spec's loader only
         return spec
 
 

@@ -29,7 +29,7 @@ class LastkdError(Exception):
         if code is not None:
             self.code = code  # type: ignore[misc]  # instance override of the class default
         if status is not None:
-            self.status = status  # type: ignore[misc]
+            self.status = status  # type: ignore[misc]  # instance override of the class default
         self.details: dict[str, Any] = details
 
     def __str__(self) -> str:

@@ -360,7 +360,7 @@ def create_service_app(
     lifespan: Lifespan | None = None,
     routers: list[APIRouter] | None = None,
     max_json_bytes: int = 1 << 20,
-    description: str | None = None,
+    description: str = "",
     component_schemas: Sequence[type[BaseModel]] = (),
 ) -> FastAPI:
     """A FastAPI app with what both services share: the JSON error shape, bearer auth

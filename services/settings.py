@@ -212,7 +212,7 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings from the environment (and overrides), turning validation errors into one
     readable message that names each bad variable."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)  # type: ignore[arg-type]  # any values: validating them is what this does
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

@@ -23,7 +23,7 @@ from lastkd.featurestore import FeatureStore, FeatureStoreError, NotAStoreError,
 from lastkd.services.settings import Settings
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``lastkd store`` and its sub-commands."""
     parser = subparsers.add_parser(
         "store",

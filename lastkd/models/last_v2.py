@@ -29,7 +29,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -140,6 +140,13 @@ class StreamBatchNorm2d(nn.BatchNorm2d):
     :meth:`LASTv2.stream_context` for the duration of one stream's backbone pass.
     """
 
+    # Buffers, declared so they type as tensors (nn.Module.__getattr__ says Tensor | Module).
+    stream_mean: Tensor
+    stream_var: Tensor
+    # Never None: built with BatchNorm2d's default track_running_stats=True.
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__(num_features)
         self.register_buffer("stream_mean", torch.empty(0, num_features), persistent=False)
@@ -156,6 +163,8 @@ class StreamBatchNorm2d(nn.BatchNorm2d):
 
 class AdaptiveGraphConv(nn.Module):
     """Physical (K subsets) + learned + dynamic graph convolution with K + 2 1x1 convs."""
+
+    A_physical: Tensor  # a buffer, declared so it types as a tensor
 
     def __init__(self, in_channels: int, out_channels: int, adjacency: Tensor, embed_ratio: int = 8) -> None:
         super().__init__()
@@ -189,7 +198,7 @@ class AdaptiveGraphConv(nn.Module):
         # Static subsets: one tall (N*C*T, V) @ (V, V) product each, stacked along channels so the
         # K + 1 separate 1x1 convs become a single conv (same sum, measured fastest on CPU).
         agg = torch.cat([(rows @ a).view(n, c, t, v) for a in static], dim=1)
-        weight = torch.cat([conv.weight for conv in self.subset_convs[: len(static)]], dim=1)
+        weight = torch.cat([cast(nn.Conv2d, conv).weight for conv in self.subset_convs[: len(static)]], dim=1)
         out = F.conv2d(agg, weight)
         dyn = torch.bmm(x.reshape(n, c * t, v), self.dynamic_adjacency(x)).view(n, c, t, v)
         return out + self.subset_convs[len(static)](dyn)
@@ -360,6 +369,8 @@ class LASTv2(
     joint/velocity/bone use the joint input BN, as in the reference.
     """
 
+    A: Tensor  # a buffer, declared so it types as a tensor
+
     def __init__(self, num_classes: int = 60, variant: str = "small", in_channels: int = 3) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -526,7 +537,7 @@ class LASTv2(
         return out
 
     @classmethod
-    def _from_pretrained(  # type: ignore[override]  # the mixin's hook, with our strict defaults
+    def _from_pretrained(  # the mixin's hook, with our strict defaults
         cls,
         *,
         model_id: str,

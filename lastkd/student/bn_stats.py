@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,13 @@ def _mean_var(m: _Moments) -> tuple[Tensor, Tensor]:
     return mean, var * n / (n - 1).clamp(min=1.0)
 
 
+def _running_buffers(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor, Tensor]:
+    """``(running_mean, running_var, num_batches_tracked)``, never None: every BatchNorm of LAST v2
+    is built with the default ``track_running_stats=True``."""
+    assert bn.running_mean is not None and bn.running_var is not None and bn.num_batches_tracked is not None
+    return bn.running_mean, bn.running_var, bn.num_batches_tracked
+
+
 def _pooled(parts: list[_Moments]) -> tuple[Tensor, Tensor]:
     total = _Moments(parts[0].sum.numel(), parts[0].sum.device)
     for p in parts:
@@ -108,11 +115,13 @@ def recompute_bn_stats(
 
         return pre
 
-    targets: dict[str, nn.Module] = {f"data_bn.{k}": bn for k, bn in enumerate(model.data_bn)}
+    targets: dict[str, nn.BatchNorm2d] = {
+        f"data_bn.{k}": cast(nn.BatchNorm2d, bn) for k, bn in enumerate(model.data_bn)
+    }
     targets.update(bns)
     handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in targets.items()]
     was_training = model.training
-    saved_tracked = {name: mod.num_batches_tracked.clone() for name, mod in targets.items()}
+    saved_tracked = {name: _running_buffers(mod)[2].clone() for name, mod in targets.items()}
     model.train()
     for mod in model.modules():
         if isinstance(mod, nn.Dropout):
@@ -132,12 +141,12 @@ def recompute_bn_stats(
         model.train(was_training)
     if dist.is_available() and dist.is_initialized():
         keys = sorted(moments)
-        flat = torch.cat([moments[k].flat() for k in keys])
+        flat = torch.cat([moments[key].flat() for key in keys])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
-        for k in keys:
-            size = moments[k].flat().numel()
-            moments[k].load_flat(flat[offset : offset + size])
+        for key in keys:
+            size = moments[key].flat().numel()
+            moments[key].load_flat(flat[offset : offset + size])
             offset += size
     if not moments:
         raise ValueError("no batches to recompute BatchNorm statistics from")
@@ -148,9 +157,10 @@ def recompute_bn_stats(
         if not parts:
             continue  # an input BatchNorm of a stream that is not configured: left as it is
         mean, var = _pooled(parts)
-        mod.running_mean.copy_(mean.to(mod.running_mean.dtype))
-        mod.running_var.copy_(var.to(mod.running_var.dtype))
-        mod.num_batches_tracked.copy_(saved_tracked[name])
+        running_mean, running_var, tracked = _running_buffers(mod)
+        running_mean.copy_(mean.to(running_mean.dtype))
+        running_var.copy_(var.to(running_var.dtype))
+        tracked.copy_(saved_tracked[name])
     if per_stream:
         stats: dict[str, Tensor] = {}
         for prefix, bn in bns.items():

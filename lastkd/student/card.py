@@ -3,14 +3,16 @@ headline metrics) and a Markdown summary of the model, data, training, metrics a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lastkd.jsonsafe import to_jsonable
 from lastkd.models.last_v2 import STUDENT_FORMAT
-from lastkd.student.data.dataset import DataInfo
-from lastkd.student.training import TrainResult
+
+if TYPE_CHECKING:  # annotations only: writing the card needs neither the loop nor the data code
+    from lastkd.student.data.dataset import DataInfo
+    from lastkd.student.training import TrainResult
 
 __all__ = ["model_card"]
 

@@ -32,7 +32,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -75,6 +75,15 @@ MAX_LABEL_MAP_BYTES = 1 << 20
 
 class EvaluationError(ValueError):
     """Inputs to evaluation that do not fit together (shapes, label map, class count)."""
+
+
+class ClassAccuracy(TypedDict):
+    """One entry of the metrics' ``per_class`` list."""
+
+    index: int
+    name: str
+    count: int
+    accuracy: float | None  # None for a class without validation samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,7 +175,7 @@ def compute_metrics(
     correct = pred == labels
     cm = confusion_matrix(pred, labels, c)
     counts = cm.sum(axis=1)
-    per_class = [
+    per_class: list[ClassAccuracy] = [
         {
             "index": i,
             "name": names[i],

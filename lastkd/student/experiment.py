@@ -432,6 +432,12 @@ def _robustness(child: ChildResult) -> dict[str, float]:
     }
 
 
+def _all_known(values: Sequence[float | None]) -> list[float] | None:
+    """The values when none is missing, else None: an interval over some seeds only would not be paired."""
+    known = [v for v in values if v is not None]
+    return known if len(known) == len(values) else None
+
+
 def _object_top1(child: ChildResult) -> float | None:
     value = (child.metrics.get("object_classes") or {}).get("top1")
     return None if value is None else float(value)
@@ -493,8 +499,8 @@ def build_report(exp: ExperimentConfig, children: Sequence[ChildResult]) -> dict
     per_arm: dict[str, Any] = {}
     for arm in arms:
         kids = [by_key[(arm, s)] for s in seeds]
-        losses = [_final_distill(k, distilling[arm]) for k in kids]
-        objects = [_object_top1(k) for k in kids]
+        losses = _all_known([_final_distill(k, distilling[arm]) for k in kids])
+        objects = _all_known([_object_top1(k) for k in kids])
         robust_keys = sorted(set.intersection(*[set(_robustness(k)) for k in kids]))
         epochs = min(len(k.history) for k in kids)
         curves = {
@@ -505,8 +511,8 @@ def build_report(exp: ExperimentConfig, children: Sequence[ChildResult]) -> dict
             "distilling": distilling[arm],
             "top1": interval([k.metrics["top1"] for k in kids]),
             "top5": interval([k.metrics["top5"] for k in kids]),
-            "final_distill_loss": interval(losses) if all(v is not None for v in losses) else None,
-            "object_top1": interval(objects) if all(v is not None for v in objects) else None,
+            "final_distill_loss": None if losses is None else interval(losses),
+            "object_top1": None if objects is None else interval(objects),
             "robustness": {key: interval([_robustness(k)[key] for k in kids]) for key in robust_keys},
             "curves": curves,
         }
@@ -522,9 +528,8 @@ def build_report(exp: ExperimentConfig, children: Sequence[ChildResult]) -> dict
             "top5": interval([a.metrics["top5"] - b.metrics["top5"] for a, b in pairs]),
         }
         obj = [(_object_top1(a), _object_top1(b)) for a, b in pairs]
-        entry["object_top1"] = (
-            interval([x - y for x, y in obj]) if all(x is not None and y is not None for x, y in obj) else None
-        )
+        obj_diffs = _all_known([None if x is None or y is None else x - y for x, y in obj])
+        entry["object_top1"] = None if obj_diffs is None else interval(obj_diffs)
         classes = sorted(set.intersection(*[set(_per_class(a)) & set(_per_class(b)) for a, b in pairs]))
         entry["per_class"] = [
             {

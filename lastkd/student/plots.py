@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lastkd.student.training import TrainResult
+if TYPE_CHECKING:  # annotations only: drawing needs neither torch nor the training loop
+    from lastkd.student.training import TrainResult
 
 __all__ = ["confusion_view", "present_classes", "write_plots"]
 

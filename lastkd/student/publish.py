@@ -14,6 +14,9 @@
 * ``metrics.json``        final metrics incl. per-class accuracy, confusion, robustness; history
 * ``lineage.json``        job id, feature set, split, data hash, seed, code version, extras
 * ``plots/*.png``         loss and accuracy curves, per-class accuracy, confusion matrix
+
+The card, the figures and the recorded facts (FLOPs, code version, synthetic data) are written by
+:mod:`lastkd.student.card`, :mod:`lastkd.student.plots` and :mod:`lastkd.student.provenance`.
 """
 
 from __future__ import annotations
@@ -64,7 +67,6 @@ class PublishError(ValueError):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    # the one JSON conversion of the house: numpy/tensor values as lists, non-finite floats as null
     path.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -102,8 +102,10 @@ _LEAF_JOINTS = (4, 16, 20, 22, 23, 24, 25)  # Kinect reports zero orientation fo
 _L_ARM, _R_ARM = (6, 7, 8, 22, 23), (10, 11, 12, 24, 25)
 _L_FORE, _R_FORE = (7, 8, 22, 23), (11, 12, 24, 25)
 _UPPER = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 21, 22, 23, 24, 25)
-# (description, [(moving joints, pivot joint, axis, sign)], or a translation axis)
-_MOTIONS: tuple[tuple[str, tuple], ...] = (
+_Rotation = tuple[tuple[int, ...], int, str, int]  # (moving joints, pivot joint, axis, sign)
+_Motion = tuple[_Rotation, ...] | Literal["y"]  # rotations, or a translation axis
+# (description, motion)
+_MOTIONS: tuple[tuple[str, _Motion], ...] = (
     ("raise left arm", ((_L_ARM, 5, "z", -1),)),
     ("raise right arm", ((_R_ARM, 9, "z", 1),)),
     ("raise both arms", ((_L_ARM, 5, "z", -1), (_R_ARM, 9, "z", 1))),
@@ -163,7 +165,7 @@ def class_description(label: int) -> str:
     return f"synthetic: {name}, tempo {level + 1}"
 
 
-def _motion_params(label: int) -> tuple[tuple | str, float, float]:
+def _motion_params(label: int) -> tuple[_Motion, float, float]:
     """(motion, frequency Hz, amplitude) of a class: type from label % 10, tempo from label // 10."""
     _, motion = _MOTIONS[label % len(_MOTIONS)]
     level = label // len(_MOTIONS)

@@ -99,6 +99,8 @@ log = logging.getLogger(__name__)
 
 
 class RunState(str, enum.Enum):
+    """How a run ended: all epochs and the final evaluation, or stopped by ``should_cancel``."""
+
     COMPLETED = "completed"
     CANCELLED = "cancelled"
 
@@ -120,6 +122,7 @@ class Progress:
     val: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The snapshot as plain values (for job records and events)."""
         return asdict(self)
 
 
@@ -230,12 +233,14 @@ class TrainingRun:
         self.store_path = store_path if self.distilling else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of ``config.amp`` on CUDA, else a no-op context."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
 
     # -- setup -------------------------------------------------------------------------------
     def build(self) -> None:
+        """Data, loaders, student, projector, optimizer, schedule and (DDP) wrapper, from the config."""
         cfg, di = self.config, self.di
         seed_everything(cfg.seed)
         # Rank 0 first: it may build the parse cache the others then reuse.
@@ -250,6 +255,7 @@ class TrainingRun:
             feature_set=cfg.distill.feature_set if self.distilling else None,
             seed=cfg.seed,
             teacher_order=cfg.distill.teacher_order,
+            flipped_views=cfg.distill.flipped_views,
         )
         if di.active and di.is_main:
             dist.barrier()
@@ -350,6 +356,7 @@ class TrainingRun:
         self.start_epoch = 0
 
     def resume(self) -> None:
+        """Continue from ``run_dir/last.pt`` when it exists (weights, optimizer, history, RNG states)."""
         path = self.run_dir / CHECKPOINT_NAME
         if not path.exists():
             return
@@ -374,6 +381,7 @@ class TrainingRun:
         log.info("resumed %s at epoch %d/%d", path, self.start_epoch, self.config.epochs)
 
     def save_checkpoint(self, epoch_done: int) -> None:
+        """Write the complete state after ``epoch_done`` epochs to ``run_dir/last.pt`` (rank 0 writes)."""
         rng = gather(rng_state(), self.di)
         if not self.di.is_main:
             return
@@ -406,6 +414,7 @@ class TrainingRun:
         return any_rank(local, self.di, self.device)
 
     def train_step(self, batch: dict[str, Any], global_step: int) -> tuple[dict[str, float], float]:
+        """One optimizer step on ``batch``; the step's losses (over the global batch) and alpha."""
         cfg = self.config
         dev = self.device
         streams: dict[str, Tensor] = {s: batch[s].to(dev, non_blocking=True) for s in cfg.data.streams}
@@ -584,6 +593,7 @@ class TrainingRun:
         return lp[order], lb[order]
 
     def validate(self) -> dict[str, float] | None:
+        """Top-1, top-5 and NLL on the val split (None on ranks other than 0)."""
         got = self._predict_all()
         if got is None:
             return None
@@ -595,6 +605,7 @@ class TrainingRun:
         }
 
     def final_metrics(self) -> dict[str, Any]:
+        """The full evaluation of the finished run, robustness included ({} on ranks other than 0)."""
         ecfg = self.config.eval
         got = self._predict_all()
         noisy: dict[str, float] = {}
@@ -612,6 +623,7 @@ class TrainingRun:
 
     # -- whole run -----------------------------------------------------------------------------
     def result(self, state: RunState, metrics: dict[str, Any], epochs_done: int) -> TrainResult:
+        """The run as a :class:`TrainResult` (weights copied to CPU)."""
         return TrainResult(
             state=state,
             model_state={k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
@@ -626,6 +638,7 @@ class TrainingRun:
         )
 
     def run(self) -> TrainResult:
+        """Build, resume, train the remaining epochs (checkpoint after each), evaluate, save the result."""
         self.build()
         self.resume()
         cfg = self.config

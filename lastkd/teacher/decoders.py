@@ -179,10 +179,14 @@ class DecoderPool:
             return
         task.add_done_callback(lambda done: on_done(self._outcome(pool, done)))
 
-    def _submit(self, pool: cf.ProcessPoolExecutor, path: str, want_sha: bool) -> cf.Future[DecodedClip | _DecodeRefused]:
+    def _submit(
+        self, pool: cf.ProcessPoolExecutor, path: str, want_sha: bool
+    ) -> cf.Future[DecodedClip | _DecodeRefused]:
         return pool.submit(_decode_clip, path, self.preprocess, self.limits, self.threads, want_sha)
 
-    def _outcome(self, pool: cf.ProcessPoolExecutor, task: cf.Future[DecodedClip | _DecodeRefused]) -> DecodedClip | ClipFailure:
+    def _outcome(
+        self, pool: cf.ProcessPoolExecutor, task: cf.Future[DecodedClip | _DecodeRefused]
+    ) -> DecodedClip | ClipFailure:
         if task.cancelled():
             return ClipFailure(ClipFailureReason.SHUTDOWN, "the teacher engine shut down before this clip was decoded")
         exc = task.exception()

@@ -51,7 +51,7 @@ import math
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import av
 import numpy as np
@@ -475,7 +475,8 @@ def _decode_frames(
     n = 0
     container = _open(src.path, src.demuxer)
     try:
-        stream = container.streams[src.stream_index]
+        # _inspect took this index from the container's video streams
+        stream = cast(av.VideoStream, container.streams[src.stream_index])
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         tb = stream.time_base

@@ -100,13 +100,8 @@ def _engine_metrics(registry: CollectorRegistry, state: TeacherState) -> Callabl
 
 def create_app(settings: Settings) -> FastAPI:
     """Build the teacher app; the model, the store and the decoders start in its lifespan."""
-    from lastkd.teacher.embedder import (
-        Embedder,
-        EngineConfig,
-        EngineError,
-        limits_from_settings,
-        preprocess_from_settings,
-    )
+    from lastkd.teacher.embedder import Embedder
+    from lastkd.teacher.engine_config import EngineConfig, EngineError, limits_from_settings, preprocess_from_settings
 
     state = TeacherState(settings=settings, upload_dir=Path(settings.data_dir) / "tmp" / "uploads")
 
@@ -206,7 +201,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except BindRefusedError as exc:
         print(f"lastkd serve-teacher: {exc}", file=sys.stderr)
         return 2
-    from lastkd.teacher.embedder import EngineConfig, EngineError
+    from lastkd.teacher.engine_config import EngineConfig, EngineError
 
     try:
         EngineConfig.from_settings(settings)  # the model name and weights rule, before any loading

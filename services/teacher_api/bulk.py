@@ -295,8 +295,8 @@ def _positive(text: str) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Discover, embed, report, summarise."""
     from lastkd.featurestore import FeatureStore, FeatureStoreError
-    from lastkd.teacher.embedder import (
-        Embedder,
+    from lastkd.teacher.embedder import Embedder
+    from lastkd.teacher.engine_config import (
         EngineConfig,
         EngineError,
         limits_from_settings,

@@ -179,7 +179,8 @@ class _Receiver:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-            self.form.files[-1] = UploadedFile(self._filename or "", self._path, self._size, self._hash.hexdigest())  # type: ignore[arg-type]
+            assert self._path is not None  # set with the file handle in on_part_begin's file branch
+            self.form.files[-1] = UploadedFile(self._filename or "", self._path, self._size, self._hash.hexdigest())
         else:
             self.form.fields.setdefault(self._name, []).append(bytes(self._data).decode("utf-8", "replace"))
 
@@ -230,7 +231,7 @@ async def receive_multipart(request: Request, tmp_dir: Path, *, max_bytes: int, 
             "on_end",
         )
     }
-    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]  # a plain dict of the TypedDict's callbacks
     received = 0
     try:
         async for chunk in request.stream():

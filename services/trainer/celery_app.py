@@ -19,7 +19,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import transport as kombu_transport
@@ -27,6 +27,9 @@ from kombu.transport import sqlalchemy as kombu_sqla
 
 from lastkd.services.settings import Settings
 from lastkd.services.trainer.tasks import TASK_NAME, register
+
+if TYPE_CHECKING:  # sqlalchemy loads lazily, inside the transport's methods
+    from sqlalchemy.engine import Engine
 
 DEFAULT_QUEUE = "lastkd.train"
 # Longer than the longest job: Redis re-delivers an unacknowledged message after this long.
@@ -44,13 +47,13 @@ class SQLiteTransport(kombu_sqla.Transport):
     """
 
     class Channel(kombu_sqla.Channel):
-        def _engine_from_config(self):  # type: ignore[no-untyped-def]
+        def _engine_from_config(self) -> Engine:
             from sqlalchemy import create_engine
 
             hostname = self.connection.client.hostname
             return create_engine(hostname, connect_args={"timeout": 30})
 
-        def _open(self):  # type: ignore[no-untyped-def]
+        def _open(self) -> Any:
             # Upstream creates the broker's tables with a check-then-CREATE per process: processes
             # opening a fresh broker file at once lose with "table kombu_queue already exists".
             # The tables exist then: open again (the check now sees them).
@@ -63,7 +66,7 @@ class SQLiteTransport(kombu_sqla.Transport):
                     raise
                 return super()._open()
 
-        def _get_or_create(self, queue):  # type: ignore[no-untyped-def]
+        def _get_or_create(self, queue: str) -> Any:
             # Upstream checks then inserts the queue row under a thread lock only: two processes
             # declaring a new queue at once (two workers starting on a fresh broker, or a worker
             # and the API's first send) both insert, and the loser died with "UNIQUE constraint
@@ -219,7 +222,7 @@ def broker_reachable(app: TrainerCelery, timeout: float = 2.0) -> str | None:
                 # the SQLAlchemy transport connects lazily: touch the queue table for real
                 with conn.channel() as channel:
                     # no public way to make this transport touch its table: _size is the cheapest query
-                    channel._size(app.runtime.queue)  # type: ignore[attr-defined]
+                    channel._size(app.runtime.queue)
         return None
     except Exception as exc:  # any transport error means "not reachable"; say which
         return f"{type(exc).__name__}: {str(exc)[:200]}"

@@ -19,6 +19,7 @@ changes only from a non-final one, so two settlers at once leave one report.
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import shutil
@@ -182,6 +183,7 @@ class ExperimentStore:
             row = conn.execute("SELECT * FROM experiments WHERE id=?", (experiment_id,)).fetchone()
         return None if row is None else self._record(row)
 
+    # Signatures below this method say builtins.list: in the class body, `list` is this method.
     def list(self, limit: int = 100, offset: int = 0) -> list[ExperimentRecord]:
         """Experiments, newest first."""
         with self.jobs.connect() as conn:
@@ -190,7 +192,7 @@ class ExperimentStore:
             ).fetchall()
         return [self._record(r) for r in rows]
 
-    def open_ids(self) -> list[str]:
+    def open_ids(self) -> builtins.list[str]:
         """Experiments not yet settled into a terminal state, oldest first."""
         with self.jobs.connect() as conn:
             rows = conn.execute(
@@ -199,7 +201,7 @@ class ExperimentStore:
             ).fetchall()
         return [r["id"] for r in rows]
 
-    def child_jobs(self, record: ExperimentRecord) -> list[JobRecord]:
+    def child_jobs(self, record: ExperimentRecord) -> builtins.list[JobRecord]:
         """The child jobs, in the experiment's order (seed-major)."""
         found = []
         for ref in record.children:
@@ -255,7 +257,7 @@ class ExperimentStore:
             return self._finish(record, JobState.CANCELLED)
         return self._finish(record, JobState.COMPLETED, report_dir=self._write_report(record, children))
 
-    def _write_report(self, record: ExperimentRecord, children: list[JobRecord]) -> str:
+    def _write_report(self, record: ExperimentRecord, children: builtins.list[JobRecord]) -> str:
         results = [
             ChildResult(ref.arm, ref.seed, dict(job.metrics or {}), list(job.history or []))
             for ref, job in zip(record.children, children, strict=True)

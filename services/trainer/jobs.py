@@ -17,6 +17,7 @@ States::
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import socket
@@ -396,9 +397,11 @@ class JobStore:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._record(row)
 
+    # Signatures below this method say builtins.list: in the class body, `list` is this method.
     def list(self, state: JobState | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:
         """Jobs, newest first, optionally of one state."""
-        sql, args = "SELECT * FROM jobs", []
+        sql = "SELECT * FROM jobs"
+        args: list[str | int] = []
         if state is not None:
             sql += " WHERE state=?"
             args.append(state.value)
@@ -407,7 +410,7 @@ class JobStore:
         with self.connect() as conn:
             return [self._record(r) for r in conn.execute(sql, args).fetchall()]
 
-    def pending_ids(self) -> list[str]:
+    def pending_ids(self) -> builtins.list[str]:
         """PENDING jobs not cancelled (to be handed to the broker), oldest first."""
         with self.connect() as conn:
             rows = conn.execute(
@@ -416,7 +419,7 @@ class JobStore:
             ).fetchall()
         return [r["id"] for r in rows]
 
-    def stale_running(self, stale_after_s: float) -> list[JobRecord]:
+    def stale_running(self, stale_after_s: float) -> builtins.list[JobRecord]:
         """RUNNING jobs whose heartbeat is older than ``stale_after_s``."""
         cutoff = time.time() - stale_after_s
         with self.connect() as conn:
@@ -515,7 +518,7 @@ class JobStore:
         job_id: str,
         owner: str,
         progress: dict[str, Any] | None = None,
-        history: list[dict[str, Any]] | None = None,
+        history: builtins.list[dict[str, Any]] | None = None,
         metrics: dict[str, Any] | None = None,
         resumed_from_epoch: int | None = None,
     ) -> bool:
@@ -524,7 +527,8 @@ class JobStore:
         Writes nothing when ``owner`` no longer owns the job (it was taken over).
         """
         now = time.time()
-        sets, args = ["heartbeat_at=?", "updated_at=?"], [now, now]
+        sets = ["heartbeat_at=?", "updated_at=?"]
+        args: list[float | str | None] = [now, now]
         for column, value in (("progress", progress), ("history", history), ("metrics", metrics)):
             if value is not None:
                 sets.append(f"{column}=?")
@@ -555,7 +559,7 @@ class JobStore:
         error: str | None = None,
         result: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
-        history: list[dict[str, Any]] | None = None,
+        history: builtins.list[dict[str, Any]] | None = None,
         progress: dict[str, Any] | None = None,
     ) -> bool:
         """Move a job to a terminal state (only its current owner may, when ``owner`` is given)."""

@@ -58,7 +58,7 @@ class RunnerLost(Exception):
     """The runner process died before recording an end state; the job was put back to PENDING."""
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def _context() -> multiprocessing.context.ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(RUNNER_PRELOAD)
     return ctx
@@ -70,7 +70,7 @@ def start_runner_server() -> int:
     rest; when it was not called, the first runner starts the server itself."""
     _context()
     multiprocessing.forkserver.ensure_running()
-    return int(multiprocessing.forkserver._forkserver._forkserver_pid)  # type: ignore[attr-defined]
+    return int(multiprocessing.forkserver._forkserver._forkserver_pid)  # type: ignore[attr-defined]  # private, untyped
 
 
 def _runner_entry(spec: dict[str, Any], conn: Any) -> None:

@@ -185,7 +185,7 @@ def load_ntu_folder(
         tmp.mkdir()
     except OSError as exc:
         log.warning("cannot write the parse cache under %s (%s); parsing %s in memory", root, exc, folder)
-        return read_ntu_folder(folder, source_hash=fp, **kwargs)  # type: ignore[arg-type]
+        return read_ntu_folder(folder, source_hash=fp, **kwargs)  # type: ignore[arg-type]  # kwargs: the caller's own typed options
     try:
         _clean_stale(root)
         _write(tmp, folder, fp, kwargs)

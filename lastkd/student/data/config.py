@@ -15,7 +15,8 @@ from lastkd.validation import StrictModel
 SourceFormat = Literal["ntu_raw", "ctrgcn_npz", "pyskl", "last_npy"]
 Split = Literal["xsub", "xview", "xsub120", "xset120"]
 StreamsMode = Literal["standard", "reference"]
-STREAMS = ("joint", "velocity", "bone")
+StreamName = Literal["joint", "velocity", "bone"]
+STREAMS: tuple[StreamName, ...] = ("joint", "velocity", "bone")
 
 
 class AugmentConfig(StrictModel):
@@ -64,7 +65,7 @@ class DataConfig(StrictModel):
     missing_skeletons: Path | None = Field(None, description="Official list of samples without skeletons.")
     cache_dir: Path | None = Field(None, description="Parse cache; default <path>/.lastkd_cache for folders.")
     streams_mode: StreamsMode = "standard"
-    streams: tuple[Literal["joint", "velocity", "bone"], ...] = STREAMS
+    streams: tuple[StreamName, ...] = STREAMS
     num_frames: int = Field(64, ge=4, le=1024)
     augment: AugmentConfig = AugmentConfig()
     max_samples: int | None = Field(None, ge=1, description="Cap per split, for quick experiments.")

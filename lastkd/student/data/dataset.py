@@ -178,7 +178,8 @@ class SkeletonDataset(Dataset):
         self.seed = seed
         self.teacher = teacher
         self.flipped_views = flipped_views
-        self._use_ready = bool(collection.streams) and all(s in collection.streams for s in cfg.streams)
+        ready = collection.streams or {}
+        self._use_ready = bool(ready) and all(s in ready for s in cfg.streams)
         self._check_collection()
         if teacher is not None and teacher.names != collection.names:
             raise DatasetError("teacher features are not aligned with the collection's sample names")
@@ -187,7 +188,8 @@ class SkeletonDataset(Dataset):
 
     def _check_collection(self) -> None:
         col, cfg = self.collection, self.cfg
-        if self._use_ready:
+        arrays: dict[str, np.ndarray]
+        if self._use_ready and col.streams is not None:
             arrays = {k: col.streams[k] for k in cfg.streams}
         elif col.data is not None:
             arrays = {"data": col.data}
@@ -283,9 +285,11 @@ class SkeletonDataset(Dataset):
 
     def _raw(self, i: int) -> np.ndarray:
         length = int(self.collection.lengths[i])
-        return np.asarray(self.collection.data[i, :, :length], dtype=np.float32)
+        data = self.collection.data
+        assert data is not None, "raw sampling needs raw data (checked in _check_collection)"
+        return np.asarray(data[i, :, :length], dtype=np.float32)
 
-    def _reference(self, i: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+    def _reference(self, i: int, rng: np.random.Generator | None) -> tuple[dict[str, np.ndarray], bool]:
         coords = self._raw(i)
         if coords.shape[1] == 0:  # nothing recorded (the reference drops such samples): all zero
             coords = np.zeros((3, 1, st.NUM_JOINTS, st.NUM_BODIES), np.float32)
@@ -294,18 +298,20 @@ class SkeletonDataset(Dataset):
         if rng is not None and not self.cfg.augment.time_crop:  # drawn anyway: other draws unchanged
             start = st.reference_crop_start(st.REFERENCE_STORED_FRAMES, t, None)
         window = st.reference_window(coords, start, t)
-        cropped = {k: window[k] for k in self.cfg.streams}
+        cropped: dict[str, np.ndarray] = {k: window[k] for k in self.cfg.streams}
         return (cropped, False) if rng is None else self._augment(cropped, rng)
 
     def _from_ready(self, i: int, rng: np.random.Generator | None) -> tuple[dict[str, np.ndarray], bool]:
-        ready = {k: self.collection.streams[k][i] for k in self.cfg.streams}
+        streams = self.collection.streams
+        assert streams is not None, "ready-made sampling needs ready-made streams (checked in __init__)"
+        ready: dict[str, np.ndarray] = {k: streams[k][i] for k in self.cfg.streams}
         if self.cfg.streams_mode == "reference":
             return self._crop_augment(ready, rng)
         # standard: sample the valid frames by nearest index (stored velocity is per stored frame)
         length = max(int(self.collection.lengths[i]), 1)
         positions, _ = st.standard_positions(0, length - 1, self.cfg.num_frames, rng, self._window())
         idx = np.rint(positions).astype(np.intp)
-        sampled = {k: np.asarray(v[:, idx], dtype=np.float32) for k, v in ready.items()}
+        sampled: dict[str, np.ndarray] = {k: np.asarray(v[:, idx], dtype=np.float32) for k, v in ready.items()}
         if "velocity" in sampled:  # stored per stored frame; standard velocity is per second
             sampled["velocity"] = sampled["velocity"] * np.float32(st.STANDARD_VELOCITY_SCALE)
         if rng is None:
@@ -430,7 +436,7 @@ def build_datasets(
     if len(train_col) == 0 or len(val_col) == 0:
         raise DatasetError(f"empty split: train has {len(train_col)} samples, val {len(val_col)}")
     t_train = t_val = None
-    if teacher_store_path is not None:
+    if teacher_store_path is not None and feature_set is not None:  # given together (checked above)
         t_train = TeacherFeatures.from_store(teacher_store_path, feature_set, train_col.names)
         t_val = TeacherFeatures.from_store(teacher_store_path, feature_set, val_col.names)
         if teacher_order == "shuffled":

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from numpy._core import multiarray as np_multiarray  # numpy's stubs lack the attribute np._core
 
 from lastkd.datapaths import confine, confine_entries
 from lastkd.lifeline import die_with_parent
@@ -93,7 +94,7 @@ def _valid_lengths(data: np.ndarray) -> np.ndarray:
     return out
 
 
-def _as_row_array(rows: list[np.ndarray], frames: Sequence[int]) -> np.ndarray:
+def _as_row_array(rows: list[np.ndarray], frames: Sequence[int] | np.ndarray) -> np.ndarray:
     t = max(frames, default=1) or 1
     data = np.zeros((len(rows), 3, t, NUM_JOINTS, NUM_SLOTS), dtype=np.float32)
     for i, row in enumerate(rows):
@@ -131,17 +132,19 @@ def _declared_frames(path: Path) -> int:
     return value if 0 <= value <= MAX_FRAMES else 0
 
 
-def _parse_job(job: tuple[str, str]) -> tuple[np.ndarray | None, int, str | None]:
+def _parse_job(job: tuple[str, BodyAssignment]) -> tuple[np.ndarray | None, int, str | None]:
     """Parse one file; errors come back as text because they cross process boundaries."""
     path, mode = job
     try:
-        parsed = parse_skeleton_file(path, mode)  # type: ignore[arg-type]
+        parsed = parse_skeleton_file(path, mode)
     except SkeletonParseError as exc:
         return None, 0, f"{exc.line}: {exc.reason}"  # the caller prefixes the name in the folder
     return parsed.coords, parsed.frames, None
 
 
-def _parse_all(paths: list[Path], mode: str, workers: int) -> Iterator[tuple[np.ndarray | None, int, str | None]]:
+def _parse_all(
+    paths: list[Path], mode: BodyAssignment, workers: int
+) -> Iterator[tuple[np.ndarray | None, int, str | None]]:
     jobs = [(str(p), mode) for p in paths]
     if workers > 1 and len(jobs) >= POOL_MIN_FILES:
         # initializer: the parse workers die with their parent (kill -9 of a training run)
@@ -192,7 +195,7 @@ def read_ntu_folder(
             malformed.append(f"{path.name}:0: {exc}")
             continue
         try:
-            parse_sample_name(name, dataset)  # type: ignore[arg-type]
+            parse_sample_name(name, dataset)  # type: ignore[arg-type]  # a str, checked by _num_classes above
         except SampleNameError:
             out_of_range.append(name)
             continue
@@ -421,10 +424,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("collections", "OrderedDict"): OrderedDict,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
-        ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
-        ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # type: ignore[attr-defined]
-        ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,  # type: ignore[attr-defined]
-        ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,  # type: ignore[attr-defined]
+        ("numpy._core.multiarray", "_reconstruct"): np_multiarray._reconstruct,
+        ("numpy.core.multiarray", "_reconstruct"): np_multiarray._reconstruct,
+        ("numpy._core.multiarray", "scalar"): np_multiarray.scalar,
+        ("numpy.core.multiarray", "scalar"): np_multiarray.scalar,
     }
 
     def find_class(self, module: str, name: str) -> object:

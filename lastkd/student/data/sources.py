@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -100,6 +101,10 @@ def load_splits(
     if roots is not None and not roots:
         raise DataSourceError("no data roots configured: set LASTKD_DATA_ROOTS")
 
+    @overload
+    def real(value: Path, field: str, must_exist: bool = True) -> Path: ...
+    @overload
+    def real(value: Path | None, field: str, must_exist: bool = True) -> Path | None: ...
     def real(value: Path | None, field: str, must_exist: bool = True) -> Path | None:
         if value is None or roots is None:
             return value

@@ -58,7 +58,7 @@ def run_demo(
     )
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
     from lastkd.featurestore import FeatureStore
     from lastkd.models.last_v2 import LASTv2
@@ -78,10 +78,22 @@ def test_demo_goes_from_nothing_to_a_published_student(tmp_path: Path) -> None:
         "1",
         "--student-frames",
         "16",
+        "--compare",
         env=env,
     )
     text = result.stdout + result.stderr
     assert result.returncode == 0, text
+    # --compare: ce vs kd as an experiment over the job system, its paired difference in words,
+    # and the plain statement that a random-init teacher carries no class information (measured)
+    compare = text[text.index("Distillation against its baseline") :]
+    assert re.search(r"ce\s+val top-1 [\d.]+% over 2 seed", compare) and re.search(r"kd\s+val top-1", compare)
+    assert "within noise" in compare or "real difference" in compare, compare
+    cosines = re.search(r"mean cosine (-?[\d.]+) within a class vs (-?[\d.]+) between classes", compare)
+    assert cosines and all(-1.0 <= float(v) <= 1.0 for v in cosines.groups()), compare
+    report_md = Path(re.search(r"report: (\S+report\.md)", compare).group(1))
+    assert report_md.parent.parent == out / "registry" / "_experiments" and report_md.read_text().startswith(
+        "# Experiment"
+    )
 
     # Labelled plainly, at the start and again at the end.
     assert text.count("RANDOM-INIT") >= 2 and text.count("SYNTHETIC") >= 2, text

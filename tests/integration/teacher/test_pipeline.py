@@ -15,7 +15,9 @@ from lastkd.featurestore import FeatureStore
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import save_official
 from lastkd.models.videomae import create_videomae
-from lastkd.teacher.embedder import Embedder, EngineConfig, EngineError, _ping
+from lastkd.teacher.decoders import _ping
+from lastkd.teacher.embedder import Embedder
+from lastkd.teacher.engine_config import EngineConfig, EngineError
 from lastkd.teacher.failures import ClipFailure
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 from tests.support import media
@@ -214,7 +216,7 @@ def test_model_yields_a_core_to_each_running_decoder(engine: Embedder, monkeypat
 
 def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) -> None:
     from lastkd.services.settings import load_settings
-    from lastkd.teacher.embedder import preprocess_from_settings
+    from lastkd.teacher.engine_config import preprocess_from_settings
 
     default = preprocess_from_settings(load_settings(data_dir=tmp_path))
     assert (default.sampling, default.protocol) == ("uniform", "imagenet")
@@ -228,7 +230,7 @@ def test_preprocessing_comes_from_settings_with_cli_overrides(tmp_path: Path) ->
 
 def test_min_clip_frames_setting_reaches_the_limits(tmp_path: Path) -> None:
     from lastkd.services.settings import load_settings
-    from lastkd.teacher.embedder import limits_from_settings
+    from lastkd.teacher.engine_config import limits_from_settings
 
     assert limits_from_settings(load_settings(data_dir=tmp_path)).min_frames == 1  # today's behaviour
     assert limits_from_settings(load_settings(data_dir=tmp_path, min_clip_frames=8)).min_frames == 8

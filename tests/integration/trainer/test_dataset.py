@@ -393,7 +393,9 @@ def test_flipped_samples_leave_the_distillation_term_unless_reuse_is_asked(store
     assert all(it["has_teacher"].item() for key in (("skip", "plain"), ("reuse", "plain")) for it in items[key])
     # the policy decides the target only: the streams a flipped sample trains on are the same
     for a, b in zip(items[("skip", "flip")], items[("reuse", "flip")], strict=True):
-        assert _same({k: v for k, v in a.items() if k != "has_teacher"}, {k: v for k, v in b.items() if k != "has_teacher"})
+        assert _same(
+            {k: v for k, v in a.items() if k != "has_teacher"}, {k: v for k, v in b.items() if k != "has_teacher"}
+        )
     if mode == "standard":  # really the reversed clip (a reference crop may lie in the padded tail)
         assert not torch.equal(items[("skip", "flip")][0]["joint"], items[("skip", "plain")][0]["joint"])
     with pytest.raises(DatasetError, match="flipped_views"):

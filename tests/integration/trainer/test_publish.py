@@ -278,7 +278,7 @@ def test_lastkd_train_cli_end_to_end(tmp_path, monkeypatch, capsys) -> None:
 def test_class_plots_show_only_the_classes_in_the_data() -> None:
     """A 60-way head evaluated on 3 classes: the plots cover those 3 (plus any class predicted), by name."""
     from lastkd.student import evaluate as ev
-    from lastkd.student.publish import confusion_view, present_classes
+    from lastkd.student.plots import confusion_view, present_classes
 
     labels = np.array([0, 0, 4, 4, 9, 9])
     logprob = np.full((6, 60), -10.0)
