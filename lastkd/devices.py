@@ -105,19 +105,27 @@ def _unusable_reason(probe: GpuProbe) -> str:
     )
 
 
-def resolve_device(spec: str, *, local_rank: int = 0, probe: GpuProbe | None = None) -> torch.device:
+def resolve_device(
+    spec: str, *, local_rank: int = 0, distributed: bool = False, probe: GpuProbe | None = None
+) -> torch.device:
     """The torch device for ``spec``.
 
     ``auto`` is CUDA when it is usable and the CPU when the machine has no GPU; a GPU that is
     present but unusable (driver too old for this torch's CUDA, broken device nodes) is refused
     with the reason instead of silently falling back to the CPU (a GPU job on a CPU is hours
     late, not a detail). ``cuda`` is this process's GPU: the local rank's under DDP (torchrun's
-    ``LOCAL_RANK``, passed by the caller), GPU 0 otherwise; ``cuda:N`` is GPU N. Only ``cpu``
-    never looks at GPUs. A CUDA device that is absent raises :class:`DeviceError`.
+    ``LOCAL_RANK``, passed by the caller), GPU 0 otherwise; ``cuda:N`` is GPU N, refused under
+    DDP (``distributed``), where it would put every rank on one GPU. Only ``cpu`` never looks at
+    GPUs. A CUDA device that is absent raises :class:`DeviceError`.
     """
     import torch
 
     check_device(spec)
+    if distributed and spec.startswith("cuda:"):
+        raise DeviceError(
+            f"device {spec!r} names one GPU, but under DDP every rank uses its own (its LOCAL_RANK): use "
+            "'cuda' or 'auto', and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     if spec == "cpu":
         return torch.device("cpu")
     has_cuda = torch.cuda.is_available()

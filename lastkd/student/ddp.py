@@ -62,12 +62,28 @@ def init_process_group_from_env(use_cuda: bool) -> bool:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or dist.is_initialized():
         return False
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        # Bind the rank to its GPU before NCCL starts: without device_id NCCL guesses (GPU 0 for
+        # every rank until the first collective) and warns; set_device makes "cuda" mean it.
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        dist.init_process_group(backend="nccl", device_id=local)
+    else:
+        dist.init_process_group(backend="gloo")
     return True
 
 
 def allreduce_mean_grads(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of ``params`` over all ranks (a missing gradient counts as zeros)."""
+    """Average the gradients of ``params`` over all ranks (a gradient missing on some ranks counts
+    as zeros there). When no rank has any gradient (a step whose distillation weight is 0), the
+    gradients stay None, so the optimizer skips the parameters: zeros would still let momentum
+    and weight decay move them."""
+    if not params:
+        return
+    anyone = torch.tensor([1.0 if any(p.grad is not None for p in params) else 0.0], device=params[0].device)
+    dist.all_reduce(anyone, op=dist.ReduceOp.MAX)  # every rank decides the same
+    if anyone.item() == 0.0:
+        return
     for p in params:
         # every rank must join every all_reduce, also for a parameter unused on this step
         if p.grad is None:

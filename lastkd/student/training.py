@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from lastkd.datapaths import confine
 from lastkd.devices import DeviceError, resolve_device
-from lastkd.models.last_v2 import LASTv2, create_last_v2
+from lastkd.models.last_v2 import STREAM_ORDER, LASTv2, create_last_v2
 from lastkd.student import distill as kd
 from lastkd.student import evaluate as ev
 from lastkd.student import tblog
@@ -217,7 +217,7 @@ class TrainingRun:
         self.data_roots = data_roots
         self.di = dist_info()
         try:
-            self.device = resolve_device(config.device, local_rank=self.di.local_rank)
+            self.device = resolve_device(config.device, local_rank=self.di.local_rank, distributed=self.di.active)
         except DeviceError as exc:
             raise TrainError(str(exc)) from None
         if self.device.type == "cuda":
@@ -348,6 +348,13 @@ class TrainingRun:
         # DDP-wrapped or not, one call per step: streams -> (log-probabilities, features)
         self.forward: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
         if di.active:
+            # An input stream the run does not feed leaves its input BatchNorm without gradients,
+            # which DDP's reducer refuses at the next step ("Expected to have finished reduction").
+            # Freeze it: it stays in the state dict (the student loads strictly into the reference
+            # LAST v2) and the optimizer skips it as it did before (it never had a gradient).
+            for name, bn in zip(STREAM_ORDER, self.model.data_bn, strict=True):
+                if name not in cfg.data.streams:
+                    bn.requires_grad_(False)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(_WithFeatures(self.model), device_ids=ids)
         else:

@@ -74,3 +74,10 @@ def test_hidden_gpus_mean_the_cpu_for_auto(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_probe_counts_the_gpus(tmp_path: Path) -> None:
     assert probe_gpus(_driver_tree(tmp_path, gpus=3), environ={}).count == 3
     assert probe_gpus(tmp_path / "none", environ={}).count == 0
+
+
+@pytest.mark.parametrize("spec", ["cuda:0", "cuda:3"])
+def test_one_named_gpu_is_refused_under_ddp(spec: str) -> None:
+    """cuda:N under DDP would put every rank on GPU N: refused before any GPU is looked at."""
+    with pytest.raises(DeviceError, match="every rank uses its own"):
+        resolve_device(spec, local_rank=1, distributed=True)
