@@ -45,7 +45,9 @@ def seed_worker(worker_id: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's torch, numpy, python (and initialised CUDA) RNG states, loadable with weights_only."""
+    """This process's torch, numpy, python (and its current CUDA device's) RNG states, loadable
+    with weights_only. Only the current device's CUDA state: a rank draws on its own GPU, and a
+    list of every visible GPU's state cannot be restored where another number of GPUs is visible."""
     np_state = np.random.get_state(legacy=True)
     if not isinstance(np_state, tuple):  # legacy=True gives a dict only for a non-MT19937 generator
         raise TypeError(f"numpy's global generator is not MT19937 ({np_state.get('bit_generator')})")
@@ -58,18 +60,30 @@ def rng_state() -> dict[str, Any]:
         "python": [py_version, list(py_internal), py_gauss_next],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only onto as many devices as they came from)."""
+def set_rng_state(state: dict[str, Any]) -> list[str]:
+    """Restore what :func:`rng_state` captured; returns what could not be restored here, in words
+    (a CUDA state on a machine without CUDA, the per-GPU list of older checkpoints on another GPU
+    count). The CPU states always apply."""
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
+    skipped = []
+    if "cuda_device" in state:
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_device"])
+        else:
+            skipped.append("the CUDA RNG state (no CUDA here): GPU random draws restart from the seed")
+    if "cuda" in state:  # before rng_state kept one device: every visible GPU's state
         cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
+        if torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            here = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            skipped.append(f"the CUDA RNG states of {len(cuda_states)} GPU(s) ({here} here): GPU random draws restart")
+    return skipped

@@ -198,6 +198,23 @@ def _build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.o
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> str | None:
+    """Restore a checkpoint's GradScaler state where it applies; else what was not restored.
+
+    A scaler is enabled only for fp16 on CUDA: a run started on the CPU (or in bf16) saves an
+    empty state, which an enabled scaler refuses to load, and an enabled run's state means nothing
+    to a disabled scaler. Either way the scale starts afresh, which costs a few skipped steps.
+    """
+    if scaler.is_enabled() and state:
+        scaler.load_state_dict(state)
+        return None
+    if scaler.is_enabled():
+        return "the fp16 loss scale (the checkpoint was written without one): it starts afresh"
+    if state:
+        return "the fp16 loss scale (this run does not scale its loss: CPU or bf16)"
+    return None
+
+
 class TrainingRun:
     """State of one call to :func:`train` (kept in one object so the loop reads linearly).
 
@@ -361,6 +378,7 @@ class TrainingRun:
             self.forward = _WithFeatures(self.model)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.resume_skipped: list[str] = []  # what a resume could not restore here (logged)
 
     def resume(self) -> None:
         """Continue from ``run_dir/last.pt`` when it exists (weights, optimizer, history, RNG states)."""
@@ -375,16 +393,21 @@ class TrainingRun:
                 self.projector.load_state_dict(ck["projector"])
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
-            self.scaler.load_state_dict(ck["scaler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ResumeError(f"{path}: checkpoint does not fit this run ({str(exc)[:300]})") from None
+        skipped = [note for note in [load_scaler_state(self.scaler, ck.get("scaler"))] if note]
         self.history = list(ck["history"])
         self.start_epoch = int(ck["epoch"])
         rng = ck.get("rng") or []
         if len(rng) == self.di.world:
-            set_rng_state(rng[self.di.rank])
+            skipped += set_rng_state(rng[self.di.rank])
         else:
-            log.warning("resuming %d-rank checkpoint on %d ranks: RNG streams restart", len(rng), self.di.world)
+            skipped.append(
+                f"the RNG states of a {len(rng)}-rank run on {self.di.world} rank(s): random streams restart"
+            )
+        for note in skipped:
+            log.warning("resuming %s: not restored: %s", path, note)
+        self.resume_skipped = skipped
         log.info("resumed %s at epoch %d/%d", path, self.start_epoch, self.config.epochs)
 
     def save_checkpoint(self, epoch_done: int) -> None:
