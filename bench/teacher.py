@@ -204,7 +204,7 @@ class EngineRun:
         device: str,
         batch: int,
         workers: int,
-        precision: str = "bf16",
+        precision: str = "auto",
         name: str = "videomae_v2_vit_b",
     ) -> None:
         from lastkd.featurestore import FeatureStore

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     teacher_weights: Path | None = Field(None, description="Official checkpoint (.pth or .safetensors).")
     teacher_random_init: bool = Field(False, description="Run without weights (tests, demo). Labelled random-init.")
     teacher_device: DeviceSpec = Field("auto", description=DEVICE_HELP)
+    teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 on CUDA, fp32 on the CPU; fp16 needs CUDA. Part of the feature-set id: "
+        "vectors made in different precisions never share a set.",
+    )
     teacher_batch_size: int = Field(8, ge=1, le=1024)
     teacher_max_wait_ms: int = Field(20, ge=0, le=10_000)
     teacher_queue_size: int = Field(64, ge=1, le=100_000)

@@ -366,7 +366,11 @@ class VideoMAEv2(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> ``fc_norm(mean over tokens)`` (the teacher feature, with ``pre_logits=True``)
         -> logits (the identity when the model has no head)."""
-        x = self.fc_norm(x.mean(dim=1))
+        # Pooling and fc_norm in fp32 whatever the autocast: the mean of 1568 tokens and the
+        # norm's statistics are where bf16's 8-bit mantissa costs most, and they are cheap.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 up; fp64 stays fp64
+            x = self.fc_norm(x.mean(dim=1))
         if pre_logits:
             return x
         return self.head(self.head_drop(x))
@@ -746,17 +750,33 @@ def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tens
 
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+PRECISIONS = ("auto", *_AUTOCAST_DTYPES)
+
+
+def resolve_precision(spec: str, device: torch.device | str) -> str:
+    """The precision the teacher runs in on ``device``: ``auto`` is bf16 on CUDA and fp32 on the
+    CPU; ``fp16`` needs CUDA. What this returns names the feature set (vectors made in bf16 and
+    in fp32 differ by ~4e-3 relative L2, so they never share a set)."""
+    if spec not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {spec!r}")
+    kind = torch.device(device).type
+    if spec == "auto":
+        return "bf16" if kind == "cuda" else "fp32"
+    if spec == "fp16" and kind != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device, not {kind!r} (use bf16 or fp32)")
+    return spec
 
 
 @contextlib.contextmanager
 def inference_context(device: torch.device | str, dtype: str = "bf16") -> Iterator[None]:
-    """``torch.inference_mode()`` plus CUDA autocast in ``bf16``/``fp16``; plain fp32 on CPU or with ``fp32``."""
+    """``torch.inference_mode()`` plus autocast in ``bf16``/``fp16`` (on the device's type);
+    plain fp32 with ``fp32``. Give it a resolved precision (:func:`resolve_precision`)."""
     if dtype not in _AUTOCAST_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_AUTOCAST_DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     amp_dtype = _AUTOCAST_DTYPES[dtype]
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        if device.type == "cuda" and amp_dtype is not None:
-            stack.enter_context(torch.autocast(device_type="cuda", dtype=amp_dtype))
+        if amp_dtype is not None:
+            stack.enter_context(torch.autocast(device_type=device.type, dtype=amp_dtype))
         yield

@@ -515,7 +515,7 @@ class Embedder:
 
         teacher = self._loaded()
         name = self.config.model_name
-        prep = preprocessing_record(self.preprocess)
+        prep = preprocessing_record(self.preprocess, teacher.precision)
         try:
             self.set_id = feature_set_id(name, teacher.weights_sha256, prep)
             meta = self.store.create_set(

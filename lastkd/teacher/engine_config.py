@@ -23,6 +23,7 @@ __all__ = [
     "RANDOM_INIT",
     "EngineConfig",
     "EngineError",
+    "effective_precision",
     "limits_from_settings",
     "planned_set_id",
     "preprocess_from_settings",
@@ -44,7 +45,7 @@ class EngineConfig:
     weights: Path | None = None
     random_init: bool = False
     device: str = "auto"
-    precision: str = "bf16"  # autocast dtype on CUDA; CPU always runs fp32
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16, fp16 (CUDA only)
     batch_size: int = 8
     max_wait_ms: int = 20
     decode_workers: int = 0  # 0 = lastkd.teacher.decoders.default_decode_workers(device)
@@ -67,6 +68,10 @@ class EngineConfig:
                 "official VideoMAE V2 checkpoint (.pth or .safetensors), or set LASTKD_TEACHER_RANDOM_INIT=true "
                 "to run a randomly initialised teacher (tests and demos only; its features are labelled random-init)"
             )
+        from lastkd.models.videomae import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.weights is not None and self.random_init:
             raise EngineError("teacher weights and random_init are both set; choose one")
         if self.batch_size < 1:
@@ -82,6 +87,7 @@ class EngineConfig:
             weights=settings.teacher_weights,
             random_init=settings.teacher_random_init,
             device=settings.teacher_device,
+            precision=settings.teacher_precision,
             batch_size=settings.teacher_batch_size,
             max_wait_ms=settings.teacher_max_wait_ms,
             decode_workers=settings.decode_workers,
@@ -115,10 +121,26 @@ def preprocess_from_settings(
     return PreprocessConfig(sampling=sampling or settings.teacher_sampling, protocol=protocol, **crops)
 
 
-def preprocessing_record(preprocess: PreprocessConfig) -> dict[str, Any]:
-    """What goes into the feature-set id besides teacher and weights (the model is built with
-    the preprocessing's frame count and size, recorded explicitly)."""
-    return {**preprocess.as_dict(), "model_num_frames": preprocess.num_frames, "model_img_size": preprocess.size}
+def preprocessing_record(preprocess: PreprocessConfig, precision: str) -> dict[str, Any]:
+    """What goes into the feature-set id besides teacher and weights: the preprocessing, the frame
+    count and size the model is built with, and the (resolved) precision it runs in."""
+    return {
+        **preprocess.as_dict(),
+        "model_num_frames": preprocess.num_frames,
+        "model_img_size": preprocess.size,
+        "precision": precision,
+    }
+
+
+def effective_precision(config: EngineConfig) -> str:
+    """The precision ``config`` runs in on its device (``auto`` resolved; refusals as EngineError)."""
+    from lastkd.devices import resolve_device
+    from lastkd.models.videomae import resolve_precision
+
+    try:
+        return resolve_precision(config.precision, resolve_device(config.device))
+    except ValueError as exc:  # DeviceError is a ValueError too
+        raise EngineError(str(exc)) from None
 
 
 def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
@@ -133,6 +155,8 @@ def planned_set_id(config: EngineConfig, preprocess: PreprocessConfig) -> str:
         except OSError as exc:
             raise EngineError(f"cannot read teacher weights {config.weights}: {exc.strerror or exc}") from None
     try:
-        return feature_set_id(config.model_name, weights_sha, preprocessing_record(preprocess))
+        return feature_set_id(
+            config.model_name, weights_sha, preprocessing_record(preprocess, effective_precision(config))
+        )
     except FeatureStoreError as exc:
         raise EngineError(str(exc)) from None

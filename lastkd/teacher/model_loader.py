@@ -32,10 +32,10 @@ class LoadedTeacher:
     device: torch.device
     dim: int
     weights_sha256: str | None  # None for a random-init teacher
-    precision: str  # autocast dtype on CUDA; CPU always runs fp32
+    precision: str  # resolved: fp32, bf16 or fp16 (names the feature set)
 
     def inference(self) -> AbstractContextManager[None]:
-        """Inference mode, with autocast in ``precision`` on CUDA."""
+        """Inference mode, with autocast in ``precision`` (none in fp32)."""
         from lastkd.models.videomae import inference_context
 
         return inference_context(self.device, self.precision)
@@ -65,15 +65,16 @@ def load_teacher(
 
     from lastkd.devices import resolve_device
     from lastkd.models.checkpoint_io import load_checkpoint
-    from lastkd.models.videomae import create_videomae
+    from lastkd.models.videomae import create_videomae, resolve_precision
 
     try:
         device = resolve_device(config.device)
+        precision = resolve_precision(config.precision, device)
     except ValueError as exc:
         raise EngineError(str(exc)) from None
     if prebuilt is not None:
         model = prebuilt.eval().requires_grad_(False).to(device)
-        return LoadedTeacher(model, device, int(model.embed_dim), None, config.precision)
+        return LoadedTeacher(model, device, int(model.embed_dim), None, precision)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -92,4 +93,4 @@ def load_teacher(
         except (ValueError, OSError, RuntimeError) as exc:
             raise EngineError(f"cannot load teacher weights {weights}: {exc}") from None
     model.eval().requires_grad_(False)
-    return LoadedTeacher(model.to(device), device, int(model.embed_dim), weights_sha256, config.precision)
+    return LoadedTeacher(model.to(device), device, int(model.embed_dim), weights_sha256, precision)

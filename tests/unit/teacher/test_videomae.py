@@ -26,6 +26,7 @@ from lastkd.models.videomae import (
     export_official_state_dict,
     inference_context,
     list_models,
+    resolve_precision,
 )
 from tests.support.paths import REFERENCE
 
@@ -637,10 +638,12 @@ def test_registry_rejects_bad_requests() -> None:
         create_videomae("videomae_v2_tiny", num_classes=-1)
 
 
-def test_inference_context_on_cpu_is_fp32_inference_mode(golden: dict) -> None:
+def test_auto_precision_on_cpu_is_fp32_inference_mode(golden: dict) -> None:
     model = _tiny()
     model.load_state_dict(checkpoint_filter_fn(golden["checkpoint"], model))
-    with inference_context(torch.device("cpu"), dtype="bf16"):
+    precision = resolve_precision("auto", torch.device("cpu"))
+    assert precision == "fp32"
+    with inference_context(torch.device("cpu"), dtype=precision):
         assert torch.is_inference_mode_enabled()
         feats = model.embed(golden["input"])
     assert feats.dtype == torch.float32 and feats.is_inference()
