@@ -105,6 +105,9 @@ class RunState(str, enum.Enum):
     CANCELLED = "cancelled"
 
 
+SYNC_EVERY_STEPS = 20  # on a GPU: steps between host syncs of the losses (progress, divergence check)
+
+
 @dataclass
 class Progress:
     """A snapshot for progress reporting; ``phase`` is train, eval (epoch end), final_eval or done."""
@@ -128,7 +131,9 @@ class Progress:
 
 @dataclass
 class TrainHooks:
-    """Callbacks from the loop: progress every step and at each epoch end; cancellation every step."""
+    """Callbacks from the loop: progress at every loss sync (each step on the CPU, every
+    :data:`SYNC_EVERY_STEPS` on a GPU) and at each epoch end; cancellation checked every step
+    (at the syncs under DDP)."""
 
     on_progress: Callable[[Progress], None] | None = None
     should_cancel: Callable[[], bool] | None = None
@@ -325,7 +330,9 @@ class TrainingRun:
             generator=self.loader_gen,
             pin_memory=pin,
             drop_last=True,
-            persistent_workers=False,
+            # Worker processes live for the run, not one epoch: items are a function of (seed,
+            # epoch, index) through the dataset's shared epoch counter, not of worker seeds.
+            persistent_workers=cfg.workers > 0,
         )
         eval_bs = cfg.eval.batch_size or max(1, cfg.batch_size // di.world)
         val_idx = list(range(di.rank, len(self.val_ds), di.world))
@@ -378,6 +385,9 @@ class TrainingRun:
             self.forward = _WithFeatures(self.model)
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        # Losses stay on the device between syncs: a float() per step would stall a GPU on every
+        # step of a 3M-parameter student. On the CPU a sync costs nothing, so it reports each step.
+        self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_STEPS
         self.resume_skipped: list[str] = []  # what a resume could not restore here (logged)
 
     def resume(self) -> None:
@@ -443,8 +453,9 @@ class TrainingRun:
         local = bool(self.hooks.should_cancel()) if self.hooks.should_cancel is not None else False
         return any_rank(local, self.di, self.device)
 
-    def train_step(self, batch: dict[str, Any], global_step: int) -> tuple[dict[str, float], float]:
-        """One optimizer step on ``batch``; the step's losses (over the global batch) and alpha."""
+    def train_step(self, batch: dict[str, Any], global_step: int) -> tuple[dict[str, Tensor], float]:
+        """One optimizer step on ``batch``; this rank's losses as 0-d tensors on the device (no
+        host sync here: :meth:`sync_losses` turns a window of them into numbers) and alpha."""
         cfg = self.config
         dev = self.device
         streams: dict[str, Tensor] = {s: batch[s].to(dev, non_blocking=True) for s in cfg.data.streams}
@@ -482,19 +493,26 @@ class TrainingRun:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        values = {k: float(v) for k, v in parts.items()}
-        values["total"] = float(loss.detach())
-        values["grad_norm"] = float(grad_norm)
-        if self.di.active:  # report the global batch's loss, not this rank's slice
-            keys = sorted(values)
-            t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=dev)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            values = dict(zip(keys, (t / self.di.world).tolist()))
-        if not math.isfinite(values["total"]):
-            raise TrainError(
-                f"loss is {values['total']} at step {global_step}: training diverged (lower the lr or set grad_clip)"
-            )
+        values = {k: torch.as_tensor(v).detach() for k, v in parts.items()}
+        values["total"] = loss.detach()
+        values["grad_norm"] = grad_norm.detach()
         return values, alpha
+
+    def sync_losses(self, window: dict[str, Tensor], steps: int, last_step: int) -> dict[str, float]:
+        """The mean losses of the last ``steps`` steps over the global batch, as numbers: one host
+        sync (and one all-reduce under DDP) per window instead of per step. Raises TrainError
+        when the loss stopped being finite in the window."""
+        keys = sorted(window)
+        t = torch.stack([window[k] for k in keys])
+        if self.di.active:  # the global batch's loss, not this rank's slice
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / self.di.world
+        means = dict(zip(keys, (t / steps).tolist(), strict=True))
+        if not math.isfinite(means["total"]):
+            first = last_step - steps + 1
+            where = f"step {last_step}" if steps == 1 else f"steps {first}-{last_step}"
+            raise TrainError(f"loss is {means['total']} at {where}: training diverged (lower the lr or set grad_clip)")
+        return means
 
     def run_epoch(self, epoch: int) -> bool:
         """Train one epoch; False when cancelled (mid-epoch, nothing of the epoch is saved)."""
@@ -511,20 +529,32 @@ class TrainingRun:
         t0 = time.perf_counter()
         n_steps = 0
         alpha = 0.0
+        every = self.sync_every
+        window: dict[str, Tensor] = {}
+        in_window = 0
         for step, batch in enumerate(self.train_loader):
             t1 = time.perf_counter()
             data_s += t1 - t0
-            if self._cancel_requested():
+            # The cancel flag is local and cheap; under DDP agreeing on it is a collective, so
+            # ranks agree at the syncs (a cancel then waits for at most `every` steps).
+            if (not self.di.active or in_window == 0) and self._cancel_requested():
                 return False
             global_step = epoch * self.steps_per_epoch + step
             losses, alpha = self.train_step(batch, global_step)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            for key, value in losses.items():
+                window[key] = window[key] + value.double() if key in window else value.double()
+            in_window += 1
+            n_steps += 1
+            if in_window < every and step + 1 < self.steps_per_epoch:
+                t0 = time.perf_counter()
+                compute_s += t0 - t1
+                continue
+            means = self.sync_losses(window, in_window, global_step)  # waits for the device
+            for key, mean in means.items():
+                sums[key] = sums.get(key, 0.0) + mean * in_window
+            window, in_window = {}, 0
             t0 = time.perf_counter()
             compute_s += t0 - t1
-            n_steps += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
             elapsed = t0 - t_epoch
             rate = n_steps * cfg.batch_size / max(elapsed, 1e-9)
             done = global_step + 1
@@ -535,7 +565,7 @@ class TrainingRun:
                     epochs=cfg.epochs,
                     step=step + 1,
                     steps_per_epoch=self.steps_per_epoch,
-                    losses=losses,
+                    losses=means,
                     alpha=alpha,
                     samples_per_s=rate,
                     eta_s=per_step * (self.total_steps - done),
@@ -543,6 +573,10 @@ class TrainingRun:
                     lr=float(self.optimizer.param_groups[0]["lr"]),
                 )
             )
+        if in_window:  # a loader shorter than steps_per_epoch (never with the global sampler)
+            means = self.sync_losses(window, in_window, epoch * self.steps_per_epoch + n_steps - 1)
+            for key, mean in means.items():
+                sums[key] = sums.get(key, 0.0) + mean * in_window
         if n_steps == 0:
             raise TrainError("the training loader produced no batches")
         if self._cancel_requested():

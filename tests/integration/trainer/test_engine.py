@@ -337,3 +337,25 @@ def test_config_roundtrip_and_paths(tmp_path) -> None:
     # the hash ignores loader width/device/eval, not the seed
     assert cfg.model_copy(update={"workers": 4, "device": "cpu"}).config_hash() == cfg.config_hash()
     assert cfg.model_copy(update={"seed": 1}).config_hash() != cfg.config_hash()
+
+
+def test_losses_synced_every_few_steps_give_the_same_history(data_path, tmp_path) -> None:
+    """On a GPU the loop keeps the losses on the device and syncs every SYNC_EVERY_STEPS steps;
+    the same path on the CPU (forced here) reports each window's mean at its last step, and the
+    epoch's history is the one of a per-step sync."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(data_path, epochs=1, max_steps_per_epoch=3, batch_size=2)  # 3 steps (6 samples)
+    results = {}
+    for every in (1, 2):
+        seen: list[engine.Progress] = []
+        run = engine.TrainingRun(cfg, tmp_path / f"run{every}", None, engine.TrainHooks(on_progress=seen.append), None)
+        run.build()
+        run.sync_every = every
+        assert run.run_epoch(0)
+        steps = [p.step for p in seen if p.phase == "train"]
+        results[every] = (steps, run.history[0], [p.losses["total"] for p in seen if p.phase == "train"])
+    assert results[1][0] == [1, 2, 3] and results[2][0] == [2, 3]  # a window also ends at the epoch end
+    for key in ("train_total", "train_ce", "train_grad_norm"):
+        assert results[2][1][key] == pytest.approx(results[1][1][key], rel=1e-12)
+    per_step = results[1][2]
+    assert results[2][2] == pytest.approx([(per_step[0] + per_step[1]) / 2, per_step[2]])
