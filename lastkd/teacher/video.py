@@ -592,9 +592,11 @@ def decode_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, th
 
 
 def normalize(clips: torch.Tensor | np.ndarray, cfg: PreprocessConfig) -> torch.Tensor:
-    """uint8 ``(B, T, S, S, 3)`` -> float32 ``(B, 3, T, S, S)``.
+    """uint8 ``(B, T, S, S, 3)`` -> float32 ``(B, 3, T, S, S)``, on the device of ``clips``.
 
-    Divides by 255, then applies the ImageNet mean/std when the protocol is ``imagenet``.
+    Divides by 255, then applies the ImageNet mean/std when the protocol is ``imagenet``. The
+    engine calls it on a GPU with the uint8 frames already there: 4x fewer bytes to copy, and
+    the arithmetic off the single inference thread's CPU.
     """
     x = torch.as_tensor(clips)
     if x.dtype != torch.uint8:
@@ -604,8 +606,8 @@ def normalize(clips: torch.Tensor | np.ndarray, cfg: PreprocessConfig) -> torch.
         raise ValueError(f"normalize expects shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
     out = x.permute(0, 4, 1, 2, 3).to(torch.float32).div_(255.0).contiguous()
     if cfg.protocol == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1, 1)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=out.device).view(1, 3, 1, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=out.device).view(1, 3, 1, 1, 1)
         out.sub_(mean).div_(std)
     return out
 
