@@ -46,7 +46,8 @@ def steps_to(history: list[dict[str, Any]], steps_per_epoch: int, level: float =
 
 def run_once(root: Path, seed: int, classes: int, samples_per_class: int, epochs: int) -> dict[str, Any]:
     """Train the demo recipe once on the demo data; return its numbers."""
-    from lastkd.services.demo import build_train_config, prepare_dataset
+    from lastkd.services.demo import build_train_config
+    from lastkd.services.demo_data import prepare_dataset
     from lastkd.student import training as engine
     from lastkd.student.config import TrainConfig
 

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a 2-block teacher (seconds on 2 cores)")
     parser.add_argument("--weights", type=Path, default=None, help="official VideoMAE V2 ViT-B checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--video", type=Path, default=SAMPLE, help="the clip (default: the NTU sample)")
     args = parser.parse_args(argv)
 
     from lastkd.models.checkpoint_io import load_checkpoint
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = load_checkpoint(model, args.weights) if args.weights is not None else "random-init"
     device = torch.device(args.device)
     model = model.eval().to(device)
-    clip = load_clip(SAMPLE, preprocess, VideoLimits()).to(device)
+    clip = load_clip(args.video, preprocess, VideoLimits()).to(device)
 
     def run(precision: str) -> tuple[torch.Tensor, float]:
         with inference_context(device, precision):

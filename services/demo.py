@@ -15,15 +15,17 @@
 Re-running is idempotent where it can be: the dataset is reused when its parameters match, the
 teacher answers already-seen clips from the store (``cached``); each run trains and publishes a
 new version. ``--fresh`` starts from an empty demo folder.
+
+This module is the command: its flags, the flow of the steps, the training job and the
+comparison, and the summary. The other parts live beside it: the dataset in
+:mod:`lastkd.services.demo_data`, the uploads to the teacher in :mod:`lastkd.services.demo_embed`,
+the console and the wording of its output in :mod:`lastkd.services.demo_console`, and the one
+error, :class:`~lastkd.services.demo_errors.DemoError`, in :mod:`lastkd.services.demo_errors`.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import json
-import math
-import os
 import re
 import shutil
 import signal
@@ -32,28 +34,25 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
 from lastkd.schemas.trainer import TERMINAL, Experiment, Job, JobEvent, JobState, JobSubmitted
-from lastkd.services.client import ApiError, TrainerClient, retry_after
+from lastkd.services.client import ApiError, TrainerClient
+from lastkd.services.demo_console import NOTICE, REAL_USE, Console, accuracy_verdict, fmt_s, pct
+from lastkd.services.demo_data import NTU60_CLASSES, NTU_NAME, DemoDataset, dataset_name, prepare_dataset, real_pairs
+from lastkd.services.demo_embed import EmbedSummary, embed_clips, error_text
+from lastkd.services.demo_errors import DemoError
 from lastkd.services.settings import Settings
 
 __all__ = [
     "DEMO_TEACHERS",
-    "DemoDataset",
-    "DemoError",
-    "EmbedSummary",
-    "accuracy_verdict",
     "add_parser",
     "build_train_config",
-    "embed_clips",
     "follow_job",
-    "prepare_dataset",
     "run",
     "submit_job",
 ]
@@ -62,326 +61,20 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NTU_SAMPLE = PROJECT_ROOT.parent / "shared" / "data" / "ntu_sample"
 # Teachers a CPU demo can afford; ViT-B is the real teacher's size.
 DEMO_TEACHERS = ("videomae_v2_vit_b", "videomae_v2_vit_s", "videomae_v2_tiny")
-NTU60_CLASSES = 60
 DEMO_EPOCHS = 16  # one step per epoch at the whole-split batch; 10 steps ended at 80% val (bench/learning.py)
 DEMO_MAX_BATCH = 32  # the demo's training split is ~15 samples: one batch per epoch
 SYNTH_FRAMES = 120  # longest synthetic clip (4 s at 30 fps); the teacher samples 16 frames of it
-DATASET_MARKER = "demo.json"
-_NTU_NAME = re.compile(r"^S\d{3}C\d{3}P\d{3}R\d{3}A(\d{3})$")
-
-NOTICE = (
-    "NOTE: this demo's teacher is RANDOM-INIT (no official weights; LASTKD_TEACHER_RANDOM_INIT=true for\n"
-    "its own stack) and its data is SYNTHETIC (rendered stick figures, plus at most one real NTU sample).\n"
-    "The numbers show that the plumbing works, not that distillation helps."
-)
-REAL_USE = (
-    "For real use: set LASTKD_TEACHER_WEIGHTS to the official VideoMAE V2 ViT-B checkpoint\n"
-    "(vit_b_k710_dl_from_giant.pth), put NTU RGB+D under a data root (LASTKD_DATA_ROOTS), run\n"
-    "`lastkd up`, `lastkd embed /path/to/nturgb+d_rgb`, then train with a config like\n"
-    "docs/train_example.yaml (`lastkd train CONFIG.yaml`, or POST /train). See README.md."
-)
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says what failed and where to look."""
 
 
 # --------------------------------------------------------------------------------------------
-# output
-# --------------------------------------------------------------------------------------------
-class Console:
-    """Plain lines plus one self-overwriting progress line on a terminal (throttled lines
-    elsewhere, so logs of non-interactive runs stay short)."""
-
-    def __init__(self, out: IO[str] | None = None, interval: float = 5.0) -> None:
-        self.out = out or sys.stdout
-        self.tty = bool(getattr(self.out, "isatty", lambda: False)())
-        self.interval = interval
-        self._last = 0.0
-        self._last_text = ""
-        self._open = False
-        self._lock = threading.Lock()
-
-    def line(self, text: str = "") -> None:
-        """Print one plain line (closing an open progress line first)."""
-        with self._lock:
-            if self._open:
-                self.out.write("\n")
-                self._open = False
-            self.out.write(text + "\n")
-            self.out.flush()
-
-    def progress(self, text: str, force: bool = False) -> None:
-        """Show ``text`` as the current progress (overwritten in place on a terminal)."""
-        now = time.monotonic()
-        with self._lock:
-            if self.tty:
-                self.out.write("\r\033[K" + text)
-                self._open = True
-            elif force or (text != self._last_text and now - self._last >= self.interval):
-                # Off a terminal: no repeats, at most one line per interval.
-                self.out.write(text + "\n")
-                self._last, self._last_text = now, text
-            self.out.flush()
-
-    def finish(self, text: str) -> None:
-        """Close the progress line with its final state."""
-        with self._lock:
-            if self.tty:
-                self.out.write("\r\033[K" + text + "\n")
-            else:
-                self.out.write(text + "\n")
-            self._open = False
-            self.out.flush()
-
-
-def _fmt_s(seconds: float) -> str:
-    seconds = max(0.0, float(seconds))
-    return f"{seconds:.0f}s" if seconds < 90 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
-# --------------------------------------------------------------------------------------------
-# 1. data
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DemoDataset:
-    """A prepared demo dataset: NTU-format skeletons, their videos and a 60-line label map."""
-
-    root: Path
-    skeletons: Path
-    videos: Path
-    label_map: Path
-    clips: tuple[Path, ...]
-    real_samples: tuple[str, ...]
-    reused: bool
-
-
-def _real_pairs(sample_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(name, skeleton, video) for every complete NTU sample in ``sample_dir``."""
-    pairs = []
-    for skeleton in sorted(sample_dir.glob("*.skeleton")):
-        video = sample_dir / f"{skeleton.stem}_rgb.avi"
-        if _NTU_NAME.match(skeleton.stem) and video.is_file():
-            pairs.append((skeleton.stem, skeleton, video))
-    return pairs
-
-
-def _label_map_text(classes: int) -> str:
-    from lastkd.student.synth import class_description
-
-    # The student is an NTU-60 model (60 outputs); classes without demo samples get a placeholder.
-    names = [class_description(c) for c in range(classes)]
-    names += [f"A{c + 1:03d} (no samples in the demo data)" for c in range(classes, NTU60_CLASSES)]
-    return "\n".join(names) + "\n"
-
-
-def dataset_name(classes: int, samples_per_class: int, frames: int, seed: int, with_real: bool) -> str:
-    """Folder name of a demo dataset; it encodes every parameter, so variants never collide."""
-    return f"demo-c{classes}-k{samples_per_class}-f{frames}-s{seed}" + ("-ntu" if with_real else "")
-
-
-def prepare_dataset(
-    data_root: Path,
-    *,
-    classes: int,
-    samples_per_class: int,
-    frames: int = 120,
-    seed: int = 0,
-    ntu_sample: Path | None = None,
-) -> DemoDataset:
-    """Build (or reuse) the demo dataset in ``data_root/demo-c<classes>-k<k>-f<frames>-s<seed>``.
-
-    The folder is assembled beside its final name and renamed into place, so an interrupted run
-    leaves nothing half-made; a complete folder with the same parameters is reused as it is.
-    Raises :class:`DemoError` (bad parameters, or a foreign folder in the way).
-    """
-    from lastkd.student.synth import SynthError, generate
-
-    real = _real_pairs(ntu_sample) if ntu_sample is not None and ntu_sample.is_dir() else []
-    name = dataset_name(classes, samples_per_class, frames, seed, bool(real))
-    final = Path(data_root) / name
-    params = {
-        "format": 1,
-        "classes": classes,
-        "samples_per_class": samples_per_class,
-        "max_frames": frames,
-        "seed": seed,
-        "real_samples": [r[0] for r in real],
-    }
-    marker = final / DATASET_MARKER
-    if final.exists():
-        try:
-            found = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            found = None
-        if isinstance(found, dict) and found.get("params") == params:
-            return _dataset(final, [r[0] for r in real], reused=True)
-        if found is None and not (final / "synthetic.json").is_file():
-            raise DemoError(f"{final} exists and was not made by `lastkd demo`; move it away or use --out elsewhere")
-        shutil.rmtree(final)  # ours, but stale or incomplete: rebuild it
-
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".{name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
-        try:
-            generate(staging, classes=classes, samples_per_class=samples_per_class, frames=frames, seed=seed)
-        except SynthError as exc:
-            raise DemoError(str(exc)) from None
-        replaced = []
-        for sample, skeleton, video in real:
-            if (staging / "skeletons" / skeleton.name).exists():
-                replaced.append(sample)
-            shutil.copyfile(skeleton, staging / "skeletons" / skeleton.name)
-            shutil.copyfile(video, staging / "videos" / video.name)
-        (staging / "label_map_ntu60.txt").write_text(_label_map_text(classes), encoding="utf-8")
-        manifest = {
-            "synthetic": True,
-            "note": "lastkd demo data: synthetic samples from `lastkd synth` plus the real NTU samples listed.",
-            "params": params,
-            "real_samples_replaced_synthetic": replaced,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        (staging / DATASET_MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        os.rename(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return _dataset(final, [r[0] for r in real], reused=False)
-
-
-def _dataset(root: Path, real: list[str], reused: bool) -> DemoDataset:
-    clips = tuple(sorted((root / "videos").glob("*_rgb.avi")))
-    return DemoDataset(
-        root, root / "skeletons", root / "videos", root / "label_map_ntu60.txt", clips, tuple(real), reused
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# 3. embedding
-# --------------------------------------------------------------------------------------------
-@dataclass
-class EmbedSummary:
-    """What the teacher answered for the demo's clips."""
-
-    feature_set: str | None = None
-    embedded: int = 0
-    cached: int = 0
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def done(self) -> int:
-        """Clips answered so far, whatever the answer."""
-        return self.embedded + self.cached + len(self.failed)
-
-
-def _headers(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _error_text(response: httpx.Response) -> str:
-    err = ApiError.from_response(response)
-    return f"{err.code}: {err.message}"
-
-
-def _post_clips(client: httpx.Client, url: str, clips: list[Path], deadline: float) -> dict[str, Any]:
-    """POST one batch of clips, retrying while the teacher says "busy" (503 + Retry-After)."""
-    transport_errors = 0
-    while True:
-        handles = [open(p, "rb") for p in clips]
-        try:
-            files = [("files", (p.name, h, "video/x-msvideo")) for p, h in zip(clips, handles, strict=True)]
-            response = client.post(f"{url}/embed", files=files)
-        except httpx.TransportError as exc:
-            transport_errors += 1
-            if transport_errors > 3 or time.monotonic() > deadline:
-                raise DemoError(f"the teacher at {url} did not answer ({type(exc).__name__}: {exc})") from None
-            time.sleep(1.0)
-            continue
-        finally:
-            for h in handles:
-                h.close()
-        if response.status_code == 503 and time.monotonic() < deadline:
-            time.sleep(retry_after(response))
-            continue
-        if response.status_code in (200, 422) and "results" in response.text:
-            return response.json()
-        raise DemoError(f"POST {url}/embed failed: {_error_text(response)}")
-
-
-def embed_clips(
-    teacher_url: str,
-    clips: list[Path],
-    console: Console,
-    *,
-    token: str | None = None,
-    concurrency: int = 3,
-    per_request: int = 2,
-    timeout: float = 3600.0,
-) -> EmbedSummary:
-    """Upload every clip to ``POST /embed`` with ``concurrency`` requests in flight.
-
-    Per-clip failures are collected (the job then trains those samples on CE only); a request
-    that fails as a whole raises :class:`DemoError`.
-    """
-    summary = EmbedSummary()
-    batches = [clips[i : i + per_request] for i in range(0, len(clips), per_request)]
-    started = time.monotonic()
-    deadline = started + timeout
-    sets: set[str] = set()
-    with (
-        httpx.Client(timeout=httpx.Timeout(600.0, connect=10.0), headers=_headers(token)) as client,
-        cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embed") as pool,
-    ):
-        futures = [pool.submit(_post_clips, client, teacher_url, batch, deadline) for batch in batches]
-        try:
-            for future in cf.as_completed(futures):
-                body = future.result()
-                for item in body.get("results", []):
-                    if "error" in item:
-                        err = item["error"]
-                        summary.failed[item.get("filename", "?")] = f"{err.get('code')}: {err.get('message')}"
-                        continue
-                    sets.add(item["feature_set"])
-                    if item.get("cached"):
-                        summary.cached += 1
-                    else:
-                        summary.embedded += 1
-                elapsed = time.monotonic() - started
-                rate = summary.done / elapsed if elapsed > 0 else 0.0
-                eta = (len(clips) - summary.done) / rate if rate > 0 else 0.0
-                console.progress(
-                    f"  embedding: {summary.done}/{len(clips)} clips ({summary.cached} cached, "
-                    f"{len(summary.failed)} failed), {rate:.2f} clips/s, ETA {_fmt_s(eta)}"
-                )
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    summary.seconds = time.monotonic() - started
-    if len(sets) > 1:
-        raise DemoError(f"the teacher answered with several feature sets ({', '.join(sorted(sets))}); expected one")
-    summary.feature_set = next(iter(sets), None)
-    console.finish(
-        f"  embedded {len(clips)} clips in {_fmt_s(summary.seconds)}: {summary.embedded} computed, "
-        f"{summary.cached} cached, {len(summary.failed)} failed; feature set {summary.feature_set}"
-    )
-    for name, reason in sorted(summary.failed.items()):
-        console.line(f"  ! {name}: {reason}")
-    if summary.feature_set is None:
-        raise DemoError("no clip could be embedded; see the messages above")
-    return summary
-
-
-# --------------------------------------------------------------------------------------------
-# 4. training
+# training
 # --------------------------------------------------------------------------------------------
 def xsub_train_count(dataset: DemoDataset) -> int:
     """How many of the dataset's samples fall on the training side of the NTU-60 xsub split."""
     from lastkd.student.data.splits import XSUB60_TRAIN_PERFORMERS
 
     names = [p.stem for p in dataset.skeletons.glob("*.skeleton")]
-    return sum(1 for n in names if _NTU_NAME.match(n) and int(n[9:12]) in XSUB60_TRAIN_PERFORMERS)
+    return sum(1 for n in names if NTU_NAME.match(n) and int(n[9:12]) in XSUB60_TRAIN_PERFORMERS)
 
 
 def build_train_config(
@@ -475,7 +168,7 @@ def _progress_text(job: JobEvent) -> str:
     if phase == "eval" and p.get("val"):
         parts.append(f"val top-1 {100 * float(p['val'].get('top1', 0)):.1f}%")
     if p.get("eta_s"):
-        parts.append(f"ETA {_fmt_s(p['eta_s'])}")
+        parts.append(f"ETA {fmt_s(p['eta_s'])}")
     return ", ".join(parts)
 
 
@@ -697,7 +390,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
     if args.fresh and out.exists() and not external:
         shutil.rmtree(out)
     sample_dir = None if args.no_ntu_sample else args.ntu_sample
-    with_real = sample_dir is not None and sample_dir.is_dir() and bool(_real_pairs(sample_dir))
+    with_real = sample_dir is not None and sample_dir.is_dir() and bool(real_pairs(sample_dir))
     name = dataset_name(args.classes, args.samples_per_class, SYNTH_FRAMES, args.seed, with_real)
     run_settings = settings if external else demo_settings(settings, out, model, store_name=name)
     data_root = run_settings.resolved_data_roots[0]
@@ -718,7 +411,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
     )
     console.line(
         f"  {'reused' if dataset.reused else 'wrote'} {len(dataset.clips)} clips in {dataset.root} "
-        f"({_fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}"
+        f"({fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}"
     )
     timings = {"data": time.monotonic() - t}
 
@@ -739,7 +432,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
             except StackError as exc:
                 raise DemoError(f"the stack did not start: {exc}") from None
             teacher_url, trainer_url = stack.teacher_url, stack.trainer_url
-            console.line(f"  ready in {_fmt_s(time.monotonic() - t)}: teacher {teacher_url}, trainer {trainer_url}")
+            console.line(f"  ready in {fmt_s(time.monotonic() - t)}: teacher {teacher_url}, trainer {trainer_url}")
         timings["stack"] = time.monotonic() - t
 
         # 3. embed
@@ -773,7 +466,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
                 f"job {job.job_id} ended {job.state.value}: {job.error or 'no error recorded'} "
                 f"(GET {trainer_url}/jobs/{job.job_id})"
             )
-        console.finish(f"  trained in {_fmt_s(timings['train'])}")
+        console.finish(f"  trained in {fmt_s(timings['train'])}")
         _summary(
             console,
             job,
@@ -899,7 +592,7 @@ def _compare_summary(console: Console, exp: Experiment, trainer_url: str, cosine
     report = exp.report
     for arm in report["arms"]:
         iv = report["per_arm"][arm]["top1"]
-        console.line(f"  {arm:<3} val top-1 {_pct(iv.get('mean'))} over {iv.get('n')} seed(s)")
+        console.line(f"  {arm:<3} val top-1 {pct(iv.get('mean'))} over {iv.get('n')} seed(s)")
     for sentence in report.get("summary", []):
         console.line(f"  {sentence}")
     if cosines is not None:
@@ -924,7 +617,7 @@ def _check_external_teacher(teacher_url: str, model: str) -> str:
     except httpx.HTTPError as exc:
         raise DemoError(f"the teacher at {teacher_url} does not answer ({exc})") from None
     if response.status_code != 200:
-        raise DemoError(f"the teacher at {teacher_url} is not ready: {_error_text(response)}")
+        raise DemoError(f"the teacher at {teacher_url} is not ready: {error_text(response)}")
     try:
         info = response.json()
     except ValueError:
@@ -948,25 +641,6 @@ def _check_stack(stack: Any) -> None:
             stack.check()
         except StackError as exc:
             raise DemoError(f"a component of the demo stack stopped: {exc}") from None
-
-
-def _pct(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.1f}%"
-
-
-def accuracy_verdict(top1: float | None, samples: int | None, classes: int) -> str:
-    """How a validation top-1 compares with chance (1/classes), in words: "above chance" only
-    when it clears chance by two binomial standard errors on ``samples`` validation samples."""
-    if top1 is None or not samples:
-        return "no validation samples: accuracy unknown"
-    chance = 1.0 / classes
-    margin = 2.0 * math.sqrt(chance * (1.0 - chance) / samples)
-    if top1 > chance + margin:
-        return f"above chance ({100 * chance:.0f}% + {100 * margin:.0f} points on {samples} val samples)"
-    return (
-        f"NOT distinguishable from chance ({100 * chance:.0f}% +- {100 * margin:.0f} points on "
-        f"{samples} val samples): the student did not learn the demo classes in this run"
-    )
 
 
 def _summary(
@@ -996,7 +670,7 @@ def _summary(
     console.line(f"  over HTTP   {trainer_url}/checkpoints/{result.get('name')}/v{result.get('version')}")
     console.line("Summary")
     console.line(
-        f"  val top-1 {_pct(metrics.get('top1'))}, top-5 {_pct(metrics.get('top5'))}: "
+        f"  val top-1 {pct(metrics.get('top1'))}, top-5 {pct(metrics.get('top5'))}: "
         + accuracy_verdict(metrics.get("top1"), metrics.get("num_samples"), classes)
     )
     console.line(
@@ -1010,13 +684,13 @@ def _summary(
             + (f"; final train CE {float(history['train_ce']):.3f}" if "train_ce" in history else "")
         )
     console.line(
-        f"  teacher feature coverage: train {_pct(metrics.get('coverage_train'))}, val {_pct(metrics.get('coverage_val'))}"
+        f"  teacher feature coverage: train {pct(metrics.get('coverage_train'))}, val {pct(metrics.get('coverage_val'))}"
     )
     console.line(
         f"  clips: {len(dataset.clips)} ({emb.embedded} embedded, {emb.cached} cached, {len(emb.failed)} failed), "
         f"teacher {teacher}, feature set {emb.feature_set}"
     )
-    console.line("  time: " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in timings.items()) + f"; total {_fmt_s(total)}")
+    console.line("  time: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in timings.items()) + f"; total {fmt_s(total)}")
     console.line(NOTICE)
     console.line(REAL_USE)
     console.line("=" * 78)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lastkd.services.demo import DemoError, prepare_dataset
+from lastkd.services.demo_data import prepare_dataset
+from lastkd.services.demo_errors import DemoError
 from tests.support.live import descendants, free_port, kill_all, port_free, running
 from tests.support.paths import NTU_SAMPLE_DIR, PROJECT_ROOT
 
@@ -338,7 +339,7 @@ def test_the_real_data_example_config_validates() -> None:
 def test_the_summary_says_plainly_whether_the_student_beat_chance(
     top1: float | None, samples: int, classes: int, words: str
 ) -> None:
-    from lastkd.services.demo import accuracy_verdict
+    from lastkd.services.demo_console import accuracy_verdict
 
     verdict = accuracy_verdict(top1, samples, classes)
     assert verdict.startswith(words), verdict
