@@ -68,6 +68,7 @@ class ApiError(Exception):
 
 
 Answer = TypeVar("Answer", bound=BaseModel)
+Followed = TypeVar("Followed", Job, Experiment)  # the records a client follows to a terminal state
 
 
 def _answer(model: type[Answer], body: Any) -> Answer:
@@ -217,11 +218,12 @@ class TrainerClient(_Client):
     def submit(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> JobSubmitted:
         """``POST /train``; the job record. Retries carry the same ``Idempotency-Key`` (made here
         when not given), so a lost answer never creates a second job."""
+        return _answer(JobSubmitted, self._post_once("/train", config, idempotency_key))
+
+    def _post_once(self, path: str, body: dict[str, Any], idempotency_key: str | None) -> Any:
         key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        response = self.request(
-            "POST", "/train", ok=(200, 202), headers={"Idempotency-Key": key}, body=lambda: {"json": config}
-        )
-        return _answer(JobSubmitted, response.json())
+        headers = {"Idempotency-Key": key}
+        return self.request("POST", path, ok=(200, 202), headers=headers, body=lambda: {"json": body}).json()
 
     def job(self, job_id: str) -> Job:
         """``GET /jobs/{id}``."""
@@ -259,25 +261,48 @@ class TrainerClient(_Client):
         """Follow a job to a terminal state and return its final record: over the event stream,
         then by polling ``GET /jobs/{id}`` if the stream breaks. ``on_update`` sees every state
         the stream or the polling delivers (it may raise to stop following)."""
+
+        def update(data: Any) -> None:
+            if on_update is not None:
+                on_update(_answer(JobEvent, data))
+
+        def polled(record: Job) -> None:
+            if on_update is not None:
+                on_update(JobEvent.model_validate(record.model_dump(include=set(JobEvent.model_fields))))
+
+        return self._follow(
+            self.events(job_id), lambda: self.job(job_id), update, polled, f"job {job_id}", timeout, poll_s
+        )
+
+    def _follow(
+        self,
+        events: Iterator[Event],
+        read: Callable[[], Followed],
+        on_event: Callable[[Any], None],
+        on_poll: Callable[[Followed], None],
+        what: str,
+        timeout: float,
+        poll_s: float,
+    ) -> Followed:
+        """Events until ``end``, then ``read()`` until its ``state`` is terminal (polling when the
+        stream broke or is not offered)."""
         deadline = time.monotonic() + timeout
         try:
-            for event in self.events(job_id):
+            for event in events:
                 if event.event not in ("progress", "end"):
                     continue
-                if on_update is not None:
-                    on_update(_answer(JobEvent, event.data))
+                on_event(event.data)
                 if event.event == "end":
                     break
         except (httpx.TransportError, ApiError):
             pass  # the stream broke or is not offered: poll
         while True:
-            record = self.job(job_id)
+            record = read()
             if record.state in TERMINAL:
                 return record
-            if on_update is not None:
-                on_update(JobEvent.model_validate(record.model_dump(include=set(JobEvent.model_fields))))
+            on_poll(record)
             if time.monotonic() > deadline:
-                raise ApiError(0, "timeout", f"job {job_id} did not finish within {timeout:.0f} s")
+                raise ApiError(0, "timeout", f"{what} did not finish within {timeout:.0f} s")
             time.sleep(poll_s)
 
     def checkpoints(self) -> list[CheckpointEntry]:
@@ -286,12 +311,9 @@ class TrainerClient(_Client):
 
     # --- experiments ------------------------------------------------------------------------------
     def submit_experiment(self, config: dict[str, Any], *, idempotency_key: str | None = None) -> ExperimentSubmitted:
-        """``POST /experiments`` (an experiment, or a training config for the default arms)."""
-        key = idempotency_key or f"client-{uuid.uuid4().hex}"
-        response = self.request(
-            "POST", "/experiments", ok=(200, 202), headers={"Idempotency-Key": key}, body=lambda: {"json": config}
-        )
-        return _answer(ExperimentSubmitted, response.json())
+        """``POST /experiments`` (an experiment, or a training config for the default arms); retried
+        like :meth:`submit`, under one ``Idempotency-Key``."""
+        return _answer(ExperimentSubmitted, self._post_once("/experiments", config, idempotency_key))
 
     def experiment(self, experiment_id: str) -> Experiment:
         """``GET /experiments/{id}`` (with the report once COMPLETED)."""
@@ -304,3 +326,32 @@ class TrainerClient(_Client):
     def experiment_events(self, experiment_id: str) -> Iterator[Event]:
         """The experiment's server-sent events; the data of each is an Experiment as JSON."""
         return self._events(f"/experiments/{experiment_id}/events")
+
+    def follow_experiment(
+        self,
+        experiment_id: str,
+        on_update: Callable[[Experiment], None] | None = None,
+        *,
+        timeout: float = 24 * 3600.0,
+        poll_s: float = 1.0,
+    ) -> Experiment:
+        """Follow an experiment to a terminal state, as :meth:`follow` does a job; its final
+        record (with the report once COMPLETED)."""
+
+        def update(data: Any) -> None:
+            if on_update is not None:
+                on_update(_answer(Experiment, data))
+
+        def polled(record: Experiment) -> None:
+            if on_update is not None:
+                on_update(record)
+
+        return self._follow(
+            self.experiment_events(experiment_id),
+            lambda: self.experiment(experiment_id),
+            update,
+            polled,
+            f"experiment {experiment_id}",
+            timeout,
+            poll_s,
+        )

@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from lastkd.schemas.trainer import TERMINAL, Experiment, Job, JobEvent, JobState, JobSubmitted
+from lastkd.schemas.trainer import Experiment, Job, JobEvent, JobState, JobSubmitted
 from lastkd.services.client import ApiError, TrainerClient
 from lastkd.services.demo_console import NOTICE, REAL_USE, Console, accuracy_verdict, fmt_s, pct
 from lastkd.services.demo_data import NTU60_CLASSES, NTU_NAME, DemoDataset, dataset_name, prepare_dataset, real_pairs
@@ -531,26 +531,15 @@ def run_comparison(
         try:
             submitted = client.submit_experiment(experiment, idempotency_key=f"demo-{uuid.uuid4().hex}")
             console.line(f"  experiment {submitted.experiment_id}: {len(submitted.children)} child jobs queued")
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    for event in client.experiment_events(submitted.experiment_id):
-                        if alive is not None:
-                            alive()
-                        if isinstance(event.data, dict):
-                            done, total = event.data.get("done", 0), len(event.data.get("children", []))
-                            console.progress(f"  comparing: {done}/{total} child jobs finished")
-                        if event.event == "end":
-                            break
-                except httpx.TransportError:
-                    pass  # the stream broke: read the record below
-                record = client.experiment(submitted.experiment_id)
-                if record.state in TERMINAL:
-                    console.finish(f"  experiment {record.state.value.lower()}")
-                    return record
-                if time.monotonic() > deadline:
-                    raise DemoError(f"experiment {submitted.experiment_id} did not finish within {timeout:.0f} s")
-                time.sleep(1.0)
+
+            def update(exp: Experiment) -> None:
+                if alive is not None:
+                    alive()
+                console.progress(f"  comparing: {exp.done}/{len(exp.children)} child jobs finished")
+
+            record = client.follow_experiment(submitted.experiment_id, update, timeout=timeout)
+            console.finish(f"  experiment {record.state.value.lower()}")
+            return record
         except ApiError as exc:
             raise DemoError(f"the comparison failed: {exc.code}: {exc.message}") from None
 
