@@ -328,6 +328,6 @@ def _clip_error(exc: BaseException) -> ClipError:
 
 
 def _json(model: TeacherReady | EmbedResponse, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
-    # For answers whose status is not the route's default: the same model, serialized as the route would.
-    content = model.model_dump(mode="json", exclude_none=isinstance(model, TeacherReady), exclude_unset=True)
+    # For answers whose status is not the route's default: the fields the route set, as it serializes them.
+    content = model.model_dump(mode="json", exclude_unset=True)
     return JSONResponse(content, status_code=status, headers=headers)

@@ -202,14 +202,13 @@ class ExperimentStore:
         return [r["id"] for r in rows]
 
     def child_jobs(self, record: ExperimentRecord) -> builtins.list[JobRecord]:
-        """The child jobs, in the experiment's order (seed-major)."""
-        found = []
-        for ref in record.children:
-            job = self.jobs.get(ref.job_id)
-            if job is None:  # created in the experiment's own transaction: never missing
-                raise RuntimeError(f"experiment {record.id}: child job {ref.job_id} is missing")
-            found.append(job)
-        return found
+        """The child jobs, in the experiment's order (seed-major), read in one query (settling and
+        every event of a followed experiment read them)."""
+        jobs = self.jobs.get_many([ref.job_id for ref in record.children])
+        missing = [ref.job_id for ref in record.children if ref.job_id not in jobs]
+        if missing:  # created in the experiment's own transaction: never missing
+            raise RuntimeError(f"experiment {record.id}: child job(s) {', '.join(missing)} missing")
+        return [jobs[ref.job_id] for ref in record.children]
 
     def report(self, record: ExperimentRecord) -> dict[str, Any] | None:
         """The written report (report.json) of a COMPLETED experiment, else None."""

@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -106,31 +106,6 @@ class JobRecord:
     def terminal(self) -> bool:
         """True once the job is COMPLETED, FAILED or CANCELLED."""
         return self.state in TERMINAL
-
-    def public(self) -> dict[str, Any]:
-        """The JSON shape the API answers with."""
-        return {
-            "job_id": self.id,
-            "name": self.name,
-            "state": self.state.value,
-            "progress": self.progress,
-            "metrics": self.metrics,
-            "history": self.history,
-            "result": self.result,
-            "error": self.error,
-            "attempts": self.attempts,
-            "max_attempts": self.max_attempts,
-            "cancel_requested": self.cancel_requested,
-            "resumed_from_epoch": self.resumed_from_epoch,
-            "idempotency_key": self.idempotency_key,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "queued_at": self.queued_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "heartbeat_at": self.heartbeat_at,
-            "config": self.config,
-        }
 
 
 _SCHEMA = """
@@ -396,6 +371,15 @@ class JobStore:
         with self.connect() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return None if row is None else self._record(row)
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The jobs of ``job_ids`` that exist, by id, read in one query."""
+        if not job_ids:
+            return {}
+        marks = ",".join("?" * len(job_ids))
+        with self.connect() as conn:
+            rows = conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", tuple(job_ids)).fetchall()
+        return {row["id"]: self._record(row) for row in rows}
 
     # Signatures below this method say builtins.list: in the class body, `list` is this method.
     def list(self, state: JobState | None = None, limit: int = 100, offset: int = 0) -> list[JobRecord]:

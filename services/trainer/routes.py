@@ -154,8 +154,12 @@ Jobs = Annotated[JobStore, Depends(job_store)]
 
 
 def _job(record: JobRecord, request: Request) -> Job:
+    # The answer's fields are the schema's: the record's columns of the same names (never owner
+    # or config_hash, which the schema does not name), its id as job_id, and two derived fields.
+    columns = {name: getattr(record, name) for name in Job.model_fields if hasattr(record, name)}
     return Job(
-        **record.public(),
+        **columns,
+        job_id=record.id,
         # the readers' report of skipped source files, lifted out of the metrics so nobody misses it
         data_skipped=(record.metrics or {}).get("data_skipped"),
         status_url=str(request.url_for("get_job", job_id=record.id)),
@@ -675,6 +679,7 @@ async def submit_experiment(request: Request, _: Authorized, state: State, store
             experiment_id=record.id,
             status_url=str(request.url_for("get_experiment", experiment_id=record.id)),
         )
+    # read again: the answer shows the children as queued by this request
     answer = await run_in_threadpool(lambda: _experiment(store, record, request, report=False))
     return ExperimentSubmitted(**answer.model_dump(), created=created, warnings=warnings)
 
