@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SAMPLE = ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi"
+from bench._common import NTU_CLIP, vit_b_teacher  # noqa: E402  (after the path setup above)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,26 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 2-block teacher (under a minute on 2 cores)")
     parser.add_argument("--weights", type=Path, default=None, help="official VideoMAE V2 ViT-B checkpoint")
-    parser.add_argument("--video", type=Path, default=SAMPLE, help="the clip to measure (default: the NTU sample)")
+    parser.add_argument("--video", type=Path, default=NTU_CLIP, help="the clip to measure (default: the NTU sample)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from lastkd.models.checkpoint_io import load_checkpoint
-    from lastkd.models.videomae import MODEL_CONFIGS, VideoMAEv2, create_videomae
     from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 
     torch.manual_seed(args.seed)
     preprocess = PreprocessConfig()
     shallow = args.quick and args.weights is None
-    if shallow:  # the ViT-B width with 2 blocks: a registered size cannot be shortened by name
-        arch = {**MODEL_CONFIGS["videomae_v2_vit_b"], "depth": 2}
-        model = VideoMAEv2(num_frames=preprocess.num_frames, num_classes=0, **arch)
-    else:
-        model = create_videomae("videomae_v2_vit_b", num_frames=preprocess.num_frames, num_classes=0)
-    weights = "random-init"
-    if args.weights is not None:
-        weights = load_checkpoint(model, args.weights)
-    model.eval()
+    model, weights = vit_b_teacher(shallow, args.weights, preprocess.num_frames)
     t0 = time.perf_counter()
     clip = load_clip(args.video, preprocess, VideoLimits())  # (V, 3, T, S, S), the stored protocol
     order = torch.randperm(clip.shape[2], generator=torch.Generator().manual_seed(args.seed))

@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._common import NTU_CLIP  # noqa: E402  (after the path setup above)
+
 
 def _last_json(text: str) -> dict[str, Any] | None:
     for line in reversed(text.strip().splitlines()):
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clip",
         type=Path,
-        default=ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
+        default=NTU_CLIP,
         help="the real NTU clip (carry it to the GPU machine; no synthetic stand-in)",
     )
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SAMPLE = ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi"
+from bench._common import NTU_CLIP, vit_b_teacher  # noqa: E402  (after the path setup above)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,23 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a 2-block teacher (seconds on 2 cores)")
     parser.add_argument("--weights", type=Path, default=None, help="official VideoMAE V2 ViT-B checkpoint")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--video", type=Path, default=SAMPLE, help="the clip (default: the NTU sample)")
+    parser.add_argument("--video", type=Path, default=NTU_CLIP, help="the clip (default: the NTU sample)")
     args = parser.parse_args(argv)
 
-    from lastkd.models.checkpoint_io import load_checkpoint
-    from lastkd.models.videomae import MODEL_CONFIGS, VideoMAEv2, create_videomae, inference_context
+    from lastkd.models.videomae import inference_context
     from lastkd.teacher.video import PreprocessConfig, VideoLimits, load_clip
 
     torch.manual_seed(0)
     preprocess = PreprocessConfig()
     shallow = args.quick and args.weights is None
-    if shallow:  # the ViT-B width with 2 blocks
-        model = VideoMAEv2(num_frames=16, num_classes=0, **{**MODEL_CONFIGS["videomae_v2_vit_b"], "depth": 2})
-    else:
-        model = create_videomae("videomae_v2_vit_b", num_frames=16, num_classes=0)
-    weights = load_checkpoint(model, args.weights) if args.weights is not None else "random-init"
+    model, weights = vit_b_teacher(shallow, args.weights, preprocess.num_frames)
     device = torch.device(args.device)
-    model = model.eval().to(device)
+    model = model.to(device)
     clip = load_clip(args.video, preprocess, VideoLimits()).to(device)
 
     def run(precision: str) -> tuple[torch.Tensor, float]:

@@ -38,18 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-NTU_CLIP = next(
-    (
-        p
-        for p in (
-            Path(os.environ.get("LASTKD_BENCH_NTU_CLIP", "/nonexistent")),
-            ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
-            ROOT / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
-        )
-        if p.is_file()
-    ),
-    ROOT.parent / "shared" / "data" / "ntu_sample" / "S001C001P001R001A001_rgb.avi",
-)
+from bench._common import NTU_CLIP  # noqa: E402  (after the path setup above)
+
 VIT_B = dict(embed_dim=768, num_heads=12, mlp_ratio=4.0, patch_size=16)
 
 
