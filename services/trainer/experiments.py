@@ -263,7 +263,9 @@ class ExperimentStore:
         ]
         report = build_report(record.experiment(), results)
         report["experiment_id"] = record.id
-        report["children"] = [{"arm": r.arm, "seed": r.seed, "job_id": r.job_id} for r in record.children]
+        job_ids = {(ref.arm, ref.seed): ref.job_id for ref in record.children}
+        for child in report["children"]:  # the report's own per-child figures, plus which job ran it
+            child["job_id"] = job_ids[(child["arm"], child["seed"])]
         final = self.registry_dir / EXPERIMENTS_DIR / record.id
         if final.is_dir():  # another settler wrote it first: one report
             return str(final)

@@ -63,6 +63,9 @@ def test_three_arms_two_seeds_run_as_jobs_and_the_report_equals_the_children(
         assert jobs[("ce", 0)]["name"] == f"{name}-ce-s0"
         report = done["report"]
         assert report["experiment_id"] == submitted["experiment_id"]
+        for child in report["children"]:  # each child's own figures, and the job that ran it
+            job = jobs[(child["arm"], child["seed"])]
+            assert child["job_id"] == job["job_id"] and child["top1"] == job["metrics"]["top1"]
         for arm in ("ce", "kd", "kd-shuffled"):
             m, lo, hi = _interval([jobs[(arm, s)]["metrics"]["top1"] for s in (0, 1)])
             iv = report["per_arm"][arm]["top1"]
