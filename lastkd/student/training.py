@@ -388,7 +388,6 @@ class TrainingRun:
         # Losses stay on the device between syncs: a float() per step would stall a GPU on every
         # step of a 3M-parameter student. On the CPU a sync costs nothing, so it reports each step.
         self.sync_every = 1 if self.device.type == "cpu" else SYNC_EVERY_STEPS
-        self.resume_skipped: list[str] = []  # what a resume could not restore here (logged)
 
     def resume(self) -> None:
         """Continue from ``run_dir/last.pt`` when it exists (weights, optimizer, history, RNG states)."""
@@ -405,7 +404,8 @@ class TrainingRun:
             self.scheduler.load_state_dict(ck["scheduler"])
         except (KeyError, RuntimeError, ValueError) as exc:
             raise ResumeError(f"{path}: checkpoint does not fit this run ({str(exc)[:300]})") from None
-        skipped = [note for note in [load_scaler_state(self.scaler, ck.get("scaler"))] if note]
+        scaler_note = load_scaler_state(self.scaler, ck.get("scaler"))
+        skipped = [scaler_note] if scaler_note else []
         self.history = list(ck["history"])
         self.start_epoch = int(ck["epoch"])
         rng = ck.get("rng") or []
@@ -417,7 +417,6 @@ class TrainingRun:
             )
         for note in skipped:
             log.warning("resuming %s: not restored: %s", path, note)
-        self.resume_skipped = skipped
         log.info("resumed %s at epoch %d/%d", path, self.start_epoch, self.config.epochs)
 
     def save_checkpoint(self, epoch_done: int) -> None:
