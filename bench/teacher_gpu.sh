@@ -5,20 +5,8 @@
 # object as the last line of stdout. Extra arguments go to bench/teacher.py (e.g. --clips 32).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
-fi
-missing=$("$PY" - <<'PYEOF'
-import importlib
-mods = ["torch", "timm", "av", "lmdb", "numpy", "pydantic", "pydantic_settings", "tqdm"]
-print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
-PYEOF
-)
-if [ -n "$missing" ]; then
-  echo "teacher_gpu.sh: missing Python packages: $missing (install the project: pip install -e .)" >&2
-  exit 2
-fi
+. bench/_python.sh
+require_modules teacher_gpu.sh torch timm av lmdb numpy pydantic pydantic_settings tqdm
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
   echo "teacher_gpu.sh: CUDA is not available to $PY" >&2; exit 3; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >&2 || true
