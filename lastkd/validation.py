@@ -16,12 +16,35 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Union, get_args, get_origin
 
+import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["Problem", "StrictModel", "problems", "summary"]
+__all__ = ["MAX_CONFIG_BYTES", "Problem", "StrictModel", "config_problems", "problems", "read_config_file", "summary"]
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: Path | str, error: type[Exception]) -> Any:
+    """The parsed YAML (or JSON) of a job-config file, or ``error`` saying why it cannot be read:
+    missing, empty, larger than :data:`MAX_CONFIG_BYTES`, not UTF-8, not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: config file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise error(f"{path}: config file is empty")
+    if size > MAX_CONFIG_BYTES:
+        raise error(f"{path}: config file is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise error(f"{path}: config file is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -56,6 +79,11 @@ def problems(exc: ValidationError, *, prefix: str = "", root: str = "config") ->
         loc = ".".join(str(part) for part in err.get("loc", ()) if part != "__root__")
         found.append(Problem(prefix + loc if loc else (prefix.rstrip(".") or root), _message(err)))
     return found
+
+
+def config_problems(exc: ValidationError, source: str, what: str) -> str:
+    """A job config's problems, one per line: ``source: invalid <what>:`` then ``field: message``."""
+    return "\n".join([f"{source}: invalid {what}:"] + [f"  {p.field}: {p.msg}" for p in problems(exc)])
 
 
 def summary(found: list[Problem]) -> str:

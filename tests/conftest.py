@@ -2,7 +2,8 @@
 
 Tiers are folders: ``tests/unit`` (no processes, seconds), ``tests/integration`` (in-process apps,
 real LMDB / SQLite / PyAV), ``tests/e2e`` (uvicorn, Celery, Redis, the CLI as processes). Each
-test gets the marker of its folder, so ``pytest -m "not e2e"`` is the fast loop. Helpers live in
+test gets the marker of its folder, so ``pytest -m "not e2e"`` is the fast loop. Tests run on two
+pytest-xdist workers (``addopts``); ``-n 0`` runs them in this process. Helpers live in
 ``tests/support``; only fixtures live in conftest files.
 """
 
@@ -34,12 +35,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"reference material not found at {SHARED} (expected ../shared next to the project)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tests_dir = Path(__file__).parent
     for item in items:
         parts = Path(item.fspath).resolve().relative_to(tests_dir).parts
         if parts and parts[0] in TIERS:
             item.add_marker(getattr(pytest.mark, parts[0]))
+        # pytest-xdist groups: one worker runs the whole e2e tier in order (its stacks, Redis
+        # databases and process-tree checks assume no other e2e test beside them); elsewhere a
+        # module stays on one worker, so its module fixtures (tiny training runs) are built once.
+        group = "e2e" if parts and parts[0] == "e2e" else "/".join(parts)
+        item.add_marker(pytest.mark.xdist_group(group))
         if FAULT_WORDS.search(item.originalname if isinstance(item, pytest.Function) else item.name):
             item.add_marker(pytest.mark.faults)
 

@@ -196,7 +196,10 @@ def save_official(model: VideoMAEv2, path: str | os.PathLike[str]) -> str:
 
             save_file(dict(sd), tmp_name, metadata={"format": "pt", "layout": "videomae_v2_official"})
         else:
-            torch.save({"model": sd}, tmp_name)
+            # Through a file object: given a name, torch.save records the (random) temporary file
+            # name inside the archive, and the same weights would get another sha256 every time.
+            with open(tmp_name, "wb") as fh:
+                torch.save({"model": sd}, fh)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -19,10 +19,7 @@ from lastkd.devices import DEVICE_HELP, DeviceSpec
 from lastkd.ids import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported for the demo and publishing)
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
-from lastkd.validation import StrictModel, problems
-
-# Registry names become directory names: keep them short, portable and free of path syntax.
-MAX_CONFIG_BYTES = 1 << 20
+from lastkd.validation import StrictModel, config_problems, read_config_file
 
 
 class ConfigError(ValueError):
@@ -79,6 +76,13 @@ class EvalConfig(StrictModel):
     )
     bn_samples: int = Field(
         2048, ge=1, le=10_000_000, description="Training samples the statistics are recomputed over."
+    )
+    every_epochs: int = Field(
+        1,
+        ge=1,
+        le=10000,
+        description="Validate after every N-th epoch and after the last (a full NTU val split costs minutes "
+        "per pass); epochs in between have no val_* entries in the history.",
     )
 
     @field_validator("jitter_stds")
@@ -166,32 +170,14 @@ class TrainConfig(StrictModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, source)) from None
+            raise ConfigError(config_problems(exc, source, "training config")) from None
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> TrainConfig:
         """Read and validate a YAML (or JSON) config file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        size = path.stat().st_size
-        if size == 0:
-            raise ConfigError(f"{path}: config file is empty")
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: config file is {size} bytes, more than the {MAX_CONFIG_BYTES} allowed")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: config file is not UTF-8 text") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raw = read_config_file(path, ConfigError)
         return cls.from_dict(raw, source=str(path))
 
     def to_yaml(self) -> str:
         """The config as YAML text (round-trips through :meth:`from_yaml`)."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem: ``field.path: message (got value)`` (the words of every entry point)."""
-    return "\n".join([f"{source}: invalid training config:"] + [f"  {p.field}: {p.msg}" for p in problems(exc)])

@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lastkd.ids import check_name
 from lastkd.jsonsafe import to_jsonable
-from lastkd.student.config import MAX_CONFIG_BYTES, ConfigError, TrainConfig
-from lastkd.validation import problems, summary
+from lastkd.student.config import ConfigError, TrainConfig
+from lastkd.validation import config_problems, problems, read_config_file, summary
 
 ARM_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 BASELINE_ARM = "ce"
@@ -231,27 +231,12 @@ class ExperimentConfig(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            lines = [f"{source}: invalid experiment config:"]
-            lines += [f"  {p.field}: {p.msg}" for p in problems(exc)]
-            raise ConfigError("\n".join(lines)) from None
+            raise ConfigError(config_problems(exc, source, "experiment config")) from None
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> ExperimentConfig:
-        """Read an experiment (or training) config file; same file checks as TrainConfig.from_yaml."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        size = path.stat().st_size
-        if size == 0 or size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: config file is {size} bytes (must be 1..{MAX_CONFIG_BYTES})")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: config file is not UTF-8 text") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        """Read an experiment (or training) config file; the file checks of every job config."""
+        raw = read_config_file(path, ConfigError)
         return cls.from_dict(raw, source=str(path))
 
     def confined(self, roots: Sequence[Path]) -> ExperimentConfig:

@@ -580,7 +580,7 @@ class TrainingRun:
             raise TrainError("the training loader produced no batches")
         if self._cancel_requested():
             return False
-        val = self.validate()
+        val = self.validate() if self.validates_after(epoch) else None
         wall = time.perf_counter() - t_epoch
         entry = {
             "epoch": epoch + 1,
@@ -655,6 +655,10 @@ class TrainingRun:
         order = np.argsort(np.concatenate([p[2] for p in parts]), kind="stable")
         return lp[order], lb[order]
 
+    def validates_after(self, epoch: int) -> bool:
+        """Whether the val split is scored after ``epoch`` (0-based); the same answer on every rank."""
+        return (epoch + 1) % self.config.eval.every_epochs == 0 or epoch + 1 == self.config.epochs
+
     def validate(self) -> dict[str, float] | None:
         """Top-1, top-5 and NLL on the val split (None on ranks other than 0)."""
         got = self._predict_all()
@@ -708,8 +712,8 @@ class TrainingRun:
         for epoch in range(self.start_epoch, cfg.epochs):
             if not self.run_epoch(epoch):
                 log.info("cancelled during epoch %d; %s keeps epoch %d", epoch + 1, CHECKPOINT_NAME, epoch)
-                last = self.history[-1] if self.history else {}
-                metrics = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+                scored = [h for h in self.history if "val_top1" in h]
+                metrics = {k[4:]: v for k, v in (scored[-1] if scored else {}).items() if k.startswith("val_")}
                 metrics["data_skipped"] = self.info.data_skipped()
                 return self.result(RunState.CANCELLED, metrics, epoch)
             self.save_checkpoint(epoch + 1)

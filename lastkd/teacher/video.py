@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import math
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -74,6 +75,7 @@ __all__ = [
     "normalize",
     "PreparedClip",
     "decode_clip",
+    "decode_frames",
     "prepare_clip",
     "probe",
     "resized_size",
@@ -91,6 +93,9 @@ MAX_ASPECT_RATIO = 8.0
 MAX_FRAMES_PER_SECOND = 1000
 
 PIPELINE_VERSION = "lastkd.video/1"
+
+# A region of a frame as fractions of its width and height: (x0, y0, x1, y1).
+Box = tuple[float, float, float, float]
 
 # The subset of ClipFailureReason a file itself can cause (for type checkers; VideoError checks it).
 Reason = Literal[
@@ -466,10 +471,27 @@ def _small_frame(frame: av.VideoFrame, cfg: PreprocessConfig) -> np.ndarray:
     return frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BILINEAR")
 
 
+def _boxed_frame(frame: av.VideoFrame, box: Box, side: int) -> np.ndarray:
+    """The ``box`` (fractions of the frame) cut from the full-resolution frame, resized to ``side``^2."""
+    from PIL import Image
+
+    w, h = frame.width, frame.height
+    x0, y0 = min(int(box[0] * w), w - 1), min(int(box[1] * h), h - 1)
+    x1, y1 = max(math.ceil(box[2] * w), x0 + 1), max(math.ceil(box[3] * h), y0 + 1)
+    img = frame.to_image().crop((x0, y0, min(x1, w), min(y1, h)))
+    return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
+
+
 def _decode_frames(
-    src: _Source, needed: set[int], cfg: PreprocessConfig, limits: VideoLimits, threads: int
+    src: _Source,
+    needed: set[int],
+    cfg: PreprocessConfig,
+    limits: VideoLimits,
+    threads: int,
+    box: Box | None = None,
 ) -> tuple[dict[int, np.ndarray], int]:
-    """Decode until the last needed index; returns the needed small frames and the frames seen."""
+    """Decode until the last needed index; returns the needed small frames and the frames seen
+    (with ``box``: that region of each frame, resized to ``cfg.size`` square)."""
     last = max(needed)
     kept: dict[int, np.ndarray] = {}
     n = 0
@@ -495,7 +517,7 @@ def _decode_frames(
                         raise _too_long(t, limits, f"frame {n} is stamped at {t:.2f} s")
                 _check_resolution(frame.width, frame.height, limits)  # streams may change size mid-way
                 if n in needed:
-                    kept[n] = _small_frame(frame, cfg)
+                    kept[n] = _small_frame(frame, cfg) if box is None else _boxed_frame(frame, box, cfg.size)
                 n += 1
                 if n > last:
                     return kept, n
@@ -552,25 +574,8 @@ def decode_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, th
     than ``limits.min_frames`` (``too_short``)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be an int >= 0, got {threads!r}")
-    src = _inspect(path, limits)
-    if src.info.frames < limits.min_frames:  # declared (or counted) frames: refused before decoding
-        raise _too_short(src.info.frames, limits, "in the container")
-    views = _plan(src.info.frames, cfg)
+    views, kept = _decode_planned(path, lambda length: _plan(length, cfg), cfg, limits, threads)
     needed = {i for v in views for i in v}
-    kept, seen = _decode_frames(src, needed, cfg, limits, threads)
-    if seen == 0:
-        raise VideoError("no_frames", f"no frame could be decoded (the container declares {src.info.frames})")
-    if len(kept) < len(needed):
-        # The stream ended before the declared count (dropped-frame slots in variable-rate AVI,
-        # frames the decoder discards): ``seen`` is now exact, so plan again and decode again.
-        if seen < limits.min_frames:
-            raise _too_short(seen, limits, f"decoded, of {src.info.frames} declared")
-        views = _plan(seen, cfg)
-        needed = {i for v in views for i in v}
-        kept, _ = _decode_frames(src, needed, cfg, limits, threads)
-        if len(kept) < len(needed):
-            raise VideoError("corrupt", f"decoding is not repeatable: frame {max(needed)} vanished on a second pass")
-
     s = cfg.size
     crops = cfg.spatial_crops if cfg.sampling == "multiview" else 1
     out = np.empty((len(views) * crops, cfg.num_frames, s, s, 3), np.uint8)
@@ -585,6 +590,55 @@ def decode_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, th
             for c, off in enumerate(offsets):
                 out[k * crops + c, t] = _crop(img, off, s)
     return PreparedClip(views=out, frames_used=len(needed))
+
+
+def _decode_planned(
+    path: str | Path,
+    plan: Callable[[int], list[list[int]]],
+    cfg: PreprocessConfig,
+    limits: VideoLimits,
+    threads: int,
+    box: Box | None = None,
+) -> tuple[list[list[int]], dict[int, np.ndarray]]:
+    """Decode the frames ``plan(length)`` names; returns the plan and the resized frames by index."""
+    src = _inspect(path, limits)
+    if src.info.frames < limits.min_frames:  # declared (or counted) frames: refused before decoding
+        raise _too_short(src.info.frames, limits, "in the container")
+    views = plan(src.info.frames)
+    needed = {i for v in views for i in v}
+    kept, seen = _decode_frames(src, needed, cfg, limits, threads, box)
+    if seen == 0:
+        raise VideoError("no_frames", f"no frame could be decoded (the container declares {src.info.frames})")
+    if len(kept) < len(needed):
+        # The stream ended before the declared count (dropped-frame slots in variable-rate AVI,
+        # frames the decoder discards): ``seen`` is now exact, so plan again and decode again.
+        if seen < limits.min_frames:
+            raise _too_short(seen, limits, f"decoded, of {src.info.frames} declared")
+        views = plan(seen)
+        needed = {i for v in views for i in v}
+        kept, _ = _decode_frames(src, needed, cfg, limits, threads, box)
+        if len(kept) < len(needed):
+            raise VideoError("corrupt", f"decoding is not repeatable: frame {max(needed)} vanished on a second pass")
+    return views, kept
+
+
+def decode_frames(
+    path: str | Path,
+    pick: Callable[[int], list[int]],
+    cfg: PreprocessConfig,
+    limits: VideoLimits,
+    threads: int = 1,
+    box: Box | None = None,
+) -> np.ndarray:
+    """The frames ``pick(length)`` chooses (indices in ``[0, length)``, repeats allowed), resized
+    as ``cfg`` says but not cropped: uint8 ``(T, H, W, 3)``. For training-time sampling, where the
+    caller draws the window and the crop; refusals as :func:`decode_clip`.
+
+    ``box`` ``(x0, y0, x1, y1)`` in fractions of the frame (a person's box): that region is cut
+    from the full-resolution frame and resized to ``cfg.size`` square, so a small person keeps
+    its pixels instead of being cut from an already shrunken frame."""
+    (order,), kept = _decode_planned(path, lambda length: [pick(length)], cfg, limits, threads, box)
+    return np.stack([kept[i] for i in order])
 
 
 # --------------------------------------------------------------------------------------------

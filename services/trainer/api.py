@@ -51,8 +51,8 @@ from lastkd.services.trainer.routes import (
     health_router,
     jobs_router,
 )
-from lastkd.student.config import MAX_CONFIG_BYTES
 from lastkd.student.experiment import ExperimentConfig
+from lastkd.validation import MAX_CONFIG_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 * every package folder is listed in pyproject.toml (the mapping cannot find them itself);
 * the only top-level import name is ``lastkd``;
 * imports flow one way: services -> library core -> featurestore; the core imports no web,
-  queue or settings code; the teacher and the student never import each other;
+  queue or settings code; the teacher and the student never import each other (teacher
+  fine-tuning takes only the student side's data rules);
 * no module imports another that imports it back (directly or through others).
 """
 
@@ -110,8 +111,16 @@ def test_the_featurestore_knows_nothing_of_models_or_services() -> None:
 
 
 def test_teacher_and_student_never_import_each_other() -> None:
-    assert _violations("lastkd.teacher", ("lastkd.student",)) == {}
-    assert _violations("lastkd.student", ("lastkd.teacher", "lastkd.models.videomae")) == {}
+    assert _violations("lastkd.teacher", ("lastkd.student", "lastkd.finetune")) == {}
+    assert _violations("lastkd.student", ("lastkd.teacher", "lastkd.models.videomae", "lastkd.finetune")) == {}
+
+
+def test_teacher_fine_tuning_uses_the_student_side_for_data_rules_only() -> None:
+    # NTU naming/splits, RNG and atomic saves; never the student's model or training loop
+    allowed = ("lastkd.student.data", "lastkd.student.rng", "lastkd.student.checkpoints")
+    used = {m for name, mods in RAW.items() if name.startswith("lastkd.finetune") for m in mods}
+    student = {m for m in used if m.startswith("lastkd.student")}
+    assert {m for m in student if not m.startswith(allowed)} == set()
 
 
 def test_the_small_rule_modules_stay_leaves() -> None:

@@ -226,8 +226,9 @@ def _joint_block(cur: _Lines) -> np.ndarray:
     return block
 
 
-def _read_frames(path: str, lines: list[str]) -> list[list[tuple[BodyId, np.ndarray]]]:
-    """Walk the file structure; return per frame the (bodyID, xyz (25, 3)) of each body."""
+def _read_frames(path: str, lines: list[str], columns: slice = slice(0, 3)) -> list[list[tuple[BodyId, np.ndarray]]]:
+    """Walk the file structure; return per frame the (bodyID, joint values (25, k)) of each body,
+    ``columns`` of the 12 per joint (x, y, z by default)."""
     cur = _Lines(path, lines)
     n_frames = cur.next_int("frame count", 0, MAX_FRAMES)
     frames: list[list[tuple[BodyId, np.ndarray]]] = []
@@ -250,7 +251,7 @@ def _read_frames(path: str, lines: list[str]) -> list[list[tuple[BodyId, np.ndar
             n_joints = cur.next_int("joint count", 0, 10_000)
             if n_joints != NUM_JOINTS:
                 raise cur.error(f"wrong joint count {n_joints}, expected {NUM_JOINTS}")
-            bodies.append((_body_id(info[0]), _joint_block(cur)[:, :3]))
+            bodies.append((_body_id(info[0]), _joint_block(cur)[:, columns]))
         frames.append(bodies)
     if cur.pos < len(lines):
         raise SkeletonParseError(
@@ -322,6 +323,21 @@ def parse_skeleton_file(path: str | os.PathLike[str], body_assignment: BodyAssig
         body_ids=ids,
         n_bodies_seen=len(seen),
     )
+
+
+def color_boxes(path: str | os.PathLike[str]) -> np.ndarray:
+    """Per frame the box ``(x0, y0, x1, y1)`` around every body's joints in the RGB video, from the
+    ``colorX``/``colorY`` columns (pixels of the 1920x1080 Kinect colour frame); NaN rows for frames
+    without a body. Raises :class:`SkeletonParseError` like :func:`parse_skeleton_file`."""
+    path_s = os.fspath(path)
+    frames = _read_frames(path_s, _read_text(path_s), columns=slice(5, 7))
+    out = np.full((len(frames), 4), np.nan)
+    for f, bodies in enumerate(frames):
+        xy = [b for _, b in bodies if np.isfinite(b).all()]
+        if xy:
+            pts = np.concatenate(xy)
+            out[f] = (*pts.min(axis=0), *pts.max(axis=0))
+    return out
 
 
 def read_missing_list(path: str | os.PathLike[str]) -> frozenset[str]:

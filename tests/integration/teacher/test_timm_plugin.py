@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+IMPORT_ORDERS = ("import timm, lastkd", "import lastkd, timm", "import lastkd")
+TORCH_FREE = "import lastkd, lastkd.hashing, lastkd.devices"
+
 PROBE = """
 import json, sys
 {imports}
@@ -19,22 +22,35 @@ print(json.dumps({{"before": before, "dim": model.num_features, "names": timm.li
 """
 
 
-def _probe(imports: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True, timeout=120, check=True
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    """Each probe's answer, keyed by its import line (the interpreters run side by side)."""
+    procs = {
+        imports: subprocess.Popen(
+            [sys.executable, "-c", PROBE.format(imports=imports)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for imports in (*IMPORT_ORDERS, TORCH_FREE)
+    }
+    answers = {}
+    for imports, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{imports!r} failed:\n{err}"
+        answers[imports] = json.loads(out.strip().splitlines()[-1])
+    return answers
 
 
-@pytest.mark.parametrize("imports", ["import timm, lastkd", "import lastkd, timm", "import lastkd"])
-def test_timm_knows_the_teacher_after_import_lastkd(imports: str) -> None:
-    result = _probe(imports)
+@pytest.mark.parametrize("imports", IMPORT_ORDERS)
+def test_timm_knows_the_teacher_after_import_lastkd(probes: dict[str, dict], imports: str) -> None:
+    result = probes[imports]
     assert result["dim"] == 768
     assert "videomae_v2_vit_b" in result["names"] and "videomae_v2_tiny" in result["names"]
 
 
-def test_import_lastkd_alone_does_not_import_torch() -> None:
+def test_import_lastkd_alone_does_not_import_torch(probes: dict[str, dict]) -> None:
     # Decoder processes and the settings-only commands import lastkd; torch would cost them
     # seconds and hundreds of MB each.
-    result = _probe("import lastkd, lastkd.hashing, lastkd.devices")
+    result = probes[TORCH_FREE]
     assert result["before"] == {"torch": False, "timm": False}

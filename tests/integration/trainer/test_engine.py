@@ -359,3 +359,15 @@ def test_losses_synced_every_few_steps_give_the_same_history(data_path, tmp_path
         assert results[2][1][key] == pytest.approx(results[1][1][key], rel=1e-12)
     per_step = results[1][2]
     assert results[2][2] == pytest.approx([(per_step[0] + per_step[1]) / 2, per_step[2]])
+
+
+def test_val_split_scored_every_n_epochs_and_after_the_last(data_path, tmp_path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(data_path, epochs=3, max_steps_per_epoch=1, eval={"every_epochs": 2})
+    seen: list[engine.Progress] = []
+    result = engine.train(cfg, tmp_path / "run", hooks=engine.TrainHooks(on_progress=seen.append))
+    assert ["val_top1" in h for h in result.history] == [False, True, True]
+    assert [p.val is not None for p in seen if p.phase == "eval"] == [False, True, True]
+    assert result.history[-1]["val_top1"] == pytest.approx(result.metrics["top1"])
+    with pytest.raises(ConfigError, match="every_epochs"):
+        tiny_config(data_path, eval={"every_epochs": 0})

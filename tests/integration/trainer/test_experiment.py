@@ -55,10 +55,12 @@ def test_shuffled_teacher_ends_with_a_clearly_higher_distillation_loss(
     torch.set_num_threads(1)
     final = {}
     for order in ("joined", "shuffled"):
-        cfg = TrainConfig.from_dict(experiment_base(informative, distill={"teacher_order": order}))
+        # scored once at the end: validation draws no training randomness, so the curve is the same
+        raw = experiment_base(informative, distill={"teacher_order": order}, eval={"every_epochs": 16})
+        cfg = TrainConfig.from_dict(raw)
         result = engine.train(cfg, tmp_path / order, store_path=informative.store_path)
         final[order] = result.history[-1]["train_distill"]
-    # measured 0.787 vs 0.378 (2.1x); 1.3x leaves room for recipe changes, not for a broken join
+    # measured 0.878 vs 0.501 (1.75x); 1.3x leaves room for recipe changes, not for a broken join
     assert final["shuffled"] > 1.3 * final["joined"], final
 
 

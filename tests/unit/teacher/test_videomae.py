@@ -408,8 +408,10 @@ def test_pth_round_trip_via_save_official(tmp_path: Path, golden: dict, official
     source = _tiny()
     source.load_state_dict(checkpoint_filter_fn(official_sd, source))
     path = tmp_path / "out" / "tiny.pth"
-    save_official(source, path)
+    digest = save_official(source, path)
     assert [p.name for p in path.parent.iterdir()] == ["tiny.pth"]  # no temporary file left behind
+    # the same weights are the same bytes wherever and whenever they are saved (the sha256 names sets)
+    assert save_official(source, tmp_path / "again" / "other.pth") == digest
     saved = torch.load(path, weights_only=True)
     assert list(saved["model"]) == list(official_sd)
     model = _tiny()

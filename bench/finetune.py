@@ -1,0 +1,146 @@
+"""Teacher fine-tuning benchmark: does the skeleton-guided person crop help, what does it cost, and
+does decoding keep up with the model?
+
+On a synthetic RGB set (``lastkd synth``: people drawn small in a wide frame, 3 classes, 12 clips
+per class) the tiny VideoMAE V2 is fine-tuned twice with the same recipe and seed, once on whole
+frames and once on the person box from the skeletons' colorX/colorY columns:
+
+* ``val_top1_crop`` / ``val_top1_full``: multi-view val top-1 of each (chance 1/3);
+* ``train_clips_per_s``: training throughput of the crop run (decode + step, 2 cores);
+* ``loader_vs_step``: seconds the loader (one process) needs to produce a batch over the seconds
+  one training step takes on a ready batch, at the official input geometry (16 frames every 4th,
+  224 px) with the tiny model (<= 0.5: decoding keeps up with this model on this CPU);
+* ``crop_cost_ms_per_clip``: extra decode time per 16-frame clip of the real 1080p NTU sample
+  with the person crop (cut at full resolution, then resized) over the plain short-side resize,
+  and ``crop_cost_ratio`` the same as a ratio.
+
+``transcode_decode_speedup`` is not measured: ``lastkd transcode`` is not built yet (null).
+``--quick`` halves the epochs. Prints ONE JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench._common import NTU_CLIP  # noqa: E402  (after the path setup above)
+
+
+def recipe(synth: Path, crop: bool, epochs: int, size: int = 48, frames: int = 8, rate: int = 2) -> Any:
+    from lastkd.finetune.config import FinetuneConfig
+
+    return FinetuneConfig.from_dict(
+        {
+            "name": "bench-teacher",
+            "data": {"path": str(synth / "videos"), "person_crop": crop, "skeletons": str(synth / "skeletons")},
+            "model": "videomae_v2_tiny",
+            "num_frames": frames,
+            "sampling_rate": rate,
+            "size": size,
+            "epochs": epochs,
+            "batch_size": 6,
+            "drop_path": 0.0,
+            "optimizer": {"lr": 3e-3, "warmup_epochs": 2, "layer_decay": 1.0, "min_lr": 1e-4},
+            "augment": {"mixup": 0.0, "cutmix": 0.0, "scale": [0.8, 1.0], "flip": False, "label_smoothing": 0.0},
+            "eval": {"temporal_views": 2, "spatial_crops": 1, "every_epochs": epochs},
+            "device": "cpu",
+        }
+    )
+
+
+def loader_vs_step(cfg: Any, batches: int = 6) -> float:
+    """Seconds per batch of the training loader over seconds per training step on a ready batch."""
+    from lastkd.finetune.clips import TrainClips, list_clips
+    from lastkd.finetune.loop import build_model
+    from lastkd.finetune.optim import soft_cross_entropy
+    from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
+
+    train, _ = list_clips(cfg)
+    ds = TrainClips(train, cfg, VideoLimits())
+    t0 = time.perf_counter()
+    ready = [
+        (torch.stack([ds[(b * 6 + i) % len(ds)][0] for i in range(cfg.batch_size)]), torch.arange(cfg.batch_size) % 3)
+        for b in range(batches)
+    ]
+    load_s = (time.perf_counter() - t0) / batches
+    model, _ = build_model(cfg, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
+    x, y = ready[0]
+    soft_cross_entropy(model(normalize(x, pre)), torch.nn.functional.one_hot(y, 3).float()).backward()  # warm-up
+    t0 = time.perf_counter()
+    for x, y in ready:
+        loss = soft_cross_entropy(model(normalize(x, pre)), torch.nn.functional.one_hot(y, 3).float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step_s = (time.perf_counter() - t0) / batches
+    return load_s / step_s
+
+
+def crop_cost(repeats: int) -> tuple[float, float]:
+    """Extra ms per 16-frame clip of the NTU sample with the person crop, and the time ratio."""
+    from lastkd.finetune.clips import person_box
+    from lastkd.student.data.ntu import color_boxes
+    from lastkd.teacher.video import PreprocessConfig, VideoLimits, decode_frames
+
+    skeleton = NTU_CLIP.with_name(NTU_CLIP.name.replace("_rgb.avi", ".skeleton"))
+    cfg = PreprocessConfig(num_frames=16, size=256)
+    pick = lambda n: [min(n - 1, 4 * i) for i in range(16)]  # noqa: E731
+    times = {}
+    for mode in ("plain", "crop"):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            box = person_box(color_boxes(skeleton), 0.15) if mode == "crop" else None
+            decode_frames(NTU_CLIP, pick, cfg, VideoLimits(), threads=2, box=box)
+        times[mode] = (time.perf_counter() - t0) / repeats
+    return 1000 * (times["crop"] - times["plain"]), times["crop"] / times["plain"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="half the epochs (under a minute on 2 cores)")
+    args = parser.parse_args(argv)
+
+    from lastkd.finetune.loop import finetune
+    from lastkd.student.synth import generate
+
+    torch.set_num_threads(2)
+    epochs = 40 if args.quick else 100
+    out: dict[str, Any] = {"epochs": epochs}
+    with tempfile.TemporaryDirectory() as tmp:
+        synth = Path(tmp) / "synth"
+        generate(synth, classes=3, samples_per_class=12, frames=40, video=True, seed=0)
+        for crop in (True, False):
+            t0 = time.perf_counter()
+            result = finetune(recipe(synth, crop, epochs), Path(tmp) / f"run-{crop}")
+            key = "crop" if crop else "full"
+            out[f"val_top1_{key}"] = round(result.metrics["top1"], 4)
+            out[f"wall_s_{key}"] = round(time.perf_counter() - t0, 1)
+            if crop:
+                rates = [h["clips_per_s"] for h in result.history]
+                out["train_clips_per_s"] = round(sum(rates) / len(rates), 1)
+            print(f"{key}: val top-1 {result.metrics['top1']:.3f} in {out[f'wall_s_{key}']} s", file=sys.stderr)
+        # the official input geometry (16 frames every 4th, 224 px) on the tiny model
+        out["loader_vs_step"] = round(loader_vs_step(recipe(synth, True, epochs, 224, 16, 4)), 3)
+    cost_ms, ratio = crop_cost(2 if args.quick else 5)
+    out["crop_cost_ms_per_clip"] = round(cost_ms, 1)
+    out["crop_cost_ratio"] = round(ratio, 3)
+    out["transcode_decode_speedup"] = None
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
