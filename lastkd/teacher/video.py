@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -76,6 +76,7 @@ __all__ = [
     "PreparedClip",
     "decode_clip",
     "decode_frames",
+    "iter_frames",
     "prepare_clip",
     "probe",
     "resized_size",
@@ -482,6 +483,44 @@ def _boxed_frame(frame: av.VideoFrame, box: Box, side: int) -> np.ndarray:
     return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
 
 
+def _checked_frames(src: _Source, limits: VideoLimits, threads: int) -> Iterator[av.VideoFrame]:
+    """Every frame of ``src`` in order (demux ends with the empty packet that drains the decoder),
+    each checked (intact, within the frame, time and resolution limits); FFmpeg errors become
+    ``corrupt``."""
+    n = 0
+    container = _open(src.path, src.demuxer)
+    try:
+        # _inspect took this index from the container's video streams
+        stream = cast(av.VideoStream, container.streams[src.stream_index])
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        tb = stream.time_base
+        start = stream.start_time
+
+        def decoded() -> Iterator[av.VideoFrame]:
+            for packet in container.demux(stream):
+                if packet.is_corrupt:
+                    raise VideoError("corrupt", f"corrupt file: damaged or truncated data after frame {n}")
+                yield from stream.codec_context.decode(packet)
+
+        for frame in decoded():
+            if frame.is_corrupt:
+                raise VideoError("corrupt", f"corrupt video: frame {n} could not be decoded intact")
+            if n >= limits.max_frames:
+                raise _too_long(n / MAX_FRAMES_PER_SECOND, limits, f"more than {limits.max_frames} frames decoded")
+            if frame.pts is not None and tb is not None:
+                t = float((frame.pts - (start or 0)) * tb)
+                if t > limits.max_seconds:
+                    raise _too_long(t, limits, f"frame {n} is stamped at {t:.2f} s")
+            _check_resolution(frame.width, frame.height, limits)  # streams may change size mid-way
+            yield frame
+            n += 1
+    except av.error.FFmpegError as exc:
+        raise VideoError("corrupt", f"corrupt video: decoding failed after frame {n} ({_why(exc)})") from exc
+    finally:
+        container.close()
+
+
 def _decode_frames(
     src: _Source,
     needed: set[int],
@@ -495,37 +534,26 @@ def _decode_frames(
     last = max(needed)
     kept: dict[int, np.ndarray] = {}
     n = 0
-    container = _open(src.path, src.demuxer)
+    frames = _checked_frames(src, limits, threads)
     try:
-        # _inspect took this index from the container's video streams
-        stream = cast(av.VideoStream, container.streams[src.stream_index])
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
-        tb = stream.time_base
-        start = stream.start_time
-        for packet in container.demux(stream):
-            if packet.is_corrupt:
-                raise VideoError("corrupt", f"corrupt file: damaged or truncated data after frame {n}")
-            for frame in stream.codec_context.decode(packet):
-                if frame.is_corrupt:
-                    raise VideoError("corrupt", f"corrupt video: frame {n} could not be decoded intact")
-                if n >= limits.max_frames:
-                    raise _too_long(n / MAX_FRAMES_PER_SECOND, limits, f"more than {limits.max_frames} frames decoded")
-                if frame.pts is not None and tb is not None:
-                    t = float((frame.pts - (start or 0)) * tb)
-                    if t > limits.max_seconds:
-                        raise _too_long(t, limits, f"frame {n} is stamped at {t:.2f} s")
-                _check_resolution(frame.width, frame.height, limits)  # streams may change size mid-way
-                if n in needed:
-                    kept[n] = _small_frame(frame, cfg) if box is None else _boxed_frame(frame, box, cfg.size)
-                n += 1
-                if n > last:
-                    return kept, n
-    except av.error.FFmpegError as exc:
-        raise VideoError("corrupt", f"corrupt video: decoding failed after frame {n} ({_why(exc)})") from exc
+        for frame in frames:
+            if n in needed:
+                kept[n] = _small_frame(frame, cfg) if box is None else _boxed_frame(frame, box, cfg.size)
+            n += 1
+            if n > last:
+                break
     finally:
-        container.close()
+        frames.close()  # closes the container now, not when the generator is collected
     return kept, n
+
+
+def iter_frames(
+    path: str | Path, limits: VideoLimits, threads: int = 0
+) -> tuple[VideoInfo, Iterator[av.VideoFrame]]:
+    """What the container says, and every frame of it in order (checked as everywhere here): for
+    re-encoding a whole clip (``lastkd transcode``)."""
+    src = _inspect(path, limits)
+    return src.info, _checked_frames(src, limits, threads)
 
 
 def _plan(length: int, cfg: PreprocessConfig) -> list[list[int]]:
