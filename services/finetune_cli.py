@@ -11,21 +11,15 @@ Ctrl-C stops before the next step and keeps the last epoch checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lastkd.finetune.loop import FinetuneResult
     from lastkd.services.settings import Settings
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 2, 3
-TEACHERS_FOLDER = "_teachers"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -42,30 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def publish_named(result: FinetuneResult, teachers_dir: Path) -> Path:
-    """Publish into ``teachers_dir/<name>-<sha256[:12]>`` atomically; an existing folder for the
-    same weights is the answer (idempotent)."""
-    from lastkd.finetune.loop import LINEAGE_FILE, publish_teacher
-
-    teachers_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=teachers_dir))
-    try:
-        publish_teacher(result, tmp / "t")
-        digest = json.loads((tmp / "t" / LINEAGE_FILE).read_text())["teacher_sha256"]
-        final = teachers_dir / f"{result.config.name}-{digest[:12]}"
-        if not final.exists():
-            os.replace(tmp / "t", final)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run ``lastkd finetune-teacher``; 0 ok, 2 bad input, 3 cancelled."""
     from lastkd.datapaths import DataPathError
     from lastkd.devices import DeviceError
     from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
-    from lastkd.finetune.loop import FinetuneError, FinetuneHooks, FinetuneState, finetune
+    from lastkd.finetune.loop import FinetuneError, FinetuneHooks, FinetuneState, finetune, publish_to_registry
     from lastkd.teacher.video import VideoError
 
     def fail(msg: str) -> int:
@@ -110,7 +86,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.no_publish:
         return EXIT_OK
-    out = publish_named(result, settings.resolved_registry_dir / TEACHERS_FOLDER)
+    out = publish_to_registry(result, settings.resolved_registry_dir)
     print(f"published: {out}")
     print(f"embed with it: LASTKD_TEACHER_WEIGHTS={out / 'teacher.pth'}")
     return EXIT_OK

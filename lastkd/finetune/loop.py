@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,12 +37,21 @@ from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
 from lastkd.finetune.optim import lr_at, mix_batch, param_groups, soft_cross_entropy
 from lastkd.jsonsafe import to_jsonable
 from lastkd.models.checkpoint_io import load_checkpoint, save_official
-from lastkd.models.videomae import VideoMAEv2, create_videomae
+from lastkd.models.videomae import VideoMAEv2, create_videomae, keep_key_bias_zero
 from lastkd.student.checkpoints import atomic_torch_save
 from lastkd.student.rng import mix_seed, rng_state, seed_everything, seed_worker, set_rng_state
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
 
-__all__ = ["FinetuneError", "FinetuneHooks", "FinetuneResult", "FinetuneState", "finetune", "publish_teacher"]
+__all__ = [
+    "TEACHERS_FOLDER",
+    "FinetuneError",
+    "FinetuneHooks",
+    "FinetuneResult",
+    "FinetuneState",
+    "finetune",
+    "publish_teacher",
+    "publish_to_registry",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,8 @@ CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_KIND = "lastkd.teacher_finetune/1"
 TEACHER_FILE = "teacher.pth"
 LINEAGE_FILE = "lineage.json"
+# Published teachers live beside the students, in a folder no student name can take ('_').
+TEACHERS_FOLDER = "_teachers"
 
 
 class FinetuneError(RuntimeError):
@@ -101,6 +114,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VideoMAEv2, str 
             num_classes=num_classes,
             drop_path_rate=cfg.drop_path,
         )
+    keep_key_bias_zero(model)  # the official layout has no key bias: training must not make one
     parent = None
     if cfg.init is not None:
         if not Path(cfg.init).is_file():
@@ -323,3 +337,21 @@ def publish_teacher(result: FinetuneResult, out_dir: Path, job_id: str | None = 
     tmp.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / LINEAGE_FILE)
     return out_dir
+
+
+def publish_to_registry(result: FinetuneResult, registry_dir: Path, job_id: str | None = None) -> Path:
+    """Publish into ``<registry>/_teachers/<name>-<sha256[:12]>`` atomically; the folder is named by
+    the weights, so publishing the same weights again (a re-run, a redelivered job) is the same
+    folder (idempotent) and different weights never overwrite each other."""
+    teachers = Path(registry_dir) / TEACHERS_FOLDER
+    teachers.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=teachers))
+    try:
+        publish_teacher(result, tmp / "t", job_id=job_id)
+        digest = json.loads((tmp / "t" / LINEAGE_FILE).read_text())["teacher_sha256"]
+        final = teachers / f"{result.config.name}-{digest[:12]}"
+        if not final.exists():
+            os.replace(tmp / "t", final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

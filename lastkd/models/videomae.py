@@ -719,6 +719,26 @@ def checkpoint_filter_fn(state_dict: Any, model: VideoMAEv2, head: HeadMode = "a
     return ordered
 
 
+def keep_key_bias_zero(model: VideoMAEv2) -> None:
+    """Make training leave the key slice of every ``attn.qkv.bias`` at zero, as the official model
+    has it (``q_bias`` and ``v_bias`` only): its gradient is zeroed, so Adam(W) never moves it
+    from the zero every load and init puts there, and the trained model still exports to the
+    official layout. (A key bias shifts every attention logit of a query equally: softmax ignores
+    it, so the official model loses nothing by not having one.)"""
+    for block in model.blocks:
+        bias = cast(nn.Linear, cast(VideoMAEBlock, block).attn.qkv).bias
+        if bias is None:
+            continue
+        dim = int(bias.shape[0]) // 3
+
+        def mask(grad: torch.Tensor, dim: int = dim) -> torch.Tensor:
+            grad = grad.clone()
+            grad[dim : 2 * dim] = 0
+            return grad
+
+        bias.register_hook(mask)
+
+
 def export_official_state_dict(model: VideoMAEv2) -> OrderedDict[str, torch.Tensor]:
     """State dict in the official key names and order (``q_bias``/``v_bias`` before ``qkv.weight``).
 

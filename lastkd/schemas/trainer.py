@@ -18,6 +18,7 @@ __all__ = [
     "ExperimentSubmitted",
     "Job",
     "JobEvent",
+    "JobKind",
     "JobList",
     "JobState",
     "JobSubmitted",
@@ -41,12 +42,21 @@ TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
 """The states after which nothing about a job changes."""
 
 
+class JobKind(StrEnum):
+    """What a job runs: a student's training (``POST /train``) or the teacher's fine-tuning
+    (``POST /teacher/finetune``); both go through the same queue, workers and records."""
+
+    TRAIN = "train"
+    TEACHER_FINETUNE = "teacher_finetune"
+
+
 class Job(BaseModel):
     """One training job as the API reports it."""
 
     job_id: str
     name: str
     state: JobState
+    kind: JobKind = Field(JobKind.TRAIN, description="train (a student) or teacher_finetune (the teacher).")
     progress: dict[str, Any] | None = Field(description="The latest progress report (epoch, step, loss, ...).")
     metrics: dict[str, Any] | None = Field(description="Evaluation metrics, per epoch and final.")
     history: list[dict[str, Any]] = Field(description="Per-epoch training history (losses, validation), oldest first.")
@@ -63,7 +73,9 @@ class Job(BaseModel):
     started_at: float | None
     finished_at: float | None
     heartbeat_at: float | None
-    config: dict[str, Any] = Field(description="The TrainConfig the job runs, as validated.")
+    config: dict[str, Any] = Field(
+        description="The config the job runs, as validated: a TrainConfig, or a FinetuneConfig for teacher_finetune."
+    )
     data_skipped: dict[str, Any] | None = Field(
         None, description="Source files the readers skipped, and why (lifted out of metrics so nobody misses it)."
     )

@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 from lastkd.lifeline import die_with_parent
 from lastkd.teacher.video import VideoError, VideoLimits, iter_frames
@@ -48,7 +49,7 @@ def transcode_file(src: Path, dst: Path, short_side: int, limits: VideoLimits | 
     written = 0
     try:
         with av.open(str(tmp), mode="w", format="avi") as out:
-            stream = out.add_stream(CODEC, rate=rate)
+            stream = cast(av.VideoStream, out.add_stream(CODEC, rate=rate))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.codec_context.options = {"qscale": QSCALE}
             try:

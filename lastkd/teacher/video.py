@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
@@ -483,7 +483,7 @@ def _boxed_frame(frame: av.VideoFrame, box: Box, side: int) -> np.ndarray:
     return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
 
 
-def _checked_frames(src: _Source, limits: VideoLimits, threads: int) -> Iterator[av.VideoFrame]:
+def _checked_frames(src: _Source, limits: VideoLimits, threads: int) -> Generator[av.VideoFrame, None, None]:
     """Every frame of ``src`` in order (demux ends with the empty packet that drains the decoder),
     each checked (intact, within the frame, time and resolution limits); FFmpeg errors become
     ``corrupt``."""
@@ -549,7 +549,7 @@ def _decode_frames(
 
 def iter_frames(
     path: str | Path, limits: VideoLimits, threads: int = 0
-) -> tuple[VideoInfo, Iterator[av.VideoFrame]]:
+) -> tuple[VideoInfo, Generator[av.VideoFrame, None, None]]:
     """What the container says, and every frame of it in order (checked as everywhere here): for
     re-encoding a whole clip (``lastkd transcode``)."""
     src = _inspect(path, limits)

@@ -44,6 +44,7 @@ from lastkd.services.trainer.celery_app import DEFAULT_MAX_ATTEMPTS, DEFAULT_QUE
 from lastkd.services.trainer.experiments import ExperimentStore
 from lastkd.services.trainer.jobs import JobStore, JobStoreError
 from lastkd.services.trainer.routes import (
+    FinetuneRequest,
     TrainerState,
     TrainRequest,
     checkpoints_router,
@@ -127,7 +128,7 @@ def create_app(
         lifespan=lifespan,
         routers=[health_router, jobs_router, checkpoints_router, experiments_router],
         max_json_bytes=MAX_CONFIG_BYTES,
-        component_schemas=[TrainRequest, JobEvent, ExperimentConfig],
+        component_schemas=[TrainRequest, FinetuneRequest, JobEvent, ExperimentConfig],
     )
     app.state.trainer = state
     app.state.metrics.registry.register(_JobCounts(state))

@@ -31,12 +31,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from lastkd.schemas.trainer import TERMINAL, JobState
+from lastkd.schemas.trainer import TERMINAL, JobKind, JobState
 
 __all__ = [
     "TERMINAL",
     "ClaimOutcome",
     "IdempotencyConflict",
+    "JobKind",
     "JobRecord",
     "JobState",
     "JobStore",
@@ -82,6 +83,7 @@ class JobRecord:
     id: str
     name: str
     state: JobState
+    kind: JobKind
     config: dict[str, Any]
     config_hash: str
     idempotency_key: str | None
@@ -132,10 +134,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     queued_at REAL,
     started_at REAL,
     finished_at REAL,
-    heartbeat_at REAL
+    heartbeat_at REAL,
+    kind TEXT NOT NULL DEFAULT 'train'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
 """
+# Columns added after the first release, with their definitions: a database made by an earlier
+# version gets them on open (ALTER TABLE ... ADD COLUMN keeps every row; old jobs are training jobs).
+_ADDED_COLUMNS = {"kind": "TEXT NOT NULL DEFAULT 'train'"}
 
 
 def _loads(text: str | None) -> Any:
@@ -185,6 +191,10 @@ class JobStore:
             with self.connect() as conn:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(_SCHEMA)
+                have = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+                for column, definition in _ADDED_COLUMNS.items():
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE jobs ADD COLUMN {column} {definition}")
         except (OSError, sqlite3.Error) as exc:
             raise JobStoreError(f"cannot open the job database {self.path}: {exc}") from None
 
@@ -222,6 +232,7 @@ class JobStore:
             id=row["id"],
             name=row["name"],
             state=JobState(row["state"]),
+            kind=JobKind(row["kind"]),
             config=_loads(row["config"]),
             config_hash=row["config_hash"],
             idempotency_key=row["idempotency_key"],
@@ -262,8 +273,9 @@ class JobStore:
         idempotency_key: str | None = None,
         job_id: str | None = None,
         submit_lease_s: float | None = None,
+        kind: JobKind = JobKind.TRAIN,
     ) -> tuple[JobRecord, bool]:
-        """Record a new PENDING job, or return the existing one for the same key / job id.
+        """Record a new PENDING job of ``kind``, or return the existing one for the same key / job id.
 
         Returns ``(record, created)``. Raises :class:`IdempotencyConflict` when the key or id is
         already taken by a job with a different config. With ``submit_lease_s`` a new job is
@@ -280,6 +292,7 @@ class JobStore:
                 idempotency_key=idempotency_key,
                 job_id=job_id,
                 submit_lease_s=submit_lease_s,
+                kind=kind,
             )
 
     def create_in(
@@ -293,6 +306,7 @@ class JobStore:
         idempotency_key: str | None = None,
         job_id: str | None = None,
         submit_lease_s: float | None = None,
+        kind: JobKind = JobKind.TRAIN,
     ) -> tuple[JobRecord, bool]:
         """:meth:`create` inside the caller's :meth:`transaction`."""
         now = time.time()
@@ -303,16 +317,17 @@ class JobStore:
         if row is None and idempotency_key is not None:
             row = conn.execute("SELECT * FROM jobs WHERE idempotency_key=?", (idempotency_key,)).fetchone()
         if row is not None:
-            if row["config_hash"] != config_hash:
+            if row["config_hash"] != config_hash or row["kind"] != kind.value:
                 raise IdempotencyConflict(row["id"])
             return self._record(row), False
         conn.execute(
-            "INSERT INTO jobs (id, name, state, config, config_hash, idempotency_key, max_attempts,"
-            " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO jobs (id, name, state, kind, config, config_hash, idempotency_key, max_attempts,"
+            " created_at, updated_at, submitting_until) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             (
                 new_id,
                 name,
                 JobState.PENDING.value,
+                kind.value,
                 _dumps(config),
                 config_hash,
                 idempotency_key,

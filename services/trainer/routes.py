@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from lastkd.datapaths import DataPathError
+from lastkd.finetune.config import FinetuneConfig
 from lastkd.hashing import sha256_json
 from lastkd.ids import check_job_id
 from lastkd.jsonsafe import to_jsonable
@@ -37,6 +38,7 @@ from lastkd.schemas.trainer import (
     ExperimentSubmitted,
     Job,
     JobEvent,
+    JobKind,
     JobList,
     JobState,
     JobSubmitted,
@@ -57,6 +59,7 @@ from lastkd.validation import problems, summary
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FinetuneRequest",
     "TrainRequest",
     "TrainerState",
     "checkpoints_router",
@@ -264,12 +267,7 @@ def _parse_train_body(raw: bytes) -> tuple[TrainConfig, str | None]:
     every invalid field otherwise. Parsed here, not by FastAPI, so that every refusal of a config
     (YAML on the command line or JSON here) reads the same."""
     body = _json_object(raw, "TrainConfig")
-    client_id = body.pop("job_id", None)
-    if client_id is not None:
-        try:
-            check_job_id(client_id)
-        except ValueError as exc:
-            raise _invalid_config(f"job_id: {exc}", [{"field": "job_id", "msg": str(exc)}]) from None
+    client_id = _client_job_id(body)
     try:
         return TrainConfig.model_validate(body), client_id
     except ValidationError as exc:
@@ -333,16 +331,35 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
         if note is not None:
             log.warning("POST /train: %s", note)
             warnings.append(note)
+    return await _record_and_queue(
+        request, state, jobs, config.name, config.model_dump(mode="json"), JobKind.TRAIN, client_id, key, warnings
+    )
+
+
+async def _record_and_queue(
+    request: Request,
+    state: TrainerState,
+    jobs: JobStore,
+    name: str,
+    config: dict[str, Any],
+    kind: JobKind,
+    client_id: str | None,
+    key: str | None,
+    warnings: list[str],
+) -> JobSubmitted:
+    """Record a job (idempotent per key / job id and config) and hand it to the broker: the one
+    submission path of every job kind."""
     try:
         record, created = await run_in_threadpool(
             lambda: jobs.create(
-                config.name,
-                config.model_dump(mode="json"),
-                sha256_json(config.model_dump(mode="json")),
+                name,
+                config,
+                sha256_json(config),
                 max_attempts=state.max_attempts,
                 idempotency_key=key,
                 job_id=client_id,
                 submit_lease_s=SUBMIT_LEASE_S,
+                kind=kind,
             )
         )
     except IdempotencyConflict as exc:
@@ -363,6 +380,56 @@ async def train(request: Request, _: Authorized, state: State, jobs: Jobs) -> Jo
             )
     record = await run_in_threadpool(jobs.get, record.id) or record
     return JobSubmitted(**_job(record, request).model_dump(), created=created, warnings=warnings)
+
+
+class FinetuneRequest(FinetuneConfig):
+    """``POST /teacher/finetune``: a teacher fine-tuning config, and optionally the job's id."""
+
+    job_id: str | None = Field(None, description="Client-chosen job id (letters, digits, '-', '_', '.').")
+
+
+def _client_job_id(body: dict[str, Any]) -> str | None:
+    """Pop and check the client's ``job_id`` of a submission body (422 naming it when invalid)."""
+    client_id = body.pop("job_id", None)
+    if client_id is not None:
+        try:
+            check_job_id(client_id)
+        except ValueError as exc:
+            raise _invalid_config(f"job_id: {exc}", [{"field": "job_id", "msg": str(exc)}]) from None
+    return client_id
+
+
+@jobs_router.post(
+    "/teacher/finetune",
+    status_code=202,
+    response_model=JobSubmitted,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FinetuneRequest"}}},
+        }
+    },
+    responses={503: {"description": "The broker is down: the job is recorded PENDING and queued when it is back."}},
+)
+async def finetune_teacher(request: Request, _: Authorized, state: State, jobs: Jobs) -> JobSubmitted:
+    """Record a teacher fine-tuning job (``lastkd finetune-teacher`` as a job: durable, resumable,
+    cancellable, followed at ``/jobs/{id}/events``) and queue it; the worker publishes the teacher
+    to ``<registry>/_teachers/<name>-<sha256[:12]>``."""
+    body = _json_object(await request.body(), "FinetuneConfig")
+    client_id = _client_job_id(body)
+    key = _idempotency_key(request)
+    try:
+        config = FinetuneConfig.model_validate(body)
+    except ValidationError as exc:
+        found = problems(exc)
+        raise _invalid_config(f"invalid fine-tuning config: {summary(found)}", [p.as_dict() for p in found]) from None
+    try:
+        config = await run_in_threadpool(config.confined, state.data_roots)
+    except DataPathError as exc:
+        raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from None
+    return await _record_and_queue(
+        request, state, jobs, config.name, config.model_dump(mode="json"), JobKind.TEACHER_FINETUNE, client_id, key, []
+    )
 
 
 @jobs_router.get("/jobs", response_model=JobList)

@@ -16,6 +16,7 @@ parent-death signal (:func:`lastkd.lifeline.die_with_parent`), so nothing is lef
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -32,7 +33,7 @@ import torch  # noqa: F401  (imported for the fork server's preload)
 
 from lastkd.jsonsafe import to_jsonable
 from lastkd.lifeline import die_with_parent
-from lastkd.services.trainer.jobs import ClaimOutcome, JobState, JobStore, owner_id
+from lastkd.services.trainer.jobs import ClaimOutcome, JobKind, JobState, JobStore, owner_id
 from lastkd.student.config import TrainConfig
 from lastkd.student.paths import confine_config_paths
 from lastkd.student.publish import publish
@@ -122,6 +123,54 @@ def partial_checkpoint(run_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
+def _finetune_teacher(
+    record: Any,
+    store: JobStore,
+    owner: str,
+    reporter: _Reporter,
+    run_dir: Path,
+    registry_dir: Path,
+    data_roots: list[Path],
+) -> None:
+    """A ``teacher_finetune`` job: fine-tune, then publish to ``<registry>/_teachers``; the end
+    state goes to the job record like a training job's (exceptions go to the caller)."""
+    from lastkd.finetune.config import FinetuneConfig
+    from lastkd.finetune.loop import LINEAGE_FILE, FinetuneHooks, FinetuneState, finetune, publish_to_registry
+
+    config = FinetuneConfig.model_validate(record.config).confined(data_roots)  # the worker's own roots
+
+    def on_epoch(entry: dict[str, Any]) -> None:
+        val = {k[4:]: v for k, v in entry.items() if k.startswith("val_")}
+        reporter.on_progress(
+            {
+                "epoch": entry["epoch"] - 1,
+                "epochs": config.epochs,
+                "phase": "eval",
+                "losses": {"total": entry["train_loss"]},
+                "val": val or None,
+            }
+        )
+
+    result = finetune(config, run_dir, FinetuneHooks(on_epoch, reporter.should_cancel), roots=data_roots)
+    reporter.stop()
+    history, metrics = to_jsonable(result.history), to_jsonable(result.metrics)
+    if result.state is FinetuneState.CANCELLED:
+        summary = {"run_dir": str(run_dir), "epochs_completed": result.epochs_completed}
+        store.finish(record.id, owner, JobState.CANCELLED, metrics=metrics, history=history, error=None, result=summary)
+        return
+    folder = publish_to_registry(result, registry_dir, job_id=record.id)
+    summary = {
+        "name": config.name,
+        "path": str(folder),
+        "teacher": str(folder / "teacher.pth"),
+        "teacher_sha256": json.loads((folder / LINEAGE_FILE).read_text())["teacher_sha256"],
+        "run_dir": str(run_dir),
+        "epochs_completed": result.epochs_completed,
+    }
+    store.finish(record.id, owner, JobState.COMPLETED, result=summary, metrics=metrics, history=history)
+    log.info("job %s: teacher fine-tuned, published %s", record.id, folder)
+
+
 def run_job(spec: dict[str, Any], conn: Connection) -> None:
     """Body of the runner process for one delivery of job ``spec['job_id']``.
 
@@ -158,6 +207,9 @@ def run_job(spec: dict[str, Any], conn: Connection) -> None:
     run_dir = jobs_dir / job_id
     t_start = time.perf_counter()
     try:
+        if record.kind is JobKind.TEACHER_FINETUNE:
+            _finetune_teacher(record, store, owner, reporter, run_dir, registry_dir, data_roots)
+            return
         config = TrainConfig.model_validate(record.config)
         # Check the paths again on the worker: its data roots rule, and files may have moved.
         config = confine_config_paths(config, data_roots)

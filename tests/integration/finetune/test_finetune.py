@@ -14,7 +14,7 @@ import torch
 
 from lastkd.finetune.clips import COLOR_FRAME, list_clips, person_box
 from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
-from lastkd.finetune.loop import FinetuneHooks, FinetuneState, finetune, publish_teacher
+from lastkd.finetune.loop import FinetuneHooks, FinetuneState, build_model, finetune, publish_teacher
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import load_checkpoint
 from lastkd.models.videomae import create_videomae
@@ -94,8 +94,12 @@ def test_resume_after_an_interruption_ends_bit_identical(synth: Path, tmp_path: 
 
 
 def test_published_teacher_is_official_layout_and_embeds(synth: Path, tmp_path: Path) -> None:
-    cfg = tiny(synth, epochs=1, max_steps_per_epoch=1)
+    # no warmup: the weights (every qkv bias included) really move before they are exported
+    cfg = tiny(synth, epochs=1, max_steps_per_epoch=2, optimizer={"warmup_epochs": 0})
     result = finetune(cfg, tmp_path / "run")
+    initial, _ = build_model(cfg, 3)
+    trained = result.model.state_dict()
+    assert not torch.equal(trained["blocks.0.attn.qkv.bias"], initial.state_dict()["blocks.0.attn.qkv.bias"])
     out = publish_teacher(result, tmp_path / "pub", job_id="job-1")
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["teacher_sha256"] == sha256_file(out / "teacher.pth")

@@ -37,6 +37,7 @@ EXPECTED = {
         ("get", "/health/ready"),
         ("get", "/metrics"),
         ("post", "/train"),
+        ("post", "/teacher/finetune"),
         ("get", "/jobs"),
         ("get", "/jobs/{job_id}"),
         ("post", "/jobs/{job_id}/cancel"),

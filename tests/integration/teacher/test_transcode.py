@@ -40,7 +40,11 @@ def test_a_tree_is_resumable_and_bad_files_are_named(tmp_path: Path, capsys: pyt
     first = transcode_tree(src, dst, 64, workers=2)
     assert sorted(p.name for p in first.written) == ["S001C001P001R001A001_rgb.avi", "S001C002P001R001A001_rgb.avi"]
     assert list(first.failed) == [src / "S001C003P001R001A001_rgb.avi"]
-    assert sorted(p.name for p in dst.rglob("*")) == ["S001C001P001R001A001_rgb.avi", "S001C002P001R001A001_rgb.avi", "sub"]
+    assert sorted(p.name for p in dst.rglob("*")) == [
+        "S001C001P001R001A001_rgb.avi",
+        "S001C002P001R001A001_rgb.avi",
+        "sub",
+    ]
     again = transcode_tree(src, dst, 64)
     assert again.written == [] and len(again.skipped) == 2  # done files are not redone
     # the command line says the same, with exit 1 for the unreadable file
