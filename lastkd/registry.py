@@ -25,10 +25,23 @@ from typing import Any
 from lastkd.errors import InvalidInputError, NotFoundError
 from lastkd.ids import check_job_id, check_name, parse_version
 
-__all__ = ["LINEAGE_FILE", "METRICS_FILE", "PublishedStudent", "Registry", "RegistryError"]
+__all__ = [
+    "LINEAGE_FILE",
+    "METRICS_FILE",
+    "TEACHERS_FOLDER",
+    "TEACHER_FILE",
+    "PublishedStudent",
+    "Registry",
+    "RegistryError",
+    "find_teacher",
+]
 
 LINEAGE_FILE = "lineage.json"
 METRICS_FILE = "metrics.json"
+# Fine-tuned teachers: <root>/_teachers/<name>-<sha256[:12]>/{teacher.pth, lineage.json}, beside
+# the students in a folder no student name can take (names start with a letter or digit).
+TEACHERS_FOLDER = "_teachers"
+TEACHER_FILE = "teacher.pth"
 _STAGING = ".tmp"
 _LOCK = ".lock"
 
@@ -37,6 +50,23 @@ class RegistryError(InvalidInputError):
     """A registry name, version or job id that is not valid."""
 
     code = "invalid_registry_request"
+
+
+def find_teacher(root: Path, name: str) -> Path:
+    """The weights file of the fine-tuned teacher ``name`` under ``root``: its folder name
+    (``<name>-<sha256[:12]>``), or its name alone when exactly one version of it exists.
+    Raises NotFoundError listing what exists, or RegistryError when the name is ambiguous."""
+    folder = Path(root) / TEACHERS_FOLDER
+    found = sorted(p.name for p in folder.iterdir() if (p / TEACHER_FILE).is_file()) if folder.is_dir() else []
+    if name in found:
+        return folder / name / TEACHER_FILE
+    versions = [f for f in found if f.rsplit("-", 1)[0] == name]
+    if len(versions) == 1:
+        return folder / versions[0] / TEACHER_FILE
+    if versions:
+        raise RegistryError(f"teacher {name!r} has {len(versions)} versions; name one: {', '.join(versions)}")
+    listing = ", ".join(found) if found else "none"
+    raise NotFoundError(f"no fine-tuned teacher {name!r} under {folder}; published teachers: {listing}")
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ SYNTH_FRAMES = 120  # longest synthetic clip (4 s at 30 fps); the teacher sample
 # --------------------------------------------------------------------------------------------
 def xsub_train_count(dataset: DemoDataset) -> int:
     """How many of the dataset's samples fall on the training side of the NTU-60 xsub split."""
-    from lastkd.student.data.splits import XSUB60_TRAIN_PERFORMERS
+    from lastkd.ntu.splits import XSUB60_TRAIN_PERFORMERS
 
     names = [p.stem for p in dataset.skeletons.glob("*.skeleton")]
     return sum(1 for n in names if NTU_NAME.match(n) and int(n[9:12]) in XSUB60_TRAIN_PERFORMERS)
@@ -551,7 +551,7 @@ def teacher_class_cosines(store_path: Path, feature_set: str, names: list[str]) 
     import numpy as np
 
     from lastkd.featurestore import FeatureStore
-    from lastkd.student.data.ntu import parse_sample_name
+    from lastkd.ntu.skeleton import parse_sample_name
 
     try:
         store = FeatureStore(store_path, readonly=True)

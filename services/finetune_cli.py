@@ -88,5 +88,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     out = publish_to_registry(result, settings.resolved_registry_dir)
     print(f"published: {out}")
-    print(f"embed with it: LASTKD_TEACHER_WEIGHTS={out / 'teacher.pth'}")
+    print(f"embed with it: LASTKD_TEACHER_NAME={out.name} (LASTKD_TEACHER_MODEL={config.model})")
     return EXIT_OK

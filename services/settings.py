@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     # --- teacher -------------------------------------------------------------------------------
     teacher_model: str = Field("videomae_v2_vit_b", description="Registry name of the teacher model.")
     teacher_weights: Path | None = Field(None, description="Official checkpoint (.pth or .safetensors).")
+    teacher_name: str | None = Field(
+        None,
+        description="A fine-tuned teacher from the registry (<registry>/_teachers): its folder name, or its "
+        "name when one version exists. Instead of teacher_weights.",
+    )
     teacher_random_init: bool = Field(False, description="Run without weights (tests, demo). Labelled random-init.")
     teacher_device: DeviceSpec = Field("auto", description=DEVICE_HELP)
     teacher_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -23,14 +23,14 @@ from torch.utils.data import Dataset
 
 from lastkd.datapaths import confine
 from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
-from lastkd.student.data.ntu import (
+from lastkd.ntu.skeleton import (
     SampleNameError,
     SkeletonParseError,
     color_boxes,
     parse_sample_name,
     sample_name_from_path,
 )
-from lastkd.student.data.splits import is_train
+from lastkd.ntu.splits import is_train
 from lastkd.teacher.video import Box, PreprocessConfig, VideoLimits, decode_clip, decode_frames, multiview_indices
 
 __all__ = ["ClipList", "TrainClips", "ValClips", "list_clips", "person_box", "random_window"]

@@ -38,12 +38,12 @@ from lastkd.finetune.optim import lr_at, mix_batch, param_groups, soft_cross_ent
 from lastkd.jsonsafe import to_jsonable
 from lastkd.models.checkpoint_io import load_checkpoint, save_official
 from lastkd.models.videomae import VideoMAEv2, create_videomae, keep_key_bias_zero
+from lastkd.registry import LINEAGE_FILE, TEACHER_FILE, TEACHERS_FOLDER
 from lastkd.student.checkpoints import atomic_torch_save
 from lastkd.student.rng import mix_seed, rng_state, seed_everything, seed_worker, set_rng_state
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
 
 __all__ = [
-    "TEACHERS_FOLDER",
     "FinetuneError",
     "FinetuneHooks",
     "FinetuneResult",
@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_KIND = "lastkd.teacher_finetune/1"
-TEACHER_FILE = "teacher.pth"
-LINEAGE_FILE = "lineage.json"
-# Published teachers live beside the students, in a folder no student name can take ('_').
-TEACHERS_FOLDER = "_teachers"
 
 
 class FinetuneError(RuntimeError):

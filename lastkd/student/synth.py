@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from lastkd.student.data.splits import XSUB60_TRAIN_PERFORMERS
+from lastkd.ntu.splits import XSUB60_TRAIN_PERFORMERS
 
 if TYPE_CHECKING:
     from lastkd.services.settings import Settings

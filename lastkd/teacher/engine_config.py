@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lastkd.errors import NotFoundError
 from lastkd.hashing import sha256_file
+from lastkd.registry import RegistryError, find_teacher
 from lastkd.teacher.video import PreprocessConfig, VideoLimits
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -82,9 +84,17 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> EngineConfig:
         """The teacher_* fields of the typed Settings, with optional overrides (CLI flags)."""
+        weights = settings.teacher_weights
+        if settings.teacher_name is not None:
+            if weights is not None:
+                raise EngineError("LASTKD_TEACHER_WEIGHTS and LASTKD_TEACHER_NAME are both set; choose one")
+            try:
+                weights = find_teacher(settings.resolved_registry_dir, settings.teacher_name)
+            except (NotFoundError, RegistryError) as exc:
+                raise EngineError(f"LASTKD_TEACHER_NAME: {exc}") from None
         values: dict[str, Any] = dict(
             model_name=settings.teacher_model,
-            weights=settings.teacher_weights,
+            weights=weights,
             random_init=settings.teacher_random_init,
             device=settings.teacher_device,
             precision=settings.teacher_precision,

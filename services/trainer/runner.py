@@ -135,7 +135,8 @@ def _finetune_teacher(
     """A ``teacher_finetune`` job: fine-tune, then publish to ``<registry>/_teachers``; the end
     state goes to the job record like a training job's (exceptions go to the caller)."""
     from lastkd.finetune.config import FinetuneConfig
-    from lastkd.finetune.loop import LINEAGE_FILE, FinetuneHooks, FinetuneState, finetune, publish_to_registry
+    from lastkd.finetune.loop import FinetuneHooks, FinetuneState, finetune, publish_to_registry
+    from lastkd.registry import LINEAGE_FILE, TEACHER_FILE
 
     config = FinetuneConfig.model_validate(record.config).confined(data_roots)  # the worker's own roots
 
@@ -162,7 +163,7 @@ def _finetune_teacher(
     summary = {
         "name": config.name,
         "path": str(folder),
-        "teacher": str(folder / "teacher.pth"),
+        "teacher": str(folder / TEACHER_FILE),
         "teacher_sha256": json.loads((folder / LINEAGE_FILE).read_text())["teacher_sha256"],
         "run_dir": str(run_dir),
         "epochs_completed": result.epochs_completed,

@@ -4,7 +4,7 @@
 * the only top-level import name is ``lastkd``;
 * imports flow one way: services -> library core -> featurestore; the core imports no web,
   queue or settings code; the teacher and the student never import each other (teacher
-  fine-tuning takes only the student side's data rules);
+  fine-tuning takes only generic helpers from the student side); lastkd.ntu imports nothing of lastkd;
 * no module imports another that imports it back (directly or through others).
 """
 
@@ -115,12 +115,21 @@ def test_teacher_and_student_never_import_each_other() -> None:
     assert _violations("lastkd.student", ("lastkd.teacher", "lastkd.models.videomae", "lastkd.finetune")) == {}
 
 
-def test_teacher_fine_tuning_uses_the_student_side_for_data_rules_only() -> None:
-    # NTU naming/splits, RNG and atomic saves; never the student's model or training loop
-    allowed = ("lastkd.student.data", "lastkd.student.rng", "lastkd.student.checkpoints")
+def test_teacher_fine_tuning_takes_only_generic_helpers_from_the_student_side() -> None:
+    # RNG states and atomic saves; never the student's model, data pipeline or training loop
+    allowed = ("lastkd.student.rng", "lastkd.student.checkpoints")
     used = {m for name, mods in RAW.items() if name.startswith("lastkd.finetune") for m in mods}
     student = {m for m in used if m.startswith("lastkd.student")}
     assert {m for m in student if not m.startswith(allowed)} == set()
+
+
+def test_the_ntu_file_rules_import_nothing_of_lastkd() -> None:
+    outside = {
+        name: sorted(m for m in mods if m.startswith("lastkd") and not m.startswith("lastkd.ntu"))
+        for name, mods in RAW.items()
+        if name.startswith("lastkd.ntu")
+    }
+    assert {n: m for n, m in outside.items() if m} == {}
 
 
 def test_the_small_rule_modules_stay_leaves() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from lastkd.datapaths import confine
+from lastkd.ntu.skeleton import NUM_JOINTS, NUM_SLOTS, BodyAssignment, read_missing_list
 from lastkd.student.data.collection import SkeletonCollection
-from lastkd.student.data.ntu import NUM_JOINTS, NUM_SLOTS, BodyAssignment, read_missing_list
 from lastkd.student.data.readers import DataRoots, DataSourceError, list_skeleton_files, open_npy, read_ntu_folder
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,7 @@ from numpy._core import multiarray as np_multiarray  # numpy's stubs lack the at
 
 from lastkd.datapaths import confine, confine_entries
 from lastkd.lifeline import die_with_parent
-from lastkd.student.data.collection import SkeletonCollection
-from lastkd.student.data.ntu import (
+from lastkd.ntu.skeleton import (
     MAX_FRAMES,
     NUM_JOINTS,
     NUM_SLOTS,
@@ -43,7 +42,8 @@ from lastkd.student.data.ntu import (
     parse_sample_name,
     parse_skeleton_file,
 )
-from lastkd.student.data.splits import is_train
+from lastkd.ntu.splits import is_train
+from lastkd.student.data.collection import SkeletonCollection
 
 STREAM_NAMES = ("joint", "velocity", "bone")
 NUM_CLASSES = {"ntu60": 60, "ntu120": 120}

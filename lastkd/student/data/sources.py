@@ -19,10 +19,11 @@ from typing import overload
 import numpy as np
 
 from lastkd.datapaths import confine
+from lastkd.ntu.skeleton import parse_sample_name, read_missing_list
+from lastkd.ntu.splits import is_train
 from lastkd.student.data.cache import load_ntu_folder
 from lastkd.student.data.collection import SkeletonCollection
 from lastkd.student.data.config import DataConfig
-from lastkd.student.data.ntu import parse_sample_name, read_missing_list
 from lastkd.student.data.readers import (
     DataRoots,
     DataSourceError,
@@ -30,7 +31,6 @@ from lastkd.student.data.readers import (
     read_last_npy,
     read_pyskl,
 )
-from lastkd.student.data.splits import is_train
 
 MAX_PARSE_WORKERS = 8
 

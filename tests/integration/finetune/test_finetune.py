@@ -18,7 +18,7 @@ from lastkd.finetune.loop import FinetuneHooks, FinetuneState, build_model, fine
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import load_checkpoint
 from lastkd.models.videomae import create_videomae
-from lastkd.student.data.ntu import color_boxes
+from lastkd.ntu.skeleton import color_boxes
 from lastkd.student.synth import generate
 from tests.support.paths import NTU_SAMPLE_SKELETON, NTU_SAMPLE_VIDEO
 

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lastkd.featurestore import FeatureStore
+from lastkd.ntu.skeleton import parse_skeleton_file
 from lastkd.student.data import augment as aug
 from lastkd.student.data import streams as st
 from lastkd.student.data.collection import SkeletonCollection
@@ -20,7 +21,6 @@ from lastkd.student.data.dataset import (
     TeacherFeatures,
     build_datasets,
 )
-from lastkd.student.data.ntu import parse_skeleton_file
 from tests.support.paths import NTU_SAMPLE_SKELETON, REFERENCE
 
 STREAM_KEYS = ("joint", "velocity", "bone")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from lastkd.datapaths import DataPathError
+from lastkd.ntu.skeleton import parse_skeleton_file
 from lastkd.student.data import readers
 from lastkd.student.data.config import DataConfig
-from lastkd.student.data.ntu import parse_skeleton_file
 from lastkd.student.data.readers import DataSourceError
 from lastkd.student.data.sources import load_splits
 from lastkd.student.synth import generate

@@ -9,10 +9,10 @@ import av
 import numpy as np
 import pytest
 
+from lastkd.ntu.skeleton import parse_sample_name, parse_skeleton_file
+from lastkd.ntu.splits import split_indices
 from lastkd.services.cli import main as cli_main
 from lastkd.student import synth
-from lastkd.student.data.ntu import parse_sample_name, parse_skeleton_file
-from lastkd.student.data.splits import split_indices
 
 CLASSES, PER_CLASS, FRAMES = 6, 8, 60
 

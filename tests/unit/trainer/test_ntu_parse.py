@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lastkd.student.data.ntu import (
+from lastkd.ntu.skeleton import (
     SampleNameError,
     SkeletonParseError,
     parse_sample_name,
     parse_skeleton_file,
     read_missing_list,
 )
-from lastkd.student.data.splits import split_indices
+from lastkd.ntu.splits import split_indices
 from tests.support.paths import NTU_SAMPLE_SKELETON, REFERENCE, SHARED
 
 SAMPLE_BODY_ID = 72057594037931101  # the bodyID written in the shared sample file

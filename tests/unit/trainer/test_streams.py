@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from lastkd.ntu.skeleton import parse_skeleton_file
 from lastkd.student.data import streams as st
-from lastkd.student.data.ntu import parse_skeleton_file
 from tests.support.paths import NTU_SAMPLE_SKELETON, REFERENCE
 
 ATOL = 1e-5  # reference/README.md: data pipeline tolerance

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lastkd.student.data.ntu import SampleName, SampleNameError, parse_sample_name
+from lastkd.ntu.skeleton import SampleName, SampleNameError, parse_sample_name
 
 XSUB60_TRAIN_PERFORMERS = frozenset((1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38))
 XSUB120_TRAIN_PERFORMERS = XSUB60_TRAIN_PERFORMERS | frozenset(
