@@ -94,8 +94,7 @@ def loader_vs_step(cfg: Any, batches: int = 6) -> float:
 
 def crop_cost(repeats: int) -> tuple[float, float]:
     """Extra ms per 16-frame clip of the NTU sample with the person crop, and the time ratio."""
-    from lastkd.finetune.clips import person_box
-    from lastkd.ntu.skeleton import color_boxes
+    from lastkd.ntu.skeleton import color_boxes, person_box
     from lastkd.teacher.video import PreprocessConfig, VideoLimits, decode_frames
 
     skeleton = NTU_CLIP.with_name(NTU_CLIP.name.replace("_rgb.avi", ".skeleton"))

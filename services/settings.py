@@ -125,6 +125,12 @@ class Settings(BaseSettings):
     teacher_protocol: Literal["imagenet", "official_extraction"] = Field(
         "imagenet", description="Preprocessing: ImageNet short-side crop + normalisation, or the official extraction."
     )
+    teacher_person_crop: bool = Field(
+        False,
+        description="Cut each clip to its person box (the .skeleton colorX/colorY) before resizing; part of the "
+        "feature-set id. Needs teacher_skeletons.",
+    )
+    teacher_skeletons: Path | None = Field(None, description="Folder of the clips' .skeleton files (person crop).")
 
     # --- limits --------------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * MiB, ge=1, le=1 << 40)

@@ -28,15 +28,14 @@ from lastkd.ntu.skeleton import (
     SkeletonParseError,
     color_boxes,
     parse_sample_name,
+    person_box,
     sample_name_from_path,
 )
 from lastkd.ntu.splits import is_train
-from lastkd.teacher.video import Box, PreprocessConfig, VideoLimits, decode_clip, decode_frames, multiview_indices
+from lastkd.teacher.video import Box, PreprocessConfig, VideoLimits, decode_clip, decode_frames
 
-__all__ = ["ClipList", "TrainClips", "ValClips", "list_clips", "person_box", "random_window"]
+__all__ = ["ClipList", "TrainClips", "ValClips", "list_clips", "random_window"]
 
-# The Kinect colour frame the skeletons' colorX/colorY are measured in.
-COLOR_FRAME = (1920.0, 1080.0)
 
 MAX_LIST_LINES = 5_000_000
 # Frames are resized so the short side is size * 256 / 224 before cropping (the official 256 -> 224).
@@ -124,25 +123,6 @@ def _resize_cfg(cfg: FinetuneConfig) -> PreprocessConfig:
     return PreprocessConfig(num_frames=cfg.num_frames, size=round(cfg.size * RESIZE_RATIO))
 
 
-def person_box(boxes: np.ndarray, pad: float) -> Box | None:
-    """One box for a whole clip from per-frame joint boxes (:func:`color_boxes`, colour-frame
-    pixels): their union (steady: the crop does not jitter with the pose), ``pad`` x its size added
-    on each side, grown to a square, kept inside the frame; as fractions of the frame. None when
-    no frame has a body (the clip is then used whole)."""
-    valid = boxes[np.isfinite(boxes).all(axis=1)]
-    if not len(valid):
-        return None
-    x0, y0 = valid[:, 0].min(), valid[:, 1].min()
-    x1, y1 = valid[:, 2].max(), valid[:, 3].max()
-    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * pad)
-    side = min(side, *COLOR_FRAME)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left = min(max(cx - side / 2, 0.0), COLOR_FRAME[0] - side)
-    top = min(max(cy - side / 2, 0.0), COLOR_FRAME[1] - side)
-    w, h = COLOR_FRAME
-    return (left / w, top / h, (left + side) / w, (top + side) / h)
-
-
 class _Boxes:
     """Each clip's person box (None = whole frame), read from its .skeleton file once."""
 
@@ -227,8 +207,8 @@ def _resized_crop_box(
 
 
 class ValClips(Dataset):
-    """Val clips in the multi-view test protocol: uint8 ``(V, T, S, S, 3)`` and the label. With
-    ``person_crop`` the spatial crops are one (the box is square): V = temporal views."""
+    """Val clips in the multi-view test protocol of :func:`lastkd.teacher.video.decode_clip`:
+    uint8 ``(V, T, S, S, 3)`` and the label (with ``person_crop``: the temporal views of the box)."""
 
     def __init__(self, clips: ClipList, cfg: FinetuneConfig, limits: VideoLimits) -> None:
         self.clips, self.limits = clips, limits
@@ -246,17 +226,7 @@ class ValClips(Dataset):
         return len(self.clips.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, box = self.clips.paths[index], self.boxes(index)
-        if box is None:
-            views = decode_clip(path, self.preprocess, self.limits, threads=1).views
-        else:
-            t = self.preprocess.num_frames
-            frames = decode_frames(
-                path,
-                lambda length: [i for v in multiview_indices(length, self.preprocess) for i in v],
-                self.preprocess,
-                self.limits,
-                box=box,
-            )
-            views = frames.reshape(-1, t, *frames.shape[1:])
+        box = self.boxes(index)
+        cfg = self.preprocess.model_copy(update={"person_crop": box is not None})
+        views = decode_clip(self.clips.paths[index], cfg, self.limits, threads=1, box=box).views
         return torch.from_numpy(np.ascontiguousarray(views)), self.clips.labels[index]

@@ -325,6 +325,10 @@ def parse_skeleton_file(path: str | os.PathLike[str], body_assignment: BodyAssig
     )
 
 
+# The Kinect colour frame the skeletons' colorX/colorY are measured in (NTU's RGB videos are this size).
+COLOR_FRAME = (1920.0, 1080.0)
+
+
 def color_boxes(path: str | os.PathLike[str]) -> np.ndarray:
     """Per frame the box ``(x0, y0, x1, y1)`` around every body's joints in the RGB video, from the
     ``colorX``/``colorY`` columns (pixels of the 1920x1080 Kinect colour frame); NaN rows for frames
@@ -338,6 +342,25 @@ def color_boxes(path: str | os.PathLike[str]) -> np.ndarray:
             pts = np.concatenate(xy)
             out[f] = (*pts.min(axis=0), *pts.max(axis=0))
     return out
+
+
+def person_box(boxes: np.ndarray, pad: float) -> tuple[float, float, float, float] | None:
+    """One box for a whole clip from per-frame joint boxes (:func:`color_boxes`, colour-frame
+    pixels): their union (steady: the crop does not jitter with the pose), ``pad`` x its size added
+    on each side, grown to a square, kept inside the frame; as fractions of the frame. None when
+    no frame has a body."""
+    valid = boxes[np.isfinite(boxes).all(axis=1)]
+    if not len(valid):
+        return None
+    x0, y0 = valid[:, 0].min(), valid[:, 1].min()
+    x1, y1 = valid[:, 2].max(), valid[:, 3].max()
+    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * pad)
+    side = min(side, *COLOR_FRAME)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = min(max(cx - side / 2, 0.0), COLOR_FRAME[0] - side)
+    top = min(max(cy - side / 2, 0.0), COLOR_FRAME[1] - side)
+    w, h = COLOR_FRAME
+    return (left / w, top / h, (left + side) / w, (top + side) / h)
 
 
 def read_missing_list(path: str | os.PathLike[str]) -> frozenset[str]:

@@ -27,7 +27,7 @@ import numpy as np
 from lastkd.hashing import sha256_file
 from lastkd.teacher.decode_worker import init_decode_worker
 from lastkd.teacher.failures import ClipFailure, ClipFailureReason
-from lastkd.teacher.video import PreprocessConfig, VideoError, VideoLimits, decode_clip
+from lastkd.teacher.video import Box, PreprocessConfig, VideoError, VideoLimits, decode_clip
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +89,37 @@ def _ping() -> int:
     return os.getpid()
 
 
-def _decode_clip(
-    path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool
-) -> DecodedClip | _DecodeRefused:
-    """Worker body: the decoded clip, or why it cannot be decoded (never raises)."""
+def _person_box(skeleton: str | None, pad: float) -> Box | _DecodeRefused:
+    """The person box of a clip from its .skeleton file, or why there is none."""
+    from lastkd.ntu.skeleton import SkeletonParseError, color_boxes, person_box
+
+    if skeleton is None:
+        return _DecodeRefused("no_skeleton", "person crop needs the clip's NTU sample name to find its .skeleton file")
     try:
+        box = person_box(color_boxes(skeleton), pad)
+    except FileNotFoundError:
+        return _DecodeRefused("no_skeleton", f"no skeleton file {Path(skeleton).name} for the person crop")
+    except (OSError, SkeletonParseError) as exc:
+        return _DecodeRefused("no_skeleton", f"cannot read the skeleton file for the person crop: {exc}")
+    if box is None:
+        return _DecodeRefused("no_skeleton", f"{Path(skeleton).name} has no body in any frame: nothing to crop to")
+    return box
+
+
+def _decode_clip(
+    path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool, skeleton: str | None = None
+) -> DecodedClip | _DecodeRefused:
+    """Worker body: the decoded clip, or why it cannot be decoded (never raises). ``skeleton``:
+    the clip's .skeleton file, read for the person box when the preprocessing has person_crop."""
+    try:
+        box = None
+        if cfg.person_crop:
+            found = _person_box(skeleton, cfg.crop_pad)
+            if isinstance(found, _DecodeRefused):
+                return found
+            box = found
         sha = sha256_file(path) if want_sha else None
-        clip = decode_clip(Path(path), cfg, limits, threads=threads)
+        clip = decode_clip(Path(path), cfg, limits, threads=threads, box=box)
         return DecodedClip(np.ascontiguousarray(clip.views), sha, clip.frames_used)
     except VideoError as exc:
         return _DecodeRefused(str(exc.reason), str(getattr(exc, "message", exc)))
@@ -160,17 +184,24 @@ class DecoderPool:
                 raise RuntimeError("the decoder pool is not started")
             return self._pool
 
-    def decode(self, path: str, want_sha: bool, on_done: Callable[[DecodedClip | ClipFailure], None]) -> None:
-        """Decode ``path`` in a worker (hashing it too when ``want_sha``); ``on_done`` gets the
-        outcome, from this thread when the clip cannot be submitted, else from the pool's."""
+    def decode(
+        self,
+        path: str,
+        want_sha: bool,
+        on_done: Callable[[DecodedClip | ClipFailure], None],
+        skeleton: str | None = None,
+    ) -> None:
+        """Decode ``path`` in a worker (hashing it too when ``want_sha``; its person box from
+        ``skeleton`` with person_crop); ``on_done`` gets the outcome, from this thread when the
+        clip cannot be submitted, else from the pool's."""
         pool = self.current()
         try:
-            task = self._submit(pool, path, want_sha)
+            task = self._submit(pool, path, want_sha, skeleton)
         except BrokenProcessPool:
             self._restart(pool)
             pool = self.current()
             try:
-                task = self._submit(pool, path, want_sha)
+                task = self._submit(pool, path, want_sha, skeleton)
             except RuntimeError as exc:  # the new pool died or was shut down at once
                 on_done(_shutting_down(exc))
                 return
@@ -180,9 +211,9 @@ class DecoderPool:
         task.add_done_callback(lambda done: on_done(self._outcome(pool, done)))
 
     def _submit(
-        self, pool: cf.ProcessPoolExecutor, path: str, want_sha: bool
+        self, pool: cf.ProcessPoolExecutor, path: str, want_sha: bool, skeleton: str | None
     ) -> cf.Future[DecodedClip | _DecodeRefused]:
-        return pool.submit(_decode_clip, path, self.preprocess, self.limits, self.threads, want_sha)
+        return pool.submit(_decode_clip, path, self.preprocess, self.limits, self.threads, want_sha, skeleton)
 
     def _outcome(
         self, pool: cf.ProcessPoolExecutor, task: cf.Future[DecodedClip | _DecodeRefused]

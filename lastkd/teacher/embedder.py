@@ -177,6 +177,11 @@ class Embedder:
 
     def start(self) -> Embedder:
         """Build the model, load weights, open the feature set, start decoders and the inference thread."""
+        if self.preprocess.person_crop and (self.config.skeletons is None or not Path(self.config.skeletons).is_dir()):
+            raise EngineError(
+                "the person crop reads each clip's .skeleton file: set LASTKD_TEACHER_SKELETONS to the folder "
+                f"that holds them (now {self.config.skeletons})"
+            )
         teacher = self._teacher = load_teacher(self.config, self.preprocess, self._prebuilt)
         self._open_feature_set()
         device_type = teacher.device.type
@@ -333,7 +338,17 @@ class Embedder:
         # refuses at once, and _decoded uncounts it then.
         with self._decoding_lock:
             self._decoding += 1
-        decoders.decode(item.path, item.sha256 is None, lambda outcome: self._decoded(item, outcome))
+        decoders.decode(
+            item.path, item.sha256 is None, lambda outcome: self._decoded(item, outcome), self._skeleton_of(item)
+        )
+
+    def _skeleton_of(self, item: _Item) -> str | None:
+        """The .skeleton file of a clip for the person crop (None: no crop, or no NTU name)."""
+        if not self.preprocess.person_crop or self.config.skeletons is None or item.clip_id is None:
+            return None
+        if clip_id_from_filename(f"{item.clip_id}.skeleton") is None:
+            return None  # a sha256 or other id: no skeleton can be named
+        return str(Path(self.config.skeletons) / f"{item.clip_id}.skeleton")
 
     def _decoded(self, item: _Item, outcome: DecodedClip | ClipFailure) -> None:
         with self._decoding_lock:

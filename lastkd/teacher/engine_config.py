@@ -53,6 +53,7 @@ class EngineConfig:
     decode_workers: int = 0  # 0 = lastkd.teacher.decoders.default_decode_workers(device)
     store_dtype: str = "float32"
     seed: int = 0  # random-init teachers are seeded so that the same set id means the same weights
+    skeletons: Path | None = None  # the clips' .skeleton files, for the person crop
 
     def __post_init__(self) -> None:
         # The one place the engine settings are judged, before any model or store is touched:
@@ -101,6 +102,7 @@ class EngineConfig:
             batch_size=settings.teacher_batch_size,
             max_wait_ms=settings.teacher_max_wait_ms,
             decode_workers=settings.decode_workers,
+            skeletons=settings.teacher_skeletons,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -128,7 +130,12 @@ def preprocess_from_settings(
     """
     protocol = protocol or settings.teacher_protocol
     crops = {"spatial_crops": 1} if protocol == "official_extraction" else {}
-    return PreprocessConfig(sampling=sampling or settings.teacher_sampling, protocol=protocol, **crops)
+    return PreprocessConfig(
+        sampling=sampling or settings.teacher_sampling,
+        protocol=protocol,
+        person_crop=settings.teacher_person_crop,
+        **crops,
+    )
 
 
 def preprocessing_record(preprocess: PreprocessConfig, precision: str) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class ClipFailureReason(StrEnum):
     # the decoder
     DECODE_FAILED = "decode_failed"
     DECODE_CRASHED = "decode_crashed"
+    # the person crop: the clip's .skeleton file is missing, unreadable or has no body
+    NO_SKELETON = "no_skeleton"
     # the request
     INVALID_CLIP_ID = "invalid_clip_id"
     CLIP_ID_CONFLICT = "clip_id_conflict"

@@ -116,6 +116,12 @@ class PreprocessConfig(BaseModel):
     spatial_crops: int = Field(3, ge=1, le=16, description="multiview only")
     protocol: Literal["imagenet", "official_extraction"] = "imagenet"
     size: int = Field(224, ge=8, le=1024)
+    person_crop: bool = Field(
+        False,
+        description="Cut each clip to its person box (from the clip's .skeleton colorX/colorY: union over the "
+        "clip, padded, square) at full resolution before resizing; spatial crops then collapse to one.",
+    )
+    crop_pad: float = Field(0.15, ge=0, le=2, description="person_crop: margin per side, x the box size.")
 
     @model_validator(mode="after")
     def _crops_need_aspect(self) -> PreprocessConfig:
@@ -128,8 +134,11 @@ class PreprocessConfig(BaseModel):
 
     @property
     def num_views(self) -> int:
-        """Views per clip: 1 for uniform, temporal_views * spatial_crops for multiview."""
-        return 1 if self.sampling == "uniform" else self.temporal_views * self.spatial_crops
+        """Views per clip: 1 for uniform, temporal_views * spatial_crops for multiview (the
+        temporal views alone with person_crop: the square box leaves nothing to crop)."""
+        if self.sampling == "uniform":
+            return 1
+        return self.temporal_views * (1 if self.person_crop else self.spatial_crops)
 
     def as_dict(self) -> dict:
         """Canonical description (only the settings that change the output), for feature-set ids."""
@@ -147,6 +156,11 @@ class PreprocessConfig(BaseModel):
             out.update(spatial="short_side_then_crop", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
         else:
             out.update(spatial="squash", mean=None, std=None)
+        if self.person_crop:  # only when on: the ids of sets made without it do not change
+            out.update(
+                spatial="person_box", person_box={"source": "skeleton_color_xy_union_square", "pad": self.crop_pad}
+            )
+            out.pop("spatial_crops", None)
         return out
 
 
@@ -597,13 +611,21 @@ def prepare_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, t
     return decode_clip(path, cfg, limits, threads).views
 
 
-def decode_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, threads: int = 0) -> PreparedClip:
+def decode_clip(
+    path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, threads: int = 0, box: Box | None = None
+) -> PreparedClip:
     """:func:`prepare_clip` that also counts the real frames used, and refuses clips shorter
-    than ``limits.min_frames`` (``too_short``)."""
+    than ``limits.min_frames`` (``too_short``). With ``cfg.person_crop`` the clip's person
+    ``box`` (fractions of the frame, :func:`lastkd.ntu.skeleton.person_box`) is required."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be an int >= 0, got {threads!r}")
-    views, kept = _decode_planned(path, lambda length: _plan(length, cfg), cfg, limits, threads)
+    if cfg.person_crop != (box is not None):
+        raise ValueError("a person box is given exactly when the preprocessing has person_crop")
+    views, kept = _decode_planned(path, lambda length: _plan(length, cfg), cfg, limits, threads, box)
     needed = {i for v in views for i in v}
+    if box is not None:  # frames are the box, already square at cfg.size
+        stacked = np.stack([np.stack([kept[i] for i in indices]) for indices in views])
+        return PreparedClip(views=stacked, frames_used=len(needed))
     s = cfg.size
     crops = cfg.spatial_crops if cfg.sampling == "multiview" else 1
     out = np.empty((len(views) * crops, cfg.num_frames, s, s, 3), np.uint8)

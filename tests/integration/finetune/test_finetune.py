@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from lastkd.finetune.clips import COLOR_FRAME, list_clips, person_box
+from lastkd.finetune.clips import list_clips
 from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
 from lastkd.finetune.loop import FinetuneHooks, FinetuneState, build_model, finetune, publish_teacher
 from lastkd.hashing import sha256_file
 from lastkd.models.checkpoint_io import load_checkpoint
 from lastkd.models.videomae import create_videomae
-from lastkd.ntu.skeleton import color_boxes
+from lastkd.ntu.skeleton import COLOR_FRAME, color_boxes, person_box
 from lastkd.student.synth import generate
 from tests.support.paths import NTU_SAMPLE_SKELETON, NTU_SAMPLE_VIDEO
 

@@ -234,3 +234,45 @@ def test_min_clip_frames_setting_reaches_the_limits(tmp_path: Path) -> None:
 
     assert limits_from_settings(load_settings(data_dir=tmp_path)).min_frames == 1  # today's behaviour
     assert limits_from_settings(load_settings(data_dir=tmp_path, min_clip_frames=8)).min_frames == 8
+
+
+def test_person_crop_embeds_the_box_and_names_its_own_feature_set(tmp_path: Path) -> None:
+    """With the person crop the vectors are the model's on the skeleton box of each clip (the NTU
+    sample here), the set id differs from the uncropped set's, and a clip without a skeleton file
+    fails with ``no_skeleton`` instead of being embedded whole."""
+    from lastkd.ntu.skeleton import color_boxes, person_box
+    from lastkd.teacher.video import decode_clip, normalize
+    from tests.support.paths import NTU_SAMPLE_SKELETON
+
+    cfg = PreprocessConfig(num_frames=8, size=64, person_crop=True)
+    assert (
+        cfg.as_dict()["spatial"] == "person_box" and PreprocessConfig(num_frames=8, size=64).as_dict() != cfg.as_dict()
+    )
+    assert PreprocessConfig(sampling="multiview", person_crop=True).num_views == 5  # the square box: one crop
+    store = FeatureStore(tmp_path / "f.lmdb", map_size=64 << 20)
+    plain_store = FeatureStore(tmp_path / "g.lmdb", map_size=64 << 20)
+    stray = tmp_path / "S001C001P001R001A002_rgb.avi"  # an NTU name whose skeleton does not exist
+    stray.write_bytes(NTU_SAMPLE_VIDEO.read_bytes())
+    try:
+        with (
+            Embedder(_config(skeletons=NTU_SAMPLE_SKELETON.parent), cfg, VideoLimits(), store) as emb,
+            Embedder(_config(), PreprocessConfig(num_frames=8, size=64), VideoLimits(), plain_store) as plain,
+        ):
+            got = emb.submit(NTU_SAMPLE_VIDEO).result(timeout=300)
+            assert got.clip_id == "S001C001P001R001A001" and emb.set_id != plain.set_id
+            with pytest.raises(ClipFailure) as failed:
+                emb.submit(stray).result(timeout=300)
+            assert failed.value.reason == "no_skeleton" and "S001C001P001R001A002.skeleton" in failed.value.message
+            vector = store.get_many(emb.set_id, [got.clip_id])[0][0]
+        box = person_box(color_boxes(NTU_SAMPLE_SKELETON), cfg.crop_pad)
+        torch.manual_seed(0)
+        model = create_videomae(TINY, num_frames=8, img_size=64, num_classes=0).eval()
+        with torch.inference_mode():
+            views = decode_clip(NTU_SAMPLE_VIDEO, cfg, VideoLimits(), box=box).views
+            direct = model.embed(normalize(views, cfg)).numpy()[0]
+        np.testing.assert_allclose(vector, direct, rtol=1e-4, atol=1e-5)
+    finally:
+        store.close()
+        plain_store.close()
+    with pytest.raises(EngineError, match="LASTKD_TEACHER_SKELETONS"):
+        Embedder(_config(), cfg, VideoLimits(), FeatureStore(tmp_path / "h.lmdb", map_size=64 << 20)).start()

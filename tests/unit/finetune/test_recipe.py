@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from lastkd.finetune.clips import COLOR_FRAME, person_box, random_window
+from lastkd.finetune.clips import random_window
 from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
 from lastkd.finetune.optim import lr_at, mix_batch, param_groups, soft_cross_entropy
 from lastkd.models.videomae import create_videomae
+from lastkd.ntu.skeleton import COLOR_FRAME, person_box
 
 
 def test_layer_decay_groups_follow_the_official_layer_ids() -> None:
