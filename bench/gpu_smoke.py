@@ -6,7 +6,10 @@ Runs, each under its own time limit, and prints ONE JSON object on the last line
 * ``precision``: the teacher's bf16-vs-fp32 feature difference on the real NTU clip
   (``bench/precision.py --device cuda``);
 * ``teacher``: embedding throughput of the engine on copies of the real NTU clip, ViT-B bf16
-  batch 32, CPU decoders (``bench/teacher.py --gpu``); ``nvdec``: null (not built: see issue 11);
+  batch 32, CPU decoders (``bench/teacher.py --gpu``);
+* ``nvdec``: whether NVDEC decodes here (``lastkd.teacher.video.check_decoder``) and, if so, whether
+  the real NTU clip's frames (16 x 224, what the teacher sees) equal software decoding's, with the
+  decode time of each (not part of ``ok``: a GPU without usable NVDEC still passes the smoke test);
 * ``student``: a short distillation-free run of LAST v2 in bf16 AMP on CUDA, cancelled after its
   first epoch and resumed on CUDA to the end (samples/s per epoch, the resume's epochs, the
   published-load check), i.e. the loop, cancel and resume on the device.
@@ -108,6 +111,24 @@ def _student(out: Path) -> dict[str, Any]:
     }
 
 
+def _nvdec(clip: Path) -> dict[str, Any]:
+    """NVDEC against software decoding on ``clip``: usable, frames equal, seconds of each."""
+    import numpy as np
+
+    from lastkd.teacher.video import PreprocessConfig, VideoLimits, check_decoder, decode_clip
+
+    problem = check_decoder("nvdec")
+    if problem is not None:
+        return {"usable": False, "reason": problem}
+    cfg, times, views = PreprocessConfig(num_frames=16, size=224), {}, {}
+    for decoder in ("cpu", "nvdec"):
+        t0 = time.perf_counter()
+        views[decoder] = decode_clip(clip, cfg, VideoLimits(), threads=1, decoder=decoder).views
+        times[decoder] = round(time.perf_counter() - t0, 3)
+    diff = np.abs(views["cpu"].astype(np.int16) - views["nvdec"].astype(np.int16))
+    return {"usable": True, "frames_equal": bool((diff == 0).all()), "max_abs_diff": int(diff.max()), "seconds": times}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the GPU smoke test; exit 0 when every part passed, 1 when one failed, 3 without CUDA."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -152,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             240,
             out,
         ),
-        "nvdec": None,
     }
+    try:
+        result["nvdec"] = _nvdec(args.clip)
+    except Exception as exc:  # noqa: BLE001 - a smoke test reports every failure in its JSON
+        result["nvdec"] = {"usable": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
     try:
         result["student"] = _student(out)
     except Exception as exc:  # noqa: BLE001 - a smoke test reports every failure in its JSON

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         "feature-set id. Needs teacher_skeletons.",
     )
     teacher_skeletons: Path | None = Field(None, description="Folder of the clips' .skeleton files (person crop).")
+    teacher_decode: Literal["cpu", "nvdec"] = Field(
+        "cpu",
+        description="Video decoding in the decoder processes: FFmpeg on the CPU, or NVIDIA's NVDEC (refused with "
+        "the reason where the hardware is not usable; never a silent fallback).",
+    )
 
     # --- limits --------------------------------------------------------------------------------
     max_upload_bytes: int = Field(512 * MiB, ge=1, le=1 << 40)

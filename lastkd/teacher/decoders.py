@@ -107,7 +107,13 @@ def _person_box(skeleton: str | None, pad: float) -> Box | _DecodeRefused:
 
 
 def _decode_clip(
-    path: str, cfg: PreprocessConfig, limits: VideoLimits, threads: int, want_sha: bool, skeleton: str | None = None
+    path: str,
+    cfg: PreprocessConfig,
+    limits: VideoLimits,
+    threads: int,
+    want_sha: bool,
+    skeleton: str | None = None,
+    decoder: str = "cpu",
 ) -> DecodedClip | _DecodeRefused:
     """Worker body: the decoded clip, or why it cannot be decoded (never raises). ``skeleton``:
     the clip's .skeleton file, read for the person box when the preprocessing has person_crop."""
@@ -119,7 +125,7 @@ def _decode_clip(
                 return found
             box = found
         sha = sha256_file(path) if want_sha else None
-        clip = decode_clip(Path(path), cfg, limits, threads=threads, box=box)
+        clip = decode_clip(Path(path), cfg, limits, threads=threads, box=box, decoder=decoder)
         return DecodedClip(np.ascontiguousarray(clip.views), sha, clip.frames_used)
     except VideoError as exc:
         return _DecodeRefused(str(exc.reason), str(getattr(exc, "message", exc)))
@@ -147,11 +153,14 @@ class DecoderPool:
     :class:`DecodedClip` or a :class:`ClipFailure`. Use :meth:`start` / :meth:`close`.
     """
 
-    def __init__(self, workers: int, threads: int, preprocess: PreprocessConfig, limits: VideoLimits) -> None:
+    def __init__(
+        self, workers: int, threads: int, preprocess: PreprocessConfig, limits: VideoLimits, decoder: str = "cpu"
+    ) -> None:
         self.workers = workers
         self.threads = threads
         self.preprocess = preprocess
         self.limits = limits
+        self.decoder = decoder  # cpu or nvdec (checked by the engine before the pool starts)
         self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -213,7 +222,9 @@ class DecoderPool:
     def _submit(
         self, pool: cf.ProcessPoolExecutor, path: str, want_sha: bool, skeleton: str | None
     ) -> cf.Future[DecodedClip | _DecodeRefused]:
-        return pool.submit(_decode_clip, path, self.preprocess, self.limits, self.threads, want_sha, skeleton)
+        return pool.submit(
+            _decode_clip, path, self.preprocess, self.limits, self.threads, want_sha, skeleton, self.decoder
+        )
 
     def _outcome(
         self, pool: cf.ProcessPoolExecutor, task: cf.Future[DecodedClip | _DecodeRefused]

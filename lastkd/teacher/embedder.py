@@ -41,7 +41,7 @@ from lastkd.teacher.decoders import DecodedClip, DecoderPool, decode_threads, de
 from lastkd.teacher.engine_config import EngineConfig, EngineError, preprocessing_record
 from lastkd.teacher.failures import ClipFailure, ClipFailureReason, clip_id_conflict
 from lastkd.teacher.model_loader import LoadedTeacher, load_teacher
-from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
+from lastkd.teacher.video import PreprocessConfig, VideoLimits, check_decoder, normalize
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -182,6 +182,9 @@ class Embedder:
                 "the person crop reads each clip's .skeleton file: set LASTKD_TEACHER_SKELETONS to the folder "
                 f"that holds them (now {self.config.skeletons})"
             )
+        problem = check_decoder(self.config.decoder)
+        if problem is not None:
+            raise EngineError(f"LASTKD_TEACHER_DECODE={self.config.decoder}: {problem}")
         teacher = self._teacher = load_teacher(self.config, self.preprocess, self._prebuilt)
         self._open_feature_set()
         device_type = teacher.device.type
@@ -189,7 +192,9 @@ class Embedder:
         if device_type == "cpu":
             self._install_core_sharing()
         threads = decode_threads(self.decode_workers, device_type)
-        self._decoders = DecoderPool(self.decode_workers, threads, self.preprocess, self.limits).start()
+        self._decoders = DecoderPool(
+            self.decode_workers, threads, self.preprocess, self.limits, self.config.decoder
+        ).start()
         self._thread = threading.Thread(target=self._inference_loop, name="teacher-inference", daemon=True)
         self._thread.start()
         return self

@@ -54,6 +54,7 @@ class EngineConfig:
     store_dtype: str = "float32"
     seed: int = 0  # random-init teachers are seeded so that the same set id means the same weights
     skeletons: Path | None = None  # the clips' .skeleton files, for the person crop
+    decoder: str = "cpu"  # cpu (FFmpeg software) or nvdec (checked for real when the engine starts)
 
     def __post_init__(self) -> None:
         # The one place the engine settings are judged, before any model or store is touched:
@@ -103,6 +104,7 @@ class EngineConfig:
             max_wait_ms=settings.teacher_max_wait_ms,
             decode_workers=settings.decode_workers,
             skeletons=settings.teacher_skeletons,
+            decoder=settings.teacher_decode,
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

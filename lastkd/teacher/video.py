@@ -57,6 +57,7 @@ from typing import Literal, cast
 import av
 import numpy as np
 import torch
+from av.codec.hwaccel import HWAccel
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lastkd.hashing import file_kind
@@ -75,6 +76,8 @@ __all__ = [
     "normalize",
     "PreparedClip",
     "decode_clip",
+    "DECODERS",
+    "check_decoder",
     "decode_frames",
     "iter_frames",
     "prepare_clip",
@@ -371,9 +374,21 @@ def _check_file(path: str | Path, limits: VideoLimits) -> tuple[Path, str]:
     return p, demuxer
 
 
-def _open(path: Path, demuxer: str) -> av.container.InputContainer:
+DECODERS = ("cpu", "nvdec")
+
+
+def _open(path: Path, demuxer: str, decoder: str = "cpu") -> av.container.InputContainer:
+    # nvdec: NVIDIA's hardware decoder through FFmpeg's CUDA hwaccel, without a silent fallback to
+    # software (a host that asked for it and cannot have it is refused at start, check_decoder).
+    hwaccel = HWAccel("cuda", allow_software_fallback=False) if decoder == "nvdec" else None
     try:
-        return av.open("file:" + str(path.resolve()), mode="r", format=demuxer, options={"protocol_whitelist": "file"})
+        return av.open(
+            "file:" + str(path.resolve()),
+            mode="r",
+            format=demuxer,
+            options={"protocol_whitelist": "file"},
+            hwaccel=hwaccel,
+        )
     except av.error.FFmpegError as exc:
         raise VideoError("corrupt", f"corrupt {demuxer} file: the container cannot be read ({_why(exc)})") from exc
 
@@ -497,12 +512,14 @@ def _boxed_frame(frame: av.VideoFrame, box: Box, side: int) -> np.ndarray:
     return np.asarray(img.resize((side, side), Image.Resampling.BILINEAR))
 
 
-def _checked_frames(src: _Source, limits: VideoLimits, threads: int) -> Generator[av.VideoFrame, None, None]:
+def _checked_frames(
+    src: _Source, limits: VideoLimits, threads: int, decoder: str = "cpu"
+) -> Generator[av.VideoFrame, None, None]:
     """Every frame of ``src`` in order (demux ends with the empty packet that drains the decoder),
     each checked (intact, within the frame, time and resolution limits); FFmpeg errors become
     ``corrupt``."""
     n = 0
-    container = _open(src.path, src.demuxer)
+    container = _open(src.path, src.demuxer, decoder)
     try:
         # _inspect took this index from the container's video streams
         stream = cast(av.VideoStream, container.streams[src.stream_index])
@@ -542,13 +559,14 @@ def _decode_frames(
     limits: VideoLimits,
     threads: int,
     box: Box | None = None,
+    decoder: str = "cpu",
 ) -> tuple[dict[int, np.ndarray], int]:
     """Decode until the last needed index; returns the needed small frames and the frames seen
     (with ``box``: that region of each frame, resized to ``cfg.size`` square)."""
     last = max(needed)
     kept: dict[int, np.ndarray] = {}
     n = 0
-    frames = _checked_frames(src, limits, threads)
+    frames = _checked_frames(src, limits, threads, decoder)
     try:
         for frame in frames:
             if n in needed:
@@ -612,16 +630,22 @@ def prepare_clip(path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, t
 
 
 def decode_clip(
-    path: str | Path, cfg: PreprocessConfig, limits: VideoLimits, threads: int = 0, box: Box | None = None
+    path: str | Path,
+    cfg: PreprocessConfig,
+    limits: VideoLimits,
+    threads: int = 0,
+    box: Box | None = None,
+    decoder: str = "cpu",
 ) -> PreparedClip:
     """:func:`prepare_clip` that also counts the real frames used, and refuses clips shorter
     than ``limits.min_frames`` (``too_short``). With ``cfg.person_crop`` the clip's person
-    ``box`` (fractions of the frame, :func:`lastkd.ntu.skeleton.person_box`) is required."""
+    ``box`` (fractions of the frame, :func:`lastkd.ntu.skeleton.person_box`) is required.
+    ``decoder``: ``cpu`` (FFmpeg software) or ``nvdec`` (see :func:`check_decoder`)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise ValueError(f"threads must be an int >= 0, got {threads!r}")
     if cfg.person_crop != (box is not None):
         raise ValueError("a person box is given exactly when the preprocessing has person_crop")
-    views, kept = _decode_planned(path, lambda length: _plan(length, cfg), cfg, limits, threads, box)
+    views, kept = _decode_planned(path, lambda length: _plan(length, cfg), cfg, limits, threads, box, decoder)
     needed = {i for v in views for i in v}
     if box is not None:  # frames are the box, already square at cfg.size
         stacked = np.stack([np.stack([kept[i] for i in indices]) for indices in views])
@@ -649,6 +673,7 @@ def _decode_planned(
     limits: VideoLimits,
     threads: int,
     box: Box | None = None,
+    decoder: str = "cpu",
 ) -> tuple[list[list[int]], dict[int, np.ndarray]]:
     """Decode the frames ``plan(length)`` names; returns the plan and the resized frames by index."""
     src = _inspect(path, limits)
@@ -656,7 +681,7 @@ def _decode_planned(
         raise _too_short(src.info.frames, limits, "in the container")
     views = plan(src.info.frames)
     needed = {i for v in views for i in v}
-    kept, seen = _decode_frames(src, needed, cfg, limits, threads, box)
+    kept, seen = _decode_frames(src, needed, cfg, limits, threads, box, decoder)
     if seen == 0:
         raise VideoError("no_frames", f"no frame could be decoded (the container declares {src.info.frames})")
     if len(kept) < len(needed):
@@ -666,7 +691,7 @@ def _decode_planned(
             raise _too_short(seen, limits, f"decoded, of {src.info.frames} declared")
         views = plan(seen)
         needed = {i for v in views for i in v}
-        kept, _ = _decode_frames(src, needed, cfg, limits, threads, box)
+        kept, _ = _decode_frames(src, needed, cfg, limits, threads, box, decoder)
         if len(kept) < len(needed):
             raise VideoError("corrupt", f"decoding is not repeatable: frame {max(needed)} vanished on a second pass")
     return views, kept
@@ -689,6 +714,43 @@ def decode_frames(
     its pixels instead of being cut from an already shrunken frame."""
     (order,), kept = _decode_planned(path, lambda length: [pick(length)], cfg, limits, threads, box)
     return np.stack([kept[i] for i in order])
+
+
+def check_decoder(decoder: str) -> str | None:
+    """None when ``decoder`` can decode here, else why not (in words). ``nvdec`` is tried for
+    real: a small H.264 clip is encoded in memory and decoded on the GPU without fallback."""
+    if decoder not in DECODERS:
+        return f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}"
+    if decoder == "cpu":
+        return None
+    import io
+
+    from av.codec.hwaccel import hwdevices_available
+
+    if "cuda" not in hwdevices_available():
+        return (
+            f"this FFmpeg build has no CUDA hardware decoding (it offers: {', '.join(hwdevices_available()) or 'none'})"
+        )
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = cast(
+            av.VideoStream, out.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=25)
+        )
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(4):
+            img = np.full((64, 64, 3), 40 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    buf.seek(0)
+    try:
+        with av.open(buf, mode="r", hwaccel=HWAccel("cuda", allow_software_fallback=False)) as container:
+            decoded = sum(1 for _ in container.decode(video=0))
+    except (av.error.FFmpegError, OSError, RuntimeError, ValueError) as exc:
+        return f"NVDEC (CUDA hardware decoding) is not usable here ({_why(exc)}): is an NVIDIA GPU with its driver visible?"
+    return None if decoded == 4 else f"NVDEC decoded {decoded} of 4 test frames"
 
 
 # --------------------------------------------------------------------------------------------

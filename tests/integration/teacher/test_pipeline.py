@@ -276,3 +276,26 @@ def test_person_crop_embeds_the_box_and_names_its_own_feature_set(tmp_path: Path
         plain_store.close()
     with pytest.raises(EngineError, match="LASTKD_TEACHER_SKELETONS"):
         Embedder(_config(), cfg, VideoLimits(), FeatureStore(tmp_path / "h.lmdb", map_size=64 << 20)).start()
+
+
+def test_nvdec_is_used_or_refused_with_the_reason_never_silently_replaced(tmp_path: Path) -> None:
+    """``LASTKD_TEACHER_DECODE=nvdec`` on a host without usable NVDEC (this CPU machine) stops the
+    engine at start with the reason; where NVDEC works, the engine starts with it (the frames'
+    equality with software decoding is checked by bench/gpu_smoke.sh on a GPU)."""
+    from lastkd.teacher.video import check_decoder
+
+    assert check_decoder("cpu") is None
+    problem = check_decoder("nvdec")
+    store = FeatureStore(tmp_path / "f.lmdb", map_size=64 << 20)
+    engine = Embedder(_config(decoder="nvdec"), PreprocessConfig(num_frames=8, size=64), VideoLimits(), store)
+    try:
+        if problem is None:
+            engine.start()
+            assert engine.submit(NTU_SAMPLE_VIDEO).result(timeout=300).clip_id == "S001C001P001R001A001"
+        else:
+            with pytest.raises(EngineError, match="LASTKD_TEACHER_DECODE=nvdec: .*(NVDEC|CUDA)"):
+                engine.start()
+            assert engine._decoders is None  # nothing was started
+    finally:
+        engine.close()
+        store.close()
