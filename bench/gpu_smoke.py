@@ -10,6 +10,8 @@ Runs, each under its own time limit, and prints ONE JSON object on the last line
 * ``nvdec``: whether NVDEC decodes here (``lastkd.teacher.video.check_decoder``) and, if so, whether
   the real NTU clip's frames (16 x 224, what the teacher sees) equal software decoding's, with the
   decode time of each (not part of ``ok``: a GPU without usable NVDEC still passes the smoke test);
+* ``finetune``: the teacher's fine-tuning, ViT-B bf16 batch 16 at 16 x 224 on copies of the NTU
+  clip (``bench/finetune.py --gpu``): clips/s and the share of time spent waiting for the loader;
 * ``student``: a short distillation-free run of LAST v2 in bf16 AMP on CUDA, cancelled after its
   first epoch and resumed on CUDA to the end (samples/s per epoch, the resume's epochs, the
   published-load check), i.e. the loop, cancel and resume on the device.
@@ -178,11 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         result["nvdec"] = _nvdec(args.clip)
     except Exception as exc:  # noqa: BLE001 - a smoke test reports every failure in its JSON
         result["nvdec"] = {"usable": None, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    result["finetune"] = _bench("bench/finetune.py", ["--gpu"], 180, out)
     try:
         result["student"] = _student(out)
     except Exception as exc:  # noqa: BLE001 - a smoke test reports every failure in its JSON
         result["student"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-    parts = [result["precision"], result["teacher"], result["student"]]
+    parts = [result["precision"], result["teacher"], result["finetune"], result["student"]]
     result["ok"] = all(p.get("ok") for p in parts)
     print(json.dumps(result))
     return 0 if result["ok"] else 1

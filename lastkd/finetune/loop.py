@@ -232,7 +232,9 @@ def finetune(
         loader = _loader(train_ds, cfg, cfg.batch_size, gen)
         pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
         t0, losses, seen = time.perf_counter(), [], 0
+        wait_s, t_ready = 0.0, time.perf_counter()
         for step, (clips, labels) in enumerate(loader):
+            wait_s += time.perf_counter() - t_ready  # the step waited this long for its batch
             if step >= steps_per_epoch:
                 break
             if hooks.should_cancel is not None and hooks.should_cancel():
@@ -256,6 +258,7 @@ def finetune(
             optimizer.step()
             losses.append(loss.detach())
             seen += len(labels)
+            t_ready = time.perf_counter()
         if not losses:
             raise FinetuneError("the training loader produced no batches")
         mean_loss = float(torch.stack(losses).mean())
@@ -266,6 +269,8 @@ def finetune(
             "train_loss": mean_loss,
             "lr": lr,
             "clips_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+            # share of the epoch spent waiting for the loader (on a GPU: the device starved of data)
+            "data_wait_fraction": wait_s / max(time.perf_counter() - t0, 1e-9),
         }
         if (epoch + 1) % cfg.eval.every_epochs == 0 or epoch + 1 == cfg.epochs:
             metrics = evaluate(model, val_loader, cfg, device)
