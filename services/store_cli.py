@@ -5,6 +5,9 @@
     lastkd store export DEST [--set ID]... [--path DIR] [--json]
                                                       compacted, checksummed snapshot
     lastkd store verify SNAPSHOT [--json]             checksums + re-read every vector
+    lastkd store export-npy --set ID --data CONFIG.yaml --split train [--out DIR] [--path DIR] [--json]
+                                                      teacher_features_<split>.npy for the original
+                                                      LAST code (rows in the dataset's sample order)
 
 The store is opened read-only at ``settings.resolved_store_path`` (``--path`` overrides), so
 these commands are safe while the teacher is writing. Exit status: 0 on success, 1 on any store
@@ -50,6 +53,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="SET_ID",
         help="export only this feature set (repeatable); default: the whole store",
     )
+    npy = sub.add_parser(
+        "export-npy",
+        parents=[output, location],
+        help="write teacher_features_<split>.npy aligned with a training config's dataset (the seed's format)",
+    )
+    npy.add_argument("--set", dest="set_id", required=True, metavar="SET_ID", help="the feature set to export")
+    npy.add_argument("--data", required=True, type=Path, metavar="CONFIG.yaml", help="a training config (its data)")
+    npy.add_argument("--split", required=True, choices=("train", "val"), help="which side of the config's split")
+    npy.add_argument("--out", type=Path, default=Path("."), help="output folder (default: the current one)")
     verify = sub.add_parser("verify", parents=[output], help="verify a snapshot against its manifest")
     verify.add_argument("snapshot", type=Path, help="snapshot directory (holds manifest.json)")
     parser.set_defaults(func=run, store_parser=parser)
@@ -62,6 +74,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.store_parser.print_help(sys.stderr)
         return 2
     from_settings = command != "verify" and args.path is None
+    if command == "export-npy":
+        return _export_npy(args, settings, settings.resolved_store_path if from_settings else args.path)
     try:
         if command == "verify":
             result = verify_snapshot(args.snapshot).to_dict()
@@ -85,6 +99,35 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(result, sort_keys=True))
     else:
         print(_human(command, result))
+    return 0
+
+
+def _export_npy(args: argparse.Namespace, settings: Settings, store_path: Path) -> int:
+    """``lastkd store export-npy``: 0 written, 1 store or data errors, 2 a bad config file."""
+    from lastkd.datapaths import DataPathError
+    from lastkd.student.config import ConfigError, TrainConfig
+    from lastkd.student.data.dataset import DatasetError
+    from lastkd.student.data.export import export_teacher_npy
+    from lastkd.student.data.readers import DataSourceError
+    from lastkd.student.paths import confine_config_paths
+
+    try:
+        config = confine_config_paths(TrainConfig.from_yaml(args.data), settings.resolved_data_roots)
+    except (ConfigError, DataPathError) as exc:
+        print(f"lastkd store export-npy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        done = export_teacher_npy(
+            config.data, store_path, args.set_id, args.split, args.out, settings.resolved_data_roots
+        )
+    except (DatasetError, DataSourceError, DataPathError, OSError) as exc:
+        return _error("export-npy", str(exc))
+    if args.json:
+        result = {"array": str(done.array), "ids": str(done.ids), "missing": str(done.missing)}
+        print(json.dumps({**result, "rows": done.rows, "dim": done.dim, "covered": done.covered}, sort_keys=True))
+    else:
+        print(f"wrote {done.array} ({done.rows} x {done.dim} float32) and {done.ids}")
+        print(done.coverage_line())
     return 0
 
 
