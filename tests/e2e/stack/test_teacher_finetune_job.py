@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import pytest
 
 from lastkd.hashing import sha256_file
 from lastkd.student.synth import generate
-from tests.support.stack import Stack, TinyData, sse_events, tiny_config
+from tests.support.live import wait_for
+from tests.support.stack import Stack, TinyData, redis_url, require_redis, sse_events, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +99,35 @@ def test_bad_fine_tuning_configs_are_refused_before_anything_runs(
         assert words in r.text
         assert c.get("/jobs").json()["count"] == before  # nothing recorded
         assert c.post("/teacher/finetune", content=b"[1, 2]").status_code == 422
+
+
+def test_kill_9_of_the_worker_mid_fine_tuning_resumes_to_the_same_teacher(
+    stack_factory: Callable[..., Stack], rgb: str
+) -> None:
+    """The worker dies with the job half done; another worker resumes it from its last epoch
+    checkpoint, and the teacher it publishes is bit for bit the one an uninterrupted job publishes."""
+    require_redis()
+    stack = stack_factory(broker_url=redis_url())
+    stack.start_api()
+    first = stack.start_worker()
+    stack.wait_worker_ready(first)
+    config = finetune_config(rgb, f"killed-{uuid.uuid4().hex[:6]}", epochs=40, eval={"every_epochs": 40})
+    with stack.client() as c:
+        job_id = c.post("/teacher/finetune", json=config).json()["job_id"]
+
+    def past_epoch_two() -> bool:
+        progress = stack.job(job_id)["progress"]
+        return bool(progress) and progress["epoch"] >= 2
+
+    wait_for(past_epoch_two, 300, "the fine-tuning job to finish two epochs")
+    first.kill()  # kill -9 of the worker and its runner together
+    second = stack.start_worker()
+    body = stack.wait_job(job_id, {"COMPLETED"}, timeout=300)
+    assert body["attempts"] == 2 and body["resumed_from_epoch"] >= 2
+    assert [h["epoch"] for h in body["history"]][-1] == 40
+    # the same config without the interruption (another name: names do not enter the training)
+    with stack.client() as c:
+        clean_id = c.post("/teacher/finetune", json={**config, "name": config["name"] + "-clean"}).json()["job_id"]
+    clean = stack.wait_job(clean_id, {"COMPLETED"}, timeout=300)
+    assert clean["attempts"] == 1 and job_id in second.log()
+    assert body["result"]["teacher_sha256"] == clean["result"]["teacher_sha256"]
