@@ -42,10 +42,11 @@ import httpx
 
 from lastkd.schemas.trainer import Experiment, Job, JobEvent, JobState, JobSubmitted
 from lastkd.services.client import ApiError, TrainerClient
-from lastkd.services.demo_console import NOTICE, REAL_USE, Console, accuracy_verdict, fmt_s, pct
+from lastkd.services.demo_console import FINETUNED_NOTICE, NOTICE, REAL_USE, Console, accuracy_verdict, fmt_s, pct
 from lastkd.services.demo_data import NTU60_CLASSES, NTU_NAME, DemoDataset, dataset_name, prepare_dataset, real_pairs
 from lastkd.services.demo_embed import EmbedSummary, embed_clips, error_text
 from lastkd.services.demo_errors import DemoError
+from lastkd.services.demo_teacher import DEMO_TEACHER, FineTunedTeacher, finetune_demo_teacher, teacher_settings
 from lastkd.services.settings import Settings
 
 __all__ = [
@@ -298,6 +299,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--compare-seeds", type=int, default=2, help="seeds of the --compare experiment, 1..8 (default 2)"
     )
     parser.add_argument(
+        "--finetune-teacher",
+        action="store_true",
+        help="first fine-tune the tiny teacher on the synthetic RGB train split (person crop) and embed with it, "
+        "instead of a random-init teacher: the stored features then carry class information",
+    )
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=100, help="epochs of --finetune-teacher, 1..1000 (default 100)"
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="show the stack's logs on the terminal (always in <out>/logs)"
     )
     parser.set_defaults(func=run)
@@ -324,6 +334,10 @@ def _check_args(args: argparse.Namespace, settings: Settings) -> str | None:
 
     if not NAME_RE.match(args.name) or ".." in args.name:
         return f"--name {args.name!r}: use 1-64 letters, digits, '_', '-', '.', starting with a letter or digit"
+    if not 1 <= args.teacher_epochs <= 1000:
+        return f"--teacher-epochs must be 1..1000, got {args.teacher_epochs}"
+    if args.finetune_teacher and args.teacher_url is not None:
+        return "--finetune-teacher starts the demo's own stack with the fine-tuned teacher: drop --teacher-url/--trainer-url"
     if not 1 <= args.compare_seeds <= 8 or args.seed + args.compare_seeds > 2**31 - 1:
         return f"--compare-seeds must be 1..8 (and --seed + --compare-seeds < 2**31), got {args.compare_seeds}"
     if args.compare and len(f"{args.name}-cmp-kd-s{args.seed + args.compare_seeds - 1}") > 64:
@@ -379,8 +393,10 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
     model = args.teacher_model or settings.teacher_model
     console.line("=" * 78)
     console.line("lastkd demo: synthetic NTU-format data -> teacher embeddings -> distilled LAST v2 student")
-    console.line(NOTICE)
-    if model != "videomae_v2_vit_b" and not external:
+    console.line(FINETUNED_NOTICE if args.finetune_teacher else NOTICE)
+    if args.finetune_teacher:
+        model = DEMO_TEACHER
+    elif model != "videomae_v2_vit_b" and not external:
         console.line(f"Teacher size: {model} (not the ViT-B of real use) to keep the demo short on this machine.")
     console.line("=" * 78)
 
@@ -414,6 +430,18 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
         f"({fmt_s(time.monotonic() - t)}); real NTU samples: {', '.join(dataset.real_samples) or 'none'}"
     )
     timings = {"data": time.monotonic() - t}
+    teacher_label = f"{model} RANDOM-INIT"
+    tuned: FineTunedTeacher | None = None
+    if args.finetune_teacher:
+        console.line(f"[1+] fine-tuning the teacher ({DEMO_TEACHER}) on the RGB train split, person crop")
+        tuned = finetune_demo_teacher(
+            dataset, run_settings.resolved_registry_dir, out / "teacher-runs", args.teacher_epochs, args.seed, console
+        )
+        timings["teacher"] = tuned.seconds
+        values = run_settings.model_dump()
+        values.update(teacher_settings(tuned, dataset))
+        run_settings = Settings(**values)
+        teacher_label = f"{DEMO_TEACHER} fine-tuned here (val top-1 {pct(tuned.top1)})"
 
     # 2. stack
     stack: Stack | None = None
@@ -425,7 +453,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
                 f"[2/4] using the running stack: teacher {teacher_url} ({model}, RANDOM-INIT), trainer {trainer_url}"
             )
         else:
-            console.line(f"[2/4] starting the stack in {out} (teacher {model}, RANDOM-INIT; logs in {out / 'logs'})")
+            console.line(f"[2/4] starting the stack in {out} (teacher {teacher_label}; logs in {out / 'logs'})")
             stack = Stack(run_settings, echo=args.verbose, announce=args.verbose)
             try:
                 stack.start(cancel=stop)
@@ -475,8 +503,9 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
             dataset,
             timings,
             time.monotonic() - t0,
-            f"{model} RANDOM-INIT",
+            teacher_label,
             args.classes,
+            FINETUNED_NOTICE if tuned is not None else NOTICE,
         )
         if args.compare:
             t = time.monotonic()
@@ -491,7 +520,7 @@ def _run(args: argparse.Namespace, settings: Settings, console: Console, stop: t
             if not external:
                 names = [clip.name[: -len("_rgb.avi")] for clip in dataset.clips]
                 cosines = teacher_class_cosines(run_settings.resolved_store_path, summary.feature_set or "", names)
-            _compare_summary(console, done, trainer_url, cosines)
+            _compare_summary(console, done, trainer_url, cosines, tuned)
         if args.keep_running and stack is not None:
             console.line(f"The stack keeps running: teacher {teacher_url}, trainer {trainer_url}. Ctrl-C stops it.")
             dead = stack.wait(stop)
@@ -574,7 +603,13 @@ def teacher_class_cosines(store_path: Path, feature_set: str, names: list[str]) 
     return float(cos[same & off].mean()), float(cos[~same].mean())
 
 
-def _compare_summary(console: Console, exp: Experiment, trainer_url: str, cosines: tuple[float, float] | None) -> None:
+def _compare_summary(
+    console: Console,
+    exp: Experiment,
+    trainer_url: str,
+    cosines: tuple[float, float] | None,
+    tuned: FineTunedTeacher | None = None,
+) -> None:
     console.line("Distillation against its baseline (paired by seed)")
     if exp.state is not JobState.COMPLETED or exp.report is None:
         raise DemoError(f"experiment {exp.experiment_id} ended {exp.state.value}: {exp.error or 'no report'}")
@@ -584,7 +619,13 @@ def _compare_summary(console: Console, exp: Experiment, trainer_url: str, cosine
         console.line(f"  {arm:<3} val top-1 {pct(iv.get('mean'))} over {iv.get('n')} seed(s)")
     for sentence in report.get("summary", []):
         console.line(f"  {sentence}")
-    if cosines is not None:
+    if cosines is not None and tuned is not None:
+        within, between = cosines
+        console.line(
+            f"  the teacher was fine-tuned here (its own val top-1 {pct(tuned.top1)}, chance {pct(tuned.chance)}): "
+            f"mean cosine of its features {within:.4f} within a class vs {between:.4f} between classes"
+        )
+    elif cosines is not None:
         within, between = cosines
         console.line(
             f"  the teacher is RANDOM-INIT: its features carry no class information (on this data: mean cosine "
@@ -642,6 +683,7 @@ def _summary(
     total: float,
     teacher: str,
     classes: int,
+    notice: str = NOTICE,
 ) -> None:
     result = job.result or {}
     metrics = job.metrics or {}
@@ -680,6 +722,6 @@ def _summary(
         f"teacher {teacher}, feature set {emb.feature_set}"
     )
     console.line("  time: " + ", ".join(f"{k} {fmt_s(v)}" for k, v in timings.items()) + f"; total {fmt_s(total)}")
-    console.line(NOTICE)
+    console.line(notice)
     console.line(REAL_USE)
     console.line("=" * 78)

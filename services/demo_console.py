@@ -14,12 +14,17 @@ import threading
 import time
 from typing import IO, Any
 
-__all__ = ["NOTICE", "REAL_USE", "Console", "accuracy_verdict", "fmt_s", "pct"]
+__all__ = ["FINETUNED_NOTICE", "NOTICE", "REAL_USE", "Console", "accuracy_verdict", "fmt_s", "pct"]
 
 NOTICE = (
     "NOTE: this demo's teacher is RANDOM-INIT (no official weights; LASTKD_TEACHER_RANDOM_INIT=true for\n"
     "its own stack) and its data is SYNTHETIC (rendered stick figures, plus at most one real NTU sample).\n"
     "The numbers show that the plumbing works, not that distillation helps."
+)
+FINETUNED_NOTICE = (
+    "NOTE: this demo's teacher is the tiny VideoMAE V2 FINE-TUNED HERE on the SYNTHETIC data's RGB train split\n"
+    "(from random init: no official weights), and its data is SYNTHETIC (rendered stick figures, plus at most\n"
+    "one real NTU sample). The teacher knows these classes; real use fine-tunes ViT-B from the K710 weights."
 )
 REAL_USE = (
     "For real use: set LASTKD_TEACHER_WEIGHTS to the official VideoMAE V2 ViT-B checkpoint\n"

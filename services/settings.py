@@ -125,6 +125,8 @@ class Settings(BaseSettings):
     teacher_protocol: Literal["imagenet", "official_extraction"] = Field(
         "imagenet", description="Preprocessing: ImageNet short-side crop + normalisation, or the official extraction."
     )
+    teacher_num_frames: int = Field(16, ge=2, le=256, description="Frames per clip the teacher sees (16 official).")
+    teacher_size: int = Field(224, ge=16, le=1024, description="Input side in pixels (224 official).")
     teacher_person_crop: bool = Field(
         False,
         description="Cut each clip to its person box (the .skeleton colorX/colorY) before resizing; part of the "

@@ -135,6 +135,8 @@ def preprocess_from_settings(
     return PreprocessConfig(
         sampling=sampling or settings.teacher_sampling,
         protocol=protocol,
+        num_frames=settings.teacher_num_frames,
+        size=settings.teacher_size,
         person_crop=settings.teacher_person_crop,
         **crops,
     )

@@ -343,3 +343,39 @@ def test_the_summary_says_plainly_whether_the_student_beat_chance(
 
     verdict = accuracy_verdict(top1, samples, classes)
     assert verdict.startswith(words), verdict
+
+
+@pytest.mark.timeout(720)
+def test_demo_with_a_fine_tuned_teacher_embeds_with_it(tmp_path: Path) -> None:
+    """``--finetune-teacher``: the tiny teacher is fine-tuned on the RGB train split (person crop),
+    published under _teachers, and the stack embeds with it: the feature set is named by its
+    weights and its crop, not random-init, and the summary says so."""
+    from lastkd.featurestore import FeatureStore
+
+    out = tmp_path / "demo"
+    args = ("--out", str(out), "--classes", "2", "--samples-per-class", "4", "--epochs", "1")
+    result = run_demo(
+        tmp_path, *args, "--finetune-teacher", "--teacher-epochs", "20", "--compare", "--compare-seeds", "1"
+    )
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text
+    teacher_line = re.search(r"teacher videomae_v2_tiny fine-tuned in \S+: val top-1 ([\d.]+)% .*published (\S+)", text)
+    assert teacher_line, text
+    (folder,) = (out / "registry" / "_teachers").iterdir()
+    assert folder.name == teacher_line.group(2) and (folder / "teacher.pth").is_file()
+    lineage = json.loads((folder / "lineage.json").read_text())
+    set_id = re.search(r"feature set (\S+)", text).group(1)
+    assert lineage["teacher_sha256"][:12] in set_id and "random-init" not in set_id
+    assert "FINE-TUNED HERE" in text and text.count("RANDOM-INIT") == 0, text
+    assert "the teacher was fine-tuned here" in text[text.index("Distillation against its baseline") :]
+    (store_path,) = (out / "stores").glob("*.lmdb")
+    store = FeatureStore(store_path, readonly=True)
+    try:
+        meta = store.get_set(set_id)
+    finally:
+        store.close()
+    assert meta.preprocessing["spatial"] == "person_box" and meta.dim == 96 and meta.weights_sha256
+    # a second run reuses the run and the published teacher (same weights: same folder)
+    again = run_demo(tmp_path, *args, "--finetune-teacher", "--teacher-epochs", "20")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [p.name for p in (out / "registry" / "_teachers").iterdir()] == [folder.name]
