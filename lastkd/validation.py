@@ -17,13 +17,22 @@ import math
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["MAX_CONFIG_BYTES", "Problem", "StrictModel", "config_problems", "problems", "read_config_file", "summary"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "JobConfig",
+    "Problem",
+    "StrictModel",
+    "config_problems",
+    "problems",
+    "read_config_file",
+    "summary",
+]
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -140,3 +149,26 @@ class StrictModel(BaseModel):
         if problem:
             raise PydanticCustomError("strict_number", problem)
         return value
+
+
+class JobConfig(StrictModel):
+    """A job's config (training, fine-tuning): read from a mapping or a YAML/JSON file, refused
+    with every bad field named. Subclasses name their error class and what they are."""
+
+    config_error: ClassVar[type[ValueError]] = ValueError
+    config_kind: ClassVar[str] = "config"
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> Self:
+        """Validate a plain mapping; raises ``config_error`` naming every bad field."""
+        if not isinstance(raw, dict):
+            raise cls.config_error(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise cls.config_error(config_problems(exc, source, cls.config_kind)) from None
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> Self:
+        """Read and validate a YAML (or JSON) config file."""
+        return cls.from_dict(read_config_file(path, cls.config_error), source=str(path))

@@ -9,17 +9,16 @@ random resized crop and flip, 16 frames at sampling rate 4, warmup then cosine, 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lastkd.devices import DEVICE_HELP, DeviceSpec
+from lastkd.hashing import sha256_json
 from lastkd.ids import check_name
-from lastkd.validation import StrictModel, config_problems, read_config_file
+from lastkd.validation import JobConfig, StrictModel
 
 __all__ = ["FinetuneConfig", "FinetuneConfigError"]
 
@@ -103,8 +102,11 @@ class FinetuneEval(StrictModel):
     every_epochs: int = Field(1, ge=1, le=10000, description="Score the val split every N epochs and after the last.")
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(JobConfig):
     """One fine-tuning job of a VideoMAE V2 teacher."""
+
+    config_error = FinetuneConfigError
+    config_kind = "fine-tuning config"
 
     name: str = Field(..., description="Name of the published teacher.")
     data: FinetuneData
@@ -159,20 +161,4 @@ class FinetuneConfig(StrictModel):
 
     def config_hash(self) -> str:
         """sha256 of the settings that change the result (resume compatibility check)."""
-        raw = self.model_dump(mode="json", exclude={"workers", "device"})
-        return hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-    @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> FinetuneConfig:
-        """Validate a plain mapping; raises :class:`FinetuneConfigError` naming every bad field."""
-        if not isinstance(raw, dict):
-            raise FinetuneConfigError(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise FinetuneConfigError(config_problems(exc, source, "fine-tuning config")) from None
-
-    @classmethod
-    def from_yaml(cls, path: Path | str) -> FinetuneConfig:
-        """Read and validate a YAML (or JSON) config file."""
-        return cls.from_dict(read_config_file(path, FinetuneConfigError), source=str(path))
+        return sha256_json(self.model_dump(mode="json", exclude={"workers", "device"}))

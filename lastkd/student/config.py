@@ -7,19 +7,18 @@ the field. Everything below (engine, evaluation, publishing) receives the valida
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lastkd.devices import DEVICE_HELP, DeviceSpec
+from lastkd.hashing import sha256_json
 from lastkd.ids import NAME_RE, check_name  # noqa: F401  (NAME_RE re-exported for the demo and publishing)
 from lastkd.student.data.config import DataConfig
 from lastkd.student.distill import DistillConfig
-from lastkd.validation import StrictModel, config_problems, read_config_file
+from lastkd.validation import JobConfig, StrictModel
 
 
 class ConfigError(ValueError):
@@ -100,8 +99,11 @@ class EvalConfig(StrictModel):
         return value
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(JobConfig):
     """One training job: data, student variant, optimisation, distillation, evaluation."""
+
+    config_error = ConfigError
+    config_kind = "training config"
 
     name: str = Field(..., description="Registry name of the published student.")
     data: DataConfig
@@ -146,8 +148,7 @@ class TrainConfig(StrictModel):
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of :meth:`training_dict` (resume compatibility check)."""
-        text = json.dumps(self.training_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return sha256_json(self.training_dict())
 
     # --- paths ----------------------------------------------------------------------------------
     def path_fields(self) -> dict[str, Path]:
@@ -160,23 +161,6 @@ class TrainConfig(StrictModel):
             "eval.label_map": self.eval.label_map,
         }
         return {k: v for k, v in found.items() if v is not None}
-
-    # --- loading ----------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> TrainConfig:
-        """Validate a plain mapping; raises :class:`ConfigError` naming every bad field."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping of config fields, got {type(raw).__name__}")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(config_problems(exc, source, "training config")) from None
-
-    @classmethod
-    def from_yaml(cls, path: Path | str) -> TrainConfig:
-        """Read and validate a YAML (or JSON) config file."""
-        raw = read_config_file(path, ConfigError)
-        return cls.from_dict(raw, source=str(path))
 
     def to_yaml(self) -> str:
         """The config as YAML text (round-trips through :meth:`from_yaml`)."""
