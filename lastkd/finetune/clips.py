@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,11 @@ def _read_list(path: Path, roots: Sequence[Path] | None) -> ClipList:
     return ClipList([p for p, _ in pairs], [label for _, label in pairs])
 
 
+def _keep(clips: ClipList, wanted: Callable[[Path], bool]) -> ClipList:
+    pairs = [(p, y) for p, y in zip(clips.paths, clips.labels, strict=True) if wanted(p)]
+    return ClipList([p for p, _ in pairs], [y for _, y in pairs])
+
+
 def list_clips(cfg: FinetuneConfig, roots: Sequence[Path] | None = None) -> tuple[ClipList, ClipList]:
     """The (train, val) clips of ``cfg.data``; raises FinetuneConfigError when a side is empty.
     With ``roots``, every clip a list file names must lie inside them (DataPathError)."""
@@ -96,6 +101,16 @@ def list_clips(cfg: FinetuneConfig, roots: Sequence[Path] | None = None) -> tupl
     else:
         assert data.train_list is not None and data.val_list is not None  # the config's rule
         train, val = _read_list(data.train_list, roots), _read_list(data.val_list, roots)
+    if data.person_crop:
+        # NTU has clips without a skeleton file (its official missing-skeleton list): no box can
+        # be made for them, so they are left out of a person-crop run rather than failing it.
+        assert data.skeletons is not None  # the config's rule
+        skeletons = data.skeletons
+
+        def has_skeleton(path: Path) -> bool:
+            return (skeletons / f"{sample_name_from_path(path)}.skeleton").is_file()
+
+        train, val = _keep(train, has_skeleton), _keep(val, has_skeleton)
     if data.max_clips is not None:
         train = ClipList(train.paths[: data.max_clips], train.labels[: data.max_clips])
         val = ClipList(val.paths[: data.max_clips], val.labels[: data.max_clips])
@@ -124,7 +139,8 @@ def _resize_cfg(cfg: FinetuneConfig) -> PreprocessConfig:
 
 
 class _Boxes:
-    """Each clip's person box (None = whole frame), read from its .skeleton file once."""
+    """Each clip's person box, read from its .skeleton file once (None: no crop, or a skeleton
+    without any body, where the whole frame is used)."""
 
     def __init__(self, clips: ClipList, cfg: FinetuneConfig) -> None:
         self.clips, self.cfg = clips, cfg

@@ -4,6 +4,7 @@ publishes in the official layout, and the person box comes from the skeletons' c
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,18 @@ def tiny(synth: Path, **over: Any) -> FinetuneConfig:
     return FinetuneConfig.from_dict(raw)
 
 
-def test_clips_split_by_the_skeleton_rules(synth: Path) -> None:
+def test_clips_split_by_the_skeleton_rules(synth: Path, tmp_path: Path) -> None:
     train, val = list_clips(tiny(synth))
     assert len(train.paths) == len(val.paths) == 18
     assert set(train.labels) == set(val.labels) == {0, 1, 2}
     assert not set(train.paths) & set(val.paths)
+    # a clip whose skeleton file is missing (NTU's missing-skeleton list) is left out of a crop run
+    skeletons = tmp_path / "skeletons"
+    shutil.copytree(synth / "skeletons", skeletons)
+    gone = train.paths[0].name.replace("_rgb.avi", ".skeleton")
+    (skeletons / gone).unlink()
+    cropped, _ = list_clips(tiny(synth, data={"skeletons": str(skeletons)}))
+    assert cropped.paths == train.paths[1:]
 
 
 def test_fine_tuned_tiny_teacher_beats_chance(synth: Path, tmp_path: Path) -> None:
