@@ -236,6 +236,7 @@ def test_min_clip_frames_setting_reaches_the_limits(tmp_path: Path) -> None:
     assert limits_from_settings(load_settings(data_dir=tmp_path, min_clip_frames=8)).min_frames == 8
 
 
+@pytest.mark.faults
 def test_person_crop_embeds_the_box_and_names_its_own_feature_set(tmp_path: Path) -> None:
     """With the person crop the vectors are the model's on the skeleton box of each clip (the NTU
     sample here), the set id differs from the uncropped set's, and a clip without a skeleton file
