@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from lastkd.models.checkpoint_io import load_checkpoint, save_official
 from lastkd.models.videomae import VideoMAEv2, create_videomae, keep_key_bias_zero
 from lastkd.registry import LINEAGE_FILE, TEACHER_FILE, TEACHERS_FOLDER
 from lastkd.student.checkpoints import atomic_torch_save
+from lastkd.student.evaluate import topk_accuracy
 from lastkd.student.rng import mix_seed, rng_state, seed_everything, seed_worker, set_rng_state
 from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
 
@@ -91,7 +92,6 @@ class FinetuneResult:
     parent_sha256: str | None
     train_clips: int
     val_clips: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _num_classes(cfg: FinetuneConfig, train: ClipList, val: ClipList) -> int:
@@ -122,13 +122,6 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VideoMAEv2, str 
     return model, parent
 
 
-def topk(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` highest scores."""
-    k = min(k, probs.shape[1])
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
-
-
 def evaluate(model: VideoMAEv2, loader: DataLoader, cfg: FinetuneConfig, device: torch.device) -> dict[str, Any]:
     """Multi-view top-1/top-5: softmax averaged over each clip's temporal x spatial views."""
     pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
@@ -143,7 +136,7 @@ def evaluate(model: VideoMAEv2, loader: DataLoader, cfg: FinetuneConfig, device:
             probs.append(torch.softmax(logits.float(), -1).view(b, v, -1).mean(1).cpu().numpy())
             labels.append(label.numpy())
     p, y = np.concatenate(probs), np.concatenate(labels)
-    return {"top1": topk(p, y, 1), "top5": topk(p, y, 5), "clips": len(y), "views": int(v)}
+    return {"top1": topk_accuracy(p, y, 1), "top5": topk_accuracy(p, y, 5), "clips": len(y), "views": int(v)}
 
 
 def _autocast(cfg: FinetuneConfig, device: torch.device) -> Any:
