@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from lastkd.atomic import write_atomic
 from lastkd.devices import resolve_device
 from lastkd.finetune.clips import ClipList, TrainClips, ValClips, list_clips
 from lastkd.finetune.config import FinetuneConfig, FinetuneConfigError
@@ -327,9 +328,8 @@ def publish_teacher(result: FinetuneResult, out_dir: Path, job_id: str | None = 
         "history": result.history,
         "config": cfg.model_dump(mode="json"),
     }
-    tmp = out_dir / f".{LINEAGE_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(to_jsonable(lineage), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / LINEAGE_FILE)
+    text = json.dumps(to_jsonable(lineage), indent=2) + "\n"
+    write_atomic(out_dir / LINEAGE_FILE, lambda fh: fh.write(text.encode("utf-8")))
     return out_dir
 
 

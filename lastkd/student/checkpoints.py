@@ -7,12 +7,12 @@ What goes into them is the training loop's business (:mod:`lastkd.student.traini
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lastkd.atomic import write_atomic
 from lastkd.student.config import TrainConfig
 from lastkd.student.errors import ResumeError
 
@@ -31,16 +31,8 @@ CHECKPOINT_FORMAT = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then os.replace (never a partial file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save to ``path`` as a whole file or not at all (:func:`lastkd.atomic.write_atomic`)."""
+    write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint_file(path: Path) -> dict[str, Any]:

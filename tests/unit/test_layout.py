@@ -26,7 +26,15 @@ FOLDERS = {
 }
 SERVICE_ONLY = ("fastapi", "starlette", "celery", "kombu", "uvicorn", "pydantic_settings", "lastkd.services")
 # Small torch-free rule modules any layer may use (they import nothing of lastkd but errors).
-LEAVES = ("lastkd.errors", "lastkd.hashing", "lastkd.jsonsafe", "lastkd.ids", "lastkd.validation", "lastkd.sse")
+LEAVES = (
+    "lastkd.errors",
+    "lastkd.hashing",
+    "lastkd.jsonsafe",
+    "lastkd.ids",
+    "lastkd.validation",
+    "lastkd.sse",
+    "lastkd.atomic",
+)
 
 
 def _modules() -> Iterator[tuple[str, Path]]:

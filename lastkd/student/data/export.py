@@ -9,14 +9,14 @@ Clips the feature set does not cover are zero rows and listed.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 
+from lastkd.atomic import write_atomic
 from lastkd.student.data.config import DataConfig
 from lastkd.student.data.dataset import TeacherFeatures
 from lastkd.student.data.sources import load_splits
@@ -44,18 +44,6 @@ class NpyExport:
         )
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_teacher_npy(
     data: DataConfig,
     store_path: Path,
@@ -75,8 +63,8 @@ def export_teacher_npy(
     stem = f"teacher_features_{split}"
     array, ids, missing = out_dir / f"{stem}.npy", out_dir / f"{stem}_ids.txt", out_dir / f"{stem}_missing.txt"
     vectors = np.ascontiguousarray(feats.vectors, dtype=np.float32)
-    _write_atomic(array, lambda fh: np.save(fh, vectors, allow_pickle=False))
-    _write_atomic(ids, lambda fh: fh.write("".join(f"{n}\n" for n in feats.names).encode()))
+    write_atomic(array, lambda fh: np.save(fh, vectors, allow_pickle=False))
+    write_atomic(ids, lambda fh: fh.write("".join(f"{n}\n" for n in feats.names).encode()))
     absent = [n for n, ok in zip(feats.names, feats.found, strict=True) if not ok]
-    _write_atomic(missing, lambda fh: fh.write("".join(f"{n}\n" for n in absent).encode()))
+    write_atomic(missing, lambda fh: fh.write("".join(f"{n}\n" for n in absent).encode()))
     return NpyExport(array, ids, missing, len(feats.names), int(vectors.shape[1]), int(feats.found.sum()))
