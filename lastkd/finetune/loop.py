@@ -14,6 +14,7 @@ metrics, the file's own sha256). That sha256 is what names the feature sets embe
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -123,9 +124,14 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[VideoMAEv2, str 
     return model, parent
 
 
+def model_input(cfg: FinetuneConfig) -> PreprocessConfig:
+    """The geometry and normalisation of the model's input (frames x size, ImageNet mean/std)."""
+    return PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
+
+
 def evaluate(model: VideoMAEv2, loader: DataLoader, cfg: FinetuneConfig, device: torch.device) -> dict[str, Any]:
     """Multi-view top-1/top-5: softmax averaged over each clip's temporal x spatial views."""
-    pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
+    pre = model_input(cfg)
     model.eval()
     probs, labels = [], []
     with torch.inference_mode():
@@ -219,18 +225,17 @@ def finetune(
         )
 
     metrics: dict[str, Any] = {}
+    pre = model_input(cfg)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         train_ds.set_epoch(epoch)
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, 0xF17E))
         loader = _loader(train_ds, cfg, cfg.batch_size, gen)
-        pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
         t0, losses, seen = time.perf_counter(), [], 0
         wait_s, t_ready = 0.0, time.perf_counter()
-        for step, (clips, labels) in enumerate(loader):
+        # islice: a loader longer than max_steps_per_epoch is not asked for a batch it won't train on
+        for step, (clips, labels) in enumerate(itertools.islice(loader, steps_per_epoch)):
             wait_s += time.perf_counter() - t_ready  # the step waited this long for its batch
-            if step >= steps_per_epoch:
-                break
             if hooks.should_cancel is not None and hooks.should_cancel():
                 return result(FinetuneState.CANCELLED, metrics, epoch)
             global_step = epoch * steps_per_epoch + step
