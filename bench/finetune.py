@@ -44,33 +44,27 @@ from bench._common import NTU_CLIP  # noqa: E402  (after the path setup above)
 
 
 def recipe(synth: Path, crop: bool, epochs: int, size: int = 48, frames: int = 8, rate: int = 2) -> Any:
-    from lastkd.finetune.config import FinetuneConfig
+    """The demo teacher's recipe (one copy: ``lastkd.services.demo_teacher.synthetic_recipe``)."""
+    from lastkd.services.demo_teacher import synthetic_recipe
 
-    return FinetuneConfig.from_dict(
-        {
-            "name": "bench-teacher",
-            "data": {"path": str(synth / "videos"), "person_crop": crop, "skeletons": str(synth / "skeletons")},
-            "model": "videomae_v2_tiny",
-            "num_frames": frames,
-            "sampling_rate": rate,
-            "size": size,
-            "epochs": epochs,
-            "batch_size": 6,
-            "drop_path": 0.0,
-            "optimizer": {"lr": 3e-3, "warmup_epochs": 2, "layer_decay": 1.0, "min_lr": 1e-4},
-            "augment": {"mixup": 0.0, "cutmix": 0.0, "scale": [0.8, 1.0], "flip": False, "label_smoothing": 0.0},
-            "eval": {"temporal_views": 2, "spatial_crops": 1, "every_epochs": epochs},
-            "device": "cpu",
-        }
+    return synthetic_recipe(
+        synth / "videos",
+        synth / "skeletons",
+        crop=crop,
+        epochs=epochs,
+        size=size,
+        frames=frames,
+        rate=rate,
+        name="bench-teacher",
     )
 
 
 def loader_vs_step(cfg: Any, batches: int = 6) -> float:
     """Seconds per batch of the training loader over seconds per training step on a ready batch."""
     from lastkd.finetune.clips import TrainClips, list_clips
-    from lastkd.finetune.loop import build_model
+    from lastkd.finetune.loop import build_model, model_input
     from lastkd.finetune.optim import soft_cross_entropy
-    from lastkd.teacher.video import PreprocessConfig, VideoLimits, normalize
+    from lastkd.teacher.video import VideoLimits, normalize
 
     train, _ = list_clips(cfg)
     ds = TrainClips(train, cfg, VideoLimits())
@@ -82,7 +76,7 @@ def loader_vs_step(cfg: Any, batches: int = 6) -> float:
     load_s = (time.perf_counter() - t0) / batches
     model, _ = build_model(cfg, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pre = PreprocessConfig(num_frames=cfg.num_frames, size=cfg.size)
+    pre = model_input(cfg)
     x, y = ready[0]
     soft_cross_entropy(model(normalize(x, pre)), torch.nn.functional.one_hot(y, 3).float()).backward()  # warm-up
     t0 = time.perf_counter()

@@ -11,17 +11,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lastkd.services.demo_console import Console, fmt_s, pct
 from lastkd.services.demo_data import DemoDataset
 from lastkd.services.demo_errors import DemoError
 
-__all__ = ["DEMO_TEACHER", "FineTunedTeacher", "finetune_demo_teacher", "teacher_settings"]
+if TYPE_CHECKING:
+    from lastkd.finetune.config import FinetuneConfig
+
+__all__ = ["DEMO_TEACHER", "FineTunedTeacher", "finetune_demo_teacher", "synthetic_recipe", "teacher_settings"]
 
 DEMO_TEACHER = "videomae_v2_tiny"
-# The recipe measured by bench/finetune.py (crop 0.94 val top-1 on 3 synthetic classes at 100
-# epochs): small input, no flip (the synthetic classes differ by side), no mixup on a tiny set.
+# The recipe of synthetic_recipe (crop 0.94 val top-1 on 3 synthetic classes at 100 epochs,
+# bench/finetune.py): small input, no flip (the synthetic classes differ by side), no mixup.
 FRAMES, SIZE = 8, 48
 
 
@@ -35,23 +38,30 @@ class FineTunedTeacher:
     seconds: float
 
 
-def finetune_demo_teacher(
-    dataset: DemoDataset, registry_dir: Path, run_dir: Path, epochs: int, seed: int, console: Console
-) -> FineTunedTeacher:
-    """Fine-tune, evaluate and publish the demo teacher (progress on ``console``)."""
+def synthetic_recipe(
+    videos: Path,
+    skeletons: Path,
+    *,
+    crop: bool,
+    epochs: int,
+    seed: int = 0,
+    size: int = SIZE,
+    frames: int = FRAMES,
+    rate: int = 2,
+    name: str = "demo-teacher",
+) -> FinetuneConfig:
+    """The tiny teacher's recipe for the synthetic set (the demo's, and what bench/finetune.py
+    measures, with and without the crop and at other geometries)."""
     from lastkd.finetune.config import FinetuneConfig
-    from lastkd.finetune.loop import FinetuneError, FinetuneHooks, finetune, publish_to_registry
-    from lastkd.teacher.video import VideoError
 
-    t0 = time.monotonic()
-    config = FinetuneConfig.from_dict(
+    return FinetuneConfig.from_dict(
         {
-            "name": "demo-teacher",
-            "data": {"path": str(dataset.videos), "person_crop": True, "skeletons": str(dataset.skeletons)},
+            "name": name,
+            "data": {"path": str(videos), "person_crop": crop, "skeletons": str(skeletons)},
             "model": DEMO_TEACHER,
-            "num_frames": FRAMES,
-            "sampling_rate": 2,
-            "size": SIZE,
+            "num_frames": frames,
+            "sampling_rate": rate,
+            "size": size,
             "epochs": epochs,
             "batch_size": 6,
             "drop_path": 0.0,
@@ -62,6 +72,17 @@ def finetune_demo_teacher(
             "device": "cpu",
         }
     )
+
+
+def finetune_demo_teacher(
+    dataset: DemoDataset, registry_dir: Path, run_dir: Path, epochs: int, seed: int, console: Console
+) -> FineTunedTeacher:
+    """Fine-tune, evaluate and publish the demo teacher (progress on ``console``)."""
+    from lastkd.finetune.loop import FinetuneError, FinetuneHooks, finetune, publish_to_registry
+    from lastkd.teacher.video import VideoError
+
+    t0 = time.monotonic()
+    config = synthetic_recipe(dataset.videos, dataset.skeletons, crop=True, epochs=epochs, seed=seed)
 
     def on_epoch(entry: dict[str, Any]) -> None:
         console.progress(f"  teacher epoch {entry['epoch']}/{epochs}: loss {entry['train_loss']:.3f}")
